@@ -1,0 +1,3 @@
+//! kiln-harness: the `kiln` command line, doctor, backends and scenarios.
+
+pub mod doctor;

@@ -1,0 +1,1 @@
+//! ACPI tables (RSDP, XSDT, FADT, MADT, DSDT) built with the acpi_tables crate.

@@ -1,0 +1,3 @@
+//! x86_64 platform: ACPI tables, CPUID, registers, MSRs, page tables.
+
+pub mod acpi;
