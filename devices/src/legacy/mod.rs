@@ -1,0 +1,12 @@
+//! Legacy PC devices: COM1 serial, i8042 (reset only), ACPI power management ports, and kiln's
+//! debug ports (exit and marker).
+
+mod acpi_pm;
+mod debug_ports;
+mod i8042;
+mod serial;
+
+pub use acpi_pm::AcpiPmPorts;
+pub use debug_ports::{DebugPorts, Phase, PhaseLog};
+pub use i8042::I8042;
+pub use serial::{EventFdTrigger, SerialPort};
