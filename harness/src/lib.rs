@@ -1,3 +1,4 @@
 //! kiln-harness: the `kiln` command line, doctor, backends and scenarios.
 
+pub mod cli;
 pub mod doctor;

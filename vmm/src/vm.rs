@@ -1,0 +1,566 @@
+//! The public VM API: [`VmConfig`] → [`Vm::start`] → [`VmHandle`] (wait, kill, console, phases).
+
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex, Once};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use kiln_devices::console::{console, ConsoleError, ConsoleLog, ConsoleOutput, ConsoleWriter};
+use kiln_devices::legacy::{AcpiPmPorts, DebugPorts, Phase, PhaseLog, SerialPort, I8042};
+use kiln_devices::{Bus, BusError, ExitRequester};
+use kvm_bindings::{kvm_pit_config, kvm_userspace_memory_region, KVM_PIT_SPEAKER_DUMMY};
+use kvm_ioctls::{Kvm, VcpuFd, VmFd};
+use vm_memory::{GuestAddress, GuestMemory as _, GuestMemoryRegion as _};
+use vmm_sys_util::eventfd::EventFd;
+use vmm_sys_util::signal::{register_signal_handler, Killable, SIGRTMIN};
+
+use crate::arch::x86_64::acpi::{create_acpi_tables, AcpiError};
+use crate::arch::x86_64::{cpuid, regs};
+use crate::boot::cmdline::{build_cmdline, CmdlineError};
+use crate::boot::{self, BootError, EntryPoint, LoadedKernel};
+use crate::event_loop::EventLoop;
+use crate::exit::{ExitLatch, ExitReason};
+use crate::layout;
+use crate::memory::{create_guest_memory, e820_map, GuestMemory, MemoryError};
+use crate::vcpu::{run_vcpu, ExitContext, RunState, VcpuState};
+
+/// Where KVM puts the TSS it needs on Intel: three pages just below the IOAPIC/BIOS area.
+const KVM_TSS_ADDRESS: usize = 0xfffb_d000;
+/// Longest a vCPU may take to leave KVM_RUN after being kicked before teardown gives up on it.
+const KICK_DEADLINE: Duration = Duration::from_secs(5);
+/// Offset from SIGRTMIN of the signal that kicks vCPUs out of KVM_RUN.
+const KICK_SIGNAL_OFFSET: i32 = 0;
+
+/// Everything needed to start a VM.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VmConfig {
+    /// Kernel: ELF (PVH note → PVH entry, else 64-bit entry) or bzImage.
+    pub kernel: PathBuf,
+    /// Initrd / initramfs.
+    pub initrd: Option<PathBuf>,
+    /// User command line parts, appended after kiln's defaults.
+    pub cmdline: Option<String>,
+    /// Guest RAM in MiB.
+    pub memory_mib: u64,
+    /// Number of vCPUs (the boot CPU plus APs the guest starts).
+    pub vcpus: u8,
+    /// Where the serial console is copied besides memory.
+    pub console: ConsoleOutput,
+    /// Console line patterns (regex) to timestamp.
+    pub markers: Vec<String>,
+}
+
+impl VmConfig {
+    /// A config for `kernel` with 128 MiB, one vCPU, console kept in memory.
+    pub fn new(kernel: impl Into<PathBuf>) -> Self {
+        Self {
+            kernel: kernel.into(),
+            initrd: None,
+            cmdline: None,
+            memory_mib: 128,
+            vcpus: 1,
+            console: ConsoleOutput::None,
+            markers: Vec::new(),
+        }
+    }
+
+    /// Sets the initrd.
+    pub fn initrd(mut self, path: impl Into<PathBuf>) -> Self {
+        self.initrd = Some(path.into());
+        self
+    }
+
+    /// Sets the user part of the command line.
+    pub fn cmdline(mut self, cmdline: impl Into<String>) -> Self {
+        self.cmdline = Some(cmdline.into());
+        self
+    }
+
+    /// Sets guest RAM in MiB.
+    pub fn memory_mib(mut self, mib: u64) -> Self {
+        self.memory_mib = mib;
+        self
+    }
+
+    /// Sets the vCPU count.
+    pub fn vcpus(mut self, n: u8) -> Self {
+        self.vcpus = n;
+        self
+    }
+
+    /// Copies the console to stdout or a file.
+    pub fn console_output(mut self, out: ConsoleOutput) -> Self {
+        self.console = out;
+        self
+    }
+
+    /// Timestamps console lines matching `pattern` (a regex).
+    pub fn marker(mut self, pattern: impl Into<String>) -> Self {
+        self.markers.push(pattern.into());
+        self
+    }
+}
+
+/// Errors starting a VM; each says which input or host facility is at fault.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// A config value is out of range.
+    #[error("{flag} {value}: {why}")]
+    Config {
+        /// The option (`--vcpus`).
+        flag: &'static str,
+        /// The value given.
+        value: String,
+        /// What would be right.
+        why: String,
+    },
+    /// /dev/kvm could not be opened.
+    #[error("cannot open /dev/kvm: {source}{hint}")]
+    KvmOpen {
+        /// The OS error.
+        source: kvm_ioctls::Error,
+        /// What to do about it.
+        hint: &'static str,
+    },
+    /// A KVM ioctl failed.
+    #[error("KVM {op} failed: {source}")]
+    Kvm {
+        /// Which operation.
+        op: &'static str,
+        /// The OS error.
+        source: kvm_ioctls::Error,
+    },
+    /// Guest memory.
+    #[error(transparent)]
+    Memory(#[from] MemoryError),
+    /// Kernel or initrd.
+    #[error(transparent)]
+    Boot(#[from] BootError),
+    /// Command line.
+    #[error(transparent)]
+    Cmdline(#[from] CmdlineError),
+    /// ACPI tables.
+    #[error(transparent)]
+    Acpi(#[from] AcpiError),
+    /// Console setup.
+    #[error(transparent)]
+    Console(#[from] ConsoleError),
+    /// Device placement.
+    #[error("device layout: {0}")]
+    Bus(#[from] BusError),
+    /// Initial register state.
+    #[error(transparent)]
+    Regs(#[from] regs::RegsError),
+    /// Thread or eventfd creation.
+    #[error("cannot create {what}: {source}")]
+    Host {
+        /// What was being created.
+        what: &'static str,
+        /// The OS error.
+        source: std::io::Error,
+    },
+}
+
+fn kvm_err(op: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> Error {
+    move |source| Error::Kvm { op, source }
+}
+
+/// Facts about a started VM, for logs and provenance.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct BootInfo {
+    /// "pvh" or "linux64".
+    pub protocol: &'static str,
+    /// Guest entry address.
+    pub entry: u64,
+    /// The full command line handed to the guest.
+    pub cmdline: String,
+    /// Initrd address and size.
+    pub initrd: Option<(u64, u64)>,
+}
+
+/// Namespace for starting VMs.
+pub struct Vm;
+
+impl Vm {
+    /// Builds and starts a VM; the vCPUs are running when this returns.
+    pub fn start(config: VmConfig) -> Result<VmHandle, Error> {
+        let started = Instant::now();
+        let _span = tracing::info_span!("vm", kernel = %config.kernel.display()).entered();
+        if config.vcpus == 0 {
+            return Err(Error::Config {
+                flag: "--vcpus",
+                value: "0".into(),
+                why: "a VM needs at least one vCPU".into(),
+            });
+        }
+        let kvm = Kvm::new().map_err(|source| Error::KvmOpen {
+            hint: match source.errno() {
+                libc::EACCES | libc::EPERM => {
+                    " (add yourself to the kvm group: `sudo usermod -aG kvm $USER`, then log in again)"
+                }
+                libc::ENOENT => " (no KVM here: load kvm_intel/kvm_amd, or use the QEMU backend)",
+                _ => "",
+            },
+            source,
+        })?;
+        let max = kvm.get_max_vcpus().min(usize::from(u8::MAX));
+        if usize::from(config.vcpus) > max {
+            return Err(Error::Config {
+                flag: "--vcpus",
+                value: config.vcpus.to_string(),
+                why: format!("KVM on this host allows at most {max}"),
+            });
+        }
+        let vm_fd = kvm.create_vm().map_err(kvm_err("KVM_CREATE_VM"))?;
+        vm_fd
+            .set_tss_address(KVM_TSS_ADDRESS)
+            .map_err(kvm_err("KVM_SET_TSS_ADDR"))?;
+        vm_fd
+            .create_irq_chip()
+            .map_err(kvm_err("KVM_CREATE_IRQCHIP"))?;
+        vm_fd
+            .create_pit2(kvm_pit_config {
+                flags: KVM_PIT_SPEAKER_DUMMY,
+                ..Default::default()
+            })
+            .map_err(kvm_err("KVM_CREATE_PIT2"))?;
+
+        let mem = create_guest_memory(config.memory_mib)?;
+        register_memory(&vm_fd, &mem)?;
+
+        let kernel = boot::load_kernel(&mem, &config.kernel, config.initrd.as_deref())?;
+        let cmdline = build_cmdline(&[], config.cmdline.as_deref(), kernel.cmdline_limit())?;
+        boot::write_cmdline(&mem, &cmdline)?;
+        let cmdline_text = cmdline
+            .as_cstring()
+            .map(|c| c.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        let rsdp = create_acpi_tables(&mem, config.vcpus, &[])?;
+        write_boot_structures(&mem, &kernel, cmdline_text.len(), rsdp)?;
+
+        let latch = Arc::new(ExitLatch::default());
+        let phases = PhaseLog::new(started);
+        let (sink, console_log, console_writer) = console(&config.console, &config.markers)?;
+        let pio = legacy_devices(&vm_fd, latch.clone(), phases.clone(), sink)?;
+        let ctx = ExitContext {
+            pio,
+            mmio: Bus::new(),
+        };
+
+        let vcpus = create_vcpus(&kvm, &vm_fd, &mem, &kernel.entry, config.vcpus)?;
+        install_kick_handler();
+        let events = EventLoop::start(Vec::new()).map_err(|source| Error::Host {
+            what: "the event loop thread",
+            source,
+        })?;
+        let mut threads = Vec::with_capacity(vcpus.len());
+        for (i, vcpu) in vcpus.into_iter().enumerate() {
+            let state = Arc::new(RunState::default());
+            let (ctx, latch2, state2) = (ctx.clone(), latch.clone(), state.clone());
+            let spawned = std::thread::Builder::new()
+                .name(format!("kiln-vcpu{i}"))
+                .spawn(move || run_vcpu(i as u8, vcpu, ctx, latch2, state2));
+            match spawned {
+                Ok(handle) => threads.push((handle, state)),
+                Err(source) => {
+                    // Tear down what already runs before reporting.
+                    latch.set(ExitReason::Killed);
+                    stop_vcpus(&mut threads);
+                    return Err(Error::Host {
+                        what: "a vCPU thread",
+                        source,
+                    });
+                }
+            }
+        }
+        let info = BootInfo {
+            protocol: match kernel.entry {
+                EntryPoint::Pvh(_) => "pvh",
+                EntryPoint::Linux64(_) => "linux64",
+            },
+            entry: match kernel.entry {
+                EntryPoint::Pvh(a) | EntryPoint::Linux64(a) => a.0,
+            },
+            cmdline: cmdline_text,
+            initrd: kernel.initrd.map(|(a, s)| (a.0, s)),
+        };
+        tracing::debug!(?info, "VM started in {:?}", started.elapsed());
+        Ok(VmHandle {
+            running: Some(Running {
+                threads,
+                events,
+                _vm_fd: vm_fd,
+                _mem: mem,
+            }),
+            latch,
+            console: console_log,
+            console_writer: Some(console_writer),
+            phases,
+            started,
+            info,
+        })
+    }
+}
+
+/// Hands every guest RAM region to KVM.
+fn register_memory(vm_fd: &VmFd, mem: &GuestMemory) -> Result<(), Error> {
+    for (slot, region) in mem.iter().enumerate() {
+        let host = region
+            .get_host_address(vm_memory::MemoryRegionAddress(0))
+            .map_err(|_| Error::Host {
+                what: "a guest memory mapping",
+                source: std::io::Error::other("region has no host address"),
+            })?;
+        let region_desc = kvm_userspace_memory_region {
+            slot: slot as u32,
+            guest_phys_addr: region.start_addr().0,
+            memory_size: region.len(),
+            userspace_addr: host as u64,
+            flags: 0,
+        };
+        // SAFETY: the region is a live mmap owned by `mem`, which the VmHandle keeps alive
+        // until after the VM fd (and so the KVM mapping) is dropped.
+        unsafe { vm_fd.set_user_memory_region(region_desc) }
+            .map_err(kvm_err("KVM_SET_USER_MEMORY_REGION"))?;
+    }
+    Ok(())
+}
+
+/// Writes `boot_params` or `hvm_start_info` for the kernel's entry protocol.
+fn write_boot_structures(
+    mem: &GuestMemory,
+    kernel: &LoadedKernel,
+    cmdline_len: usize,
+    rsdp: GuestAddress,
+) -> Result<(), Error> {
+    let ram: u64 = mem.iter().map(|r| r.len()).sum();
+    let e820 = e820_map(ram);
+    match kernel.entry {
+        EntryPoint::Pvh(_) => {
+            let (info, memmap, modules) = boot::start_info(kernel.initrd, &e820, Some(rsdp));
+            boot::write_start_info(mem, &info, &memmap, &modules)?;
+        }
+        EntryPoint::Linux64(_) => {
+            let params = boot::boot_params(
+                kernel.setup_header.as_ref(),
+                cmdline_len,
+                kernel.initrd,
+                &e820,
+                Some(rsdp),
+            );
+            boot::write_boot_params(mem, &params)?;
+        }
+    }
+    Ok(())
+}
+
+/// COM1, i8042, ACPI PM ports and kiln's debug ports on a new PIO bus.
+fn legacy_devices(
+    vm_fd: &VmFd,
+    latch: Arc<ExitLatch>,
+    phases: PhaseLog,
+    sink: kiln_devices::console::ConsoleSink,
+) -> Result<Bus, Error> {
+    let host = |what| move |source| Error::Host { what, source };
+    let com1_irq = EventFd::new(libc::EFD_NONBLOCK).map_err(host("the COM1 eventfd"))?;
+    vm_fd
+        .register_irqfd(&com1_irq, layout::COM1_IRQ)
+        .map_err(kvm_err("KVM_IRQFD (COM1)"))?;
+    let exit: Arc<dyn ExitRequester> = latch;
+    let mut pio = Bus::new();
+    pio.insert(
+        Arc::new(Mutex::new(SerialPort::new(com1_irq, sink))),
+        u64::from(layout::COM1_PORT),
+        8,
+    )?;
+    pio.insert(
+        Arc::new(Mutex::new(I8042::new(exit.clone()))),
+        u64::from(layout::I8042_PORT),
+        5,
+    )?;
+    pio.insert(
+        Arc::new(Mutex::new(AcpiPmPorts::new(
+            exit.clone(),
+            layout::ACPI_RESET_VALUE,
+        ))),
+        u64::from(layout::ACPI_SLEEP_CONTROL_PORT),
+        3,
+    )?;
+    pio.insert(
+        Arc::new(Mutex::new(DebugPorts::new(exit, phases))),
+        u64::from(layout::EXIT_PORT),
+        2,
+    )?;
+    Ok(pio)
+}
+
+/// Creates and configures the vCPUs; vCPU 0 gets the entry state, the others wait for
+/// INIT/SIPI from the guest through the in-kernel LAPIC, as on real hardware.
+fn create_vcpus(
+    kvm: &Kvm,
+    vm_fd: &VmFd,
+    mem: &GuestMemory,
+    entry: &EntryPoint,
+    count: u8,
+) -> Result<Vec<VcpuFd>, Error> {
+    let supported = kvm
+        .get_supported_cpuid(kvm_bindings::KVM_MAX_CPUID_ENTRIES)
+        .map_err(kvm_err("KVM_GET_SUPPORTED_CPUID"))?;
+    let msrs = kvm_bindings::Msrs::from_entries(&regs::boot_msrs()).map_err(|e| Error::Host {
+        what: "the boot MSR list",
+        source: std::io::Error::other(format!("{e:?}")),
+    })?;
+    let mut vcpus = Vec::with_capacity(usize::from(count));
+    for id in 0..count {
+        let vcpu = vm_fd
+            .create_vcpu(u64::from(id))
+            .map_err(kvm_err("KVM_CREATE_VCPU"))?;
+        let mut cpuid = supported.clone();
+        cpuid::filter_cpuid(cpuid.as_mut_slice(), id, count);
+        vcpu.set_cpuid2(&cpuid).map_err(kvm_err("KVM_SET_CPUID2"))?;
+        vcpu.set_msrs(&msrs).map_err(kvm_err("KVM_SET_MSRS"))?;
+        let mut lapic = vcpu.get_lapic().map_err(kvm_err("KVM_GET_LAPIC"))?;
+        regs::set_lint(&mut lapic.regs);
+        vcpu.set_lapic(&lapic).map_err(kvm_err("KVM_SET_LAPIC"))?;
+        if id == 0 {
+            let sregs = vcpu.get_sregs().map_err(kvm_err("KVM_GET_SREGS"))?;
+            let sregs = regs::setup_sregs(mem, entry, sregs)?;
+            vcpu.set_sregs(&sregs).map_err(kvm_err("KVM_SET_SREGS"))?;
+            vcpu.set_regs(&regs::boot_regs(entry))
+                .map_err(kvm_err("KVM_SET_REGS"))?;
+            vcpu.set_fpu(&regs::boot_fpu())
+                .map_err(kvm_err("KVM_SET_FPU"))?;
+        }
+        vcpus.push(vcpu);
+    }
+    Ok(vcpus)
+}
+
+extern "C" fn kick_handler(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {}
+
+/// Installs the no-op handler whose only job is to make KVM_RUN return EINTR.
+fn install_kick_handler() {
+    static ONCE: Once = Once::new();
+    ONCE.call_once(|| {
+        if let Err(e) = register_signal_handler(SIGRTMIN() + KICK_SIGNAL_OFFSET, kick_handler) {
+            tracing::error!("cannot install the vCPU kick handler: {e}");
+        }
+    });
+}
+
+/// Stops every vCPU thread: mark it stopping, kick it out of KVM_RUN until it returns, join.
+fn stop_vcpus(threads: &mut Vec<(JoinHandle<()>, Arc<RunState>)>) {
+    for (_, state) in threads.iter() {
+        state.set(VcpuState::Stopping);
+    }
+    for (handle, state) in threads.drain(..) {
+        let deadline = Instant::now() + KICK_DEADLINE;
+        // A kick that lands just before KVM_RUN is lost, so kick until the thread is gone.
+        while !handle.is_finished() && Instant::now() < deadline {
+            let _ = handle.kill(KICK_SIGNAL_OFFSET);
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        if handle.is_finished() {
+            let _ = handle.join();
+        } else {
+            tracing::error!(
+                "a vCPU did not leave KVM_RUN within {KICK_DEADLINE:?} (state {:?}); leaking its thread",
+                state.get()
+            );
+        }
+    }
+}
+
+struct Running {
+    threads: Vec<(JoinHandle<()>, Arc<RunState>)>,
+    events: EventLoop,
+    // Dropped after the threads are joined: KVM's view of memory goes before the mapping.
+    _vm_fd: VmFd,
+    _mem: GuestMemory,
+}
+
+/// A started VM. Dropping it kills the VM and frees everything.
+pub struct VmHandle {
+    running: Option<Running>,
+    latch: Arc<ExitLatch>,
+    console: ConsoleLog,
+    console_writer: Option<ConsoleWriter>,
+    phases: PhaseLog,
+    started: Instant,
+    info: BootInfo,
+}
+
+impl VmHandle {
+    /// Waits up to `timeout` for the VM to end; past it the VM is killed and the reason is
+    /// [`ExitReason::Timeout`]. Every thread and fd is released when this returns.
+    pub fn wait(&mut self, timeout: Duration) -> ExitReason {
+        if self.latch.wait(timeout).is_none() {
+            self.latch.set(ExitReason::Timeout);
+        }
+        self.teardown()
+    }
+
+    /// Waits without a time limit.
+    pub fn wait_forever(&mut self) -> ExitReason {
+        while self.latch.wait(Duration::from_secs(3600)).is_none() {}
+        self.teardown()
+    }
+
+    /// Kills the VM (if it still runs) and frees everything.
+    pub fn kill(&mut self) -> ExitReason {
+        self.latch.set(ExitReason::Killed);
+        self.teardown()
+    }
+
+    /// Why the VM ended, once it has.
+    pub fn exit_reason(&self) -> Option<ExitReason> {
+        self.latch.get()
+    }
+
+    /// The serial console (live while the VM runs).
+    pub fn console(&self) -> ConsoleLog {
+        self.console.clone()
+    }
+
+    /// Phases the guest wrote to the marker port.
+    pub fn phases(&self) -> Vec<Phase> {
+        self.phases.phases()
+    }
+
+    /// Boot protocol, entry, command line and initrd placement.
+    pub fn boot_info(&self) -> &BootInfo {
+        &self.info
+    }
+
+    /// When [`Vm::start`] was called.
+    pub fn started(&self) -> Instant {
+        self.started
+    }
+
+    /// Time from start until the VM ended, once it has.
+    pub fn run_time(&self) -> Option<Duration> {
+        self.latch.at().map(|t| t.duration_since(self.started))
+    }
+
+    fn teardown(&mut self) -> ExitReason {
+        if let Some(mut r) = self.running.take() {
+            stop_vcpus(&mut r.threads);
+            r.events.stop();
+            // The joined threads dropped the last bus clones, so the serial device and its
+            // console sink are gone and the writer thread can drain and end.
+            drop(r);
+        }
+        if let Some(w) = self.console_writer.take() {
+            w.finish();
+        }
+        self.latch.get().unwrap_or(ExitReason::Killed)
+    }
+}
+
+impl Drop for VmHandle {
+    fn drop(&mut self) {
+        if self.running.is_some() {
+            self.kill();
+        }
+    }
+}
