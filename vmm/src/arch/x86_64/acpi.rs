@@ -19,10 +19,8 @@ use crate::layout;
 
 /// OEM id written into every table header.
 pub const OEM_ID: [u8; 6] = *b"KILN  ";
-/// Sleep type the DSDT's `\_S5_` package advertises (SLP_TYPa for soft-off).
+/// Sleep type the DSDT's `\_S5_` package advertises; kiln-devices' `AcpiPmPorts` powers off on it.
 pub const S5_SLEEP_TYPE: u8 = 5;
-/// Byte a guest writes to [`layout::ACPI_SLEEP_CONTROL_PORT`] to power off: `SLP_TYP << 2 | SLP_EN`.
-pub const S5_SLEEP_CONTROL_VALUE: u8 = (S5_SLEEP_TYPE << 2) | (1 << 5);
 /// Most vCPUs the MADT can describe: xAPIC ids are one byte and 0xff is the broadcast id.
 pub const MAX_CPUS: u8 = 254;
 /// Most virtio-mmio slots: one IOAPIC pin each in `VIRTIO_IRQ_BASE..=VIRTIO_IRQ_MAX`.
@@ -597,7 +595,6 @@ mod tests {
                 assert_eq!(count(dsdt, format!("VR{i:02X}").as_bytes()), 1);
             }
         }
-        assert_eq!(S5_SLEEP_CONTROL_VALUE, 0x34);
     }
 
     #[test]
