@@ -169,6 +169,9 @@ pub fn run_vcpu(
         match action {
             VcpuAction::Continue => {}
             VcpuAction::Stop(reason) => {
+                if reason == ExitReason::TripleFault {
+                    tracing::warn!("vCPU {index} triple fault: {}", describe_registers(&vcpu));
+                }
                 latch.set(reason);
                 break;
             }

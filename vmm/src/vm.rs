@@ -457,7 +457,7 @@ fn stop_vcpus(threads: &mut Vec<(JoinHandle<()>, Arc<RunState>)>) {
         let deadline = Instant::now() + KICK_DEADLINE;
         // A kick that lands just before KVM_RUN is lost, so kick until the thread is gone.
         while !handle.is_finished() && Instant::now() < deadline {
-            let _ = handle.kill(KICK_SIGNAL_OFFSET);
+            let _ = handle.kill(SIGRTMIN() + KICK_SIGNAL_OFFSET);
             std::thread::sleep(Duration::from_millis(1));
         }
         if handle.is_finished() {

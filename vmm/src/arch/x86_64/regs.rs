@@ -39,9 +39,17 @@ pub fn gdt_entry(flags: u16, base: u32, limit: u32) -> u64 {
 
 /// The KVM segment a GDT descriptor at `index` describes.
 pub fn segment_from_gdt(entry: u64, index: u8) -> kvm_segment {
+    let raw_limit = (((entry >> 32) & 0xf_0000) | (entry & 0xffff)) as u32;
+    let granular = (entry >> 55) & 1 == 1;
     kvm_segment {
         base: ((entry >> 16) & 0xff_ffff) | (((entry >> 56) & 0xff) << 24),
-        limit: (((entry >> 32) & 0xf_0000) | (entry & 0xffff)) as u32,
+        // KVM wants the limit in bytes: with G set the descriptor counts 4 KiB pages. Long mode
+        // ignores limits, 32-bit PVH entry does not.
+        limit: if granular {
+            (raw_limit << 12) | 0xfff
+        } else {
+            raw_limit
+        },
         selector: u16::from(index) * 8,
         type_: ((entry >> 40) & 0xf) as u8,
         present: ((entry >> 47) & 1) as u8,
@@ -58,17 +66,23 @@ pub fn segment_from_gdt(entry: u64, index: u8) -> kvm_segment {
 
 /// The GDT for an entry protocol: flat 64-bit code for Linux64, flat 32-bit code for PVH.
 pub fn gdt(entry: &EntryPoint) -> [u64; 5] {
-    let code = match entry {
-        EntryPoint::Linux64(_) => gdt_entry(0xa09b, 0, 0xfffff),
-        EntryPoint::Pvh(_) => gdt_entry(0xc09b, 0, 0xfffff),
-    };
-    [
-        0,
-        0,
-        code,
-        gdt_entry(0xc093, 0, 0xfffff),
-        gdt_entry(0x808b, 0, 0xfffff),
-    ]
+    match entry {
+        EntryPoint::Linux64(_) => [
+            0,
+            0,
+            gdt_entry(0xa09b, 0, 0xfffff),
+            gdt_entry(0xc093, 0, 0xfffff),
+            gdt_entry(0x808b, 0, 0xfffff),
+        ],
+        // The PVH ABI: flat 4 GiB 32-bit code and data, and a minimal 32-bit TSS.
+        EntryPoint::Pvh(_) => [
+            0,
+            0,
+            gdt_entry(0xc09b, 0, 0xffff_ffff),
+            gdt_entry(0xc093, 0, 0xffff_ffff),
+            gdt_entry(0x008b, 0, 0x67),
+        ],
+    }
 }
 
 /// Writes GDT, IDT and (for 64-bit entry) identity page tables, and returns the special registers.
@@ -101,7 +115,7 @@ pub fn setup_sregs(
 
     match entry {
         EntryPoint::Pvh(_) => {
-            sregs.cr0 = X86_CR0_PE | X86_CR0_ET;
+            sregs.cr0 = X86_CR0_PE;
             sregs.cr4 = 0;
             sregs.efer = 0;
         }
