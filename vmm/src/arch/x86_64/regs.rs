@@ -253,8 +253,10 @@ mod tests {
         );
         assert_eq!(
             (code.base, code.limit, code.type_, code.s),
-            (0, 0xfffff, 0xb, 1)
+            (0, 0xffff_ffff, 0xb, 1)
         );
+        let tss = segment_from_gdt(gdt_entry(0x008b, 0, 0x67), 4);
+        assert_eq!((tss.limit, tss.g, tss.type_), (0x67, 0, 0xb));
         let code32 = segment_from_gdt(gdt_entry(0xc09b, 0, 0xfffff), 2);
         assert_eq!((code32.l, code32.db), (0, 1));
         let data = segment_from_gdt(gdt_entry(0xc093, 0, 0xfffff), 3);
