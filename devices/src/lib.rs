@@ -7,6 +7,7 @@ pub mod bus;
 pub mod console;
 pub mod exit;
 pub mod legacy;
+pub mod virtio;
 
 pub use bus::{Bus, BusDevice, BusError};
 pub use exit::{ExitRequester, GuestExit};

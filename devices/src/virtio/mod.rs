@@ -1,0 +1,155 @@
+//! Virtio devices and the virtio-mmio transport (virtio 1.2, version 2 registers).
+//!
+//! The contract between a device model and its transport is [`VirtioDevice`]: the transport
+//! owns feature negotiation, queue configuration and the interrupt status register; the device
+//! owns its config space and request processing. Devices see guest memory and an
+//! [`Interrupt`], never KVM.
+
+use std::os::fd::RawFd;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::Arc;
+
+use virtio_queue::Queue;
+use vm_memory::GuestMemoryMmap;
+use vmm_sys_util::epoll::EventSet;
+use vmm_sys_util::eventfd::EventFd;
+
+/// Guest memory as devices see it.
+pub type GuestMem = GuestMemoryMmap<()>;
+
+/// Feature bit: the device complies with virtio 1.0+ (mandatory for virtio-mmio version 2).
+pub const VIRTIO_F_VERSION_1: u64 = 1 << 32;
+/// Feature bit: descriptors may be indirect tables.
+pub const VIRTIO_RING_F_INDIRECT_DESC: u64 = 1 << 28;
+/// Feature bit: used/avail event index suppression.
+pub const VIRTIO_RING_F_EVENT_IDX: u64 = 1 << 29;
+
+/// Device IDs (virtio 1.2 §5).
+pub mod device_type {
+    /// Block device.
+    pub const BLOCK: u32 = 2;
+    /// Entropy source.
+    pub const RNG: u32 = 4;
+    /// Socket device.
+    pub const VSOCK: u32 = 19;
+    /// File system device.
+    pub const FS: u32 = 26;
+}
+
+/// Interrupt status bit: a used buffer was added to a queue.
+pub const VIRTIO_MMIO_INT_VRING: u32 = 0x1;
+/// Interrupt status bit: the configuration space changed.
+pub const VIRTIO_MMIO_INT_CONFIG: u32 = 0x2;
+
+/// A device's interrupt line: the virtio-mmio InterruptStatus register plus the eventfd the VMM
+/// registered as an irqfd. Cloneable; all clones share the status.
+#[derive(Clone)]
+pub struct Interrupt {
+    status: Arc<AtomicU32>,
+    evt: Arc<EventFd>,
+}
+
+impl Interrupt {
+    /// An interrupt signalling `evt`.
+    pub fn new(evt: EventFd) -> Self {
+        Self {
+            status: Arc::new(AtomicU32::new(0)),
+            evt: Arc::new(evt),
+        }
+    }
+
+    /// Tells the driver a queue has new used buffers.
+    pub fn signal_used_queue(&self) {
+        self.raise(VIRTIO_MMIO_INT_VRING);
+    }
+
+    /// Tells the driver the config space changed.
+    pub fn signal_config_change(&self) {
+        self.raise(VIRTIO_MMIO_INT_CONFIG);
+    }
+
+    fn raise(&self, bit: u32) {
+        self.status.fetch_or(bit, Ordering::AcqRel);
+        if let Err(e) = self.evt.write(1) {
+            tracing::warn!("cannot signal the virtio interrupt: {e}");
+        }
+    }
+
+    /// The InterruptStatus register.
+    pub fn status(&self) -> u32 {
+        self.status.load(Ordering::Acquire)
+    }
+
+    /// InterruptACK: clears the acknowledged bits.
+    pub fn ack(&self, bits: u32) {
+        self.status.fetch_and(!bits, Ordering::AcqRel);
+    }
+
+    /// The eventfd (for tests and for the VMM's irqfd registration).
+    pub fn eventfd(&self) -> &EventFd {
+        &self.evt
+    }
+}
+
+/// Why a device could not be activated.
+#[derive(Debug, thiserror::Error)]
+pub enum ActivateError {
+    /// The driver configured the queues in a way the device cannot use.
+    #[error("bad queue configuration: {0}")]
+    BadQueue(String),
+    /// A host resource the device needs is unavailable.
+    #[error("device backend unavailable: {0}")]
+    Backend(String),
+}
+
+/// A virtio device model behind a transport.
+pub trait VirtioDevice: Send {
+    /// Virtio device ID ([`device_type`]).
+    fn device_type(&self) -> u32;
+
+    /// Maximum size of each queue; the length is the number of queues.
+    fn queue_max_sizes(&self) -> &[u16];
+
+    /// Features the device offers (must include [`VIRTIO_F_VERSION_1`]).
+    fn features(&self) -> u64;
+
+    /// Reads the device-specific config space; bytes past its end read as zero.
+    fn read_config(&self, offset: u64, data: &mut [u8]);
+
+    /// Writes the device-specific config space; read-only fields ignore writes.
+    fn write_config(&mut self, _offset: u64, _data: &[u8]) {}
+
+    /// Starts the device with the driver's queues after DRIVER_OK. `acked_features` is what
+    /// the driver accepted.
+    fn activate(
+        &mut self,
+        mem: GuestMem,
+        queues: Vec<Queue>,
+        interrupt: Interrupt,
+        acked_features: u64,
+    ) -> Result<(), ActivateError>;
+
+    /// The driver notified queue `index`: process what it made available. Guest data is
+    /// untrusted: errors go back to the guest as status codes or mark the device broken (see
+    /// [`VirtioDevice::is_broken`]), never as a panic.
+    fn process_queue(&mut self, index: usize);
+
+    /// Host-side file descriptors the device wants watched (sockets, timers), with the events
+    /// of interest. Asked again after every call into the device, so the set may change.
+    fn host_fds(&self) -> Vec<(RawFd, EventSet)> {
+        Vec::new()
+    }
+
+    /// One of [`VirtioDevice::host_fds`] is ready.
+    fn process_host_event(&mut self, _fd: RawFd, _events: EventSet) {}
+
+    /// The driver reset the device: drop queues and per-activation state. Returns false if the
+    /// device cannot be reset (the transport then keeps it failed).
+    fn reset(&mut self) -> bool;
+
+    /// Whether the device detected a driver error it cannot recover from (the transport then
+    /// sets DEVICE_NEEDS_RESET).
+    fn is_broken(&self) -> bool {
+        false
+    }
+}
