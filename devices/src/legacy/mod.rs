@@ -6,7 +6,7 @@ mod debug_ports;
 mod i8042;
 mod serial;
 
-pub use acpi_pm::AcpiPmPorts;
+pub use acpi_pm::{AcpiPmPorts, S5_SLEEP_TYPE};
 pub use debug_ports::{DebugPorts, Phase, PhaseLog};
 pub use i8042::I8042;
 pub use serial::{EventFdTrigger, SerialPort};

@@ -80,6 +80,15 @@ pub enum BootError {
         /// What linux-loader reported.
         source: linux_loader::loader::Error,
     },
+    /// An ELF whose entry point is below 1 MiB: a user-space program, not a kernel.
+    #[error(
+        "--kernel {path}: the ELF entry point is below 1 MiB (0x100000); \
+         is this a program rather than a kernel?"
+    )]
+    LowEntry {
+        /// The file.
+        path: PathBuf,
+    },
     /// Kernel and initrd do not fit in guest memory together.
     #[error(
         "--initrd {path}: {size} bytes do not fit in guest memory above the kernel \
@@ -180,9 +189,14 @@ pub fn load_kernel(
     let n = read_up_to(&mut file, &mut head).map_err(io)?;
     let format = detect_format(path, &head[..n])?;
     file.seek(SeekFrom::Start(0)).map_err(io)?;
-    let load_err = |source| BootError::Load {
-        path: path.into(),
-        source,
+    let load_err = |source| match source {
+        linux_loader::loader::Error::Elf(linux_loader::loader::elf::Error::InvalidEntryAddress) => {
+            BootError::LowEntry { path: path.into() }
+        }
+        source => BootError::Load {
+            path: path.into(),
+            source,
+        },
     };
     let highmem = Some(GuestAddress(HIMEM_START));
     let (entry, kernel_end, setup_header) = match format {

@@ -19,8 +19,8 @@ use crate::layout;
 
 /// OEM id written into every table header.
 pub const OEM_ID: [u8; 6] = *b"KILN  ";
-/// Sleep type the DSDT's `\_S5_` package advertises; kiln-devices' `AcpiPmPorts` powers off on it.
-pub const S5_SLEEP_TYPE: u8 = 5;
+/// The sleep type the guest writes to power off; the ACPI PM device decodes the same value.
+pub use kiln_devices::legacy::S5_SLEEP_TYPE;
 /// Most vCPUs the MADT can describe: xAPIC ids are one byte and 0xff is the broadcast id.
 pub const MAX_CPUS: u8 = 254;
 /// Most virtio-mmio slots: one IOAPIC pin each in `VIRTIO_IRQ_BASE..=VIRTIO_IRQ_MAX`.
