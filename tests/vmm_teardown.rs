@@ -11,6 +11,9 @@ use std::time::Duration;
 
 use kiln::vmm::{ExitReason, Vm, VmConfig};
 
+/// How a test case ends its VM.
+type Ending = Box<dyn Fn(&mut kiln::VmHandle) -> ExitReason>;
+
 fn count(dir: &str) -> usize {
     std::fs::read_dir(dir).map(|d| d.count()).unwrap_or(0)
 }
@@ -38,11 +41,7 @@ fn every_exit_path_releases_threads_and_fds() {
     drop(vm);
     let (threads0, fds0) = (threads(), fds());
 
-    let cases: Vec<(
-        &str,
-        VmConfig,
-        Box<dyn Fn(&mut kiln::VmHandle) -> ExitReason>,
-    )> = vec![
+    let cases: Vec<(&str, VmConfig, Ending)> = vec![
         (
             "exit port",
             VmConfig::new(&exit).cmdline("kiln.exit=3").vcpus(2),

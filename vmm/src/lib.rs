@@ -11,6 +11,7 @@
 
 pub mod arch;
 pub mod boot;
+pub mod device_manager;
 pub mod event_loop;
 pub mod exit;
 pub mod kvm;

@@ -7,6 +7,7 @@ use std::time::{Duration, Instant};
 
 use kiln_devices::console::{console, ConsoleError, ConsoleLog, ConsoleOutput, ConsoleWriter};
 use kiln_devices::legacy::{AcpiPmPorts, DebugPorts, Phase, PhaseLog, SerialPort, I8042};
+use kiln_devices::virtio::rng::Rng;
 use kiln_devices::{Bus, BusError, ExitRequester};
 use kvm_bindings::{kvm_pit_config, kvm_userspace_memory_region, KVM_PIT_SPEAKER_DUMMY};
 use kvm_ioctls::{Kvm, VcpuFd, VmFd};
@@ -18,6 +19,7 @@ use crate::arch::x86_64::acpi::{create_acpi_tables, AcpiError};
 use crate::arch::x86_64::{cpuid, regs};
 use crate::boot::cmdline::{build_cmdline, CmdlineError};
 use crate::boot::{self, BootError, EntryPoint, LoadedKernel};
+use crate::device_manager::{DeviceError, DeviceManager};
 use crate::event_loop::EventLoop;
 use crate::exit::{ExitLatch, ExitReason};
 use crate::layout;
@@ -48,6 +50,11 @@ pub struct VmConfig {
     pub console: ConsoleOutput,
     /// Console line patterns (regex) to timestamp.
     pub markers: Vec<String>,
+    /// Attach a virtio-rng device (so guests do not stall on entropy at boot).
+    pub rng: bool,
+    /// Also announce virtio-mmio devices as `virtio_mmio.device=` command line entries (for
+    /// kernels built with VIRTIO_MMIO_CMDLINE_DEVICES); ACPI announces them always.
+    pub virtio_cmdline: bool,
 }
 
 impl VmConfig {
@@ -61,6 +68,8 @@ impl VmConfig {
             vcpus: 1,
             console: ConsoleOutput::None,
             markers: Vec::new(),
+            rng: true,
+            virtio_cmdline: false,
         }
     }
 
@@ -91,6 +100,18 @@ impl VmConfig {
     /// Copies the console to stdout or a file.
     pub fn console_output(mut self, out: ConsoleOutput) -> Self {
         self.console = out;
+        self
+    }
+
+    /// Attaches (or not) the virtio-rng device.
+    pub fn rng(mut self, on: bool) -> Self {
+        self.rng = on;
+        self
+    }
+
+    /// Adds `virtio_mmio.device=` entries to the command line.
+    pub fn virtio_cmdline(mut self, on: bool) -> Self {
+        self.virtio_cmdline = on;
         self
     }
 
@@ -148,6 +169,9 @@ pub enum Error {
     /// Device placement.
     #[error("device layout: {0}")]
     Bus(#[from] BusError),
+    /// A virtio device could not be set up.
+    #[error(transparent)]
+    Device(#[from] DeviceError),
     /// Initial register state.
     #[error(transparent)]
     Regs(#[from] regs::RegsError),
@@ -229,30 +253,42 @@ impl Vm {
         register_memory(&vm_fd, &mem)?;
 
         let kernel = boot::load_kernel(&mem, &config.kernel, config.initrd.as_deref())?;
-        let cmdline = build_cmdline(&[], config.cmdline.as_deref(), kernel.cmdline_limit())?;
+        let mut mmio = Bus::new();
+        let mut devices = DeviceManager::new();
+        if config.rng {
+            devices.add_virtio(&vm_fd, &mem, &mut mmio, Box::new(Rng::new()))?;
+        }
+        let kiln_parts = if config.virtio_cmdline {
+            devices.cmdline_entries()
+        } else {
+            Vec::new()
+        };
+        let cmdline = build_cmdline(
+            &kiln_parts,
+            config.cmdline.as_deref(),
+            kernel.cmdline_limit(),
+        )?;
         boot::write_cmdline(&mem, &cmdline)?;
         let cmdline_text = cmdline
             .as_cstring()
             .map(|c| c.to_string_lossy().into_owned())
             .unwrap_or_default();
-        let rsdp = create_acpi_tables(&mem, config.vcpus, &[])?;
+        let rsdp = create_acpi_tables(&mem, config.vcpus, devices.slots())?;
         write_boot_structures(&mem, &kernel, cmdline_text.len(), rsdp)?;
 
         let latch = Arc::new(ExitLatch::default());
         let phases = PhaseLog::new(started);
         let (sink, console_log, console_writer) = console(&config.console, &config.markers)?;
         let pio = legacy_devices(&vm_fd, latch.clone(), phases.clone(), sink)?;
-        let ctx = ExitContext {
-            pio,
-            mmio: Bus::new(),
-        };
+        let ctx = ExitContext { pio, mmio };
 
         let vcpus = create_vcpus(&kvm, &vm_fd, &mem, &kernel.entry, config.vcpus)?;
         install_kick_handler();
-        let events = EventLoop::start(Vec::new()).map_err(|source| Error::Host {
-            what: "the event loop thread",
-            source,
-        })?;
+        let events =
+            EventLoop::start(devices.take_subscribers()).map_err(|source| Error::Host {
+                what: "the event loop thread",
+                source,
+            })?;
         let mut threads = Vec::with_capacity(vcpus.len());
         for (i, vcpu) in vcpus.into_iter().enumerate() {
             let state = Arc::new(RunState::default());
