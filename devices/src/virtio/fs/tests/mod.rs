@@ -43,7 +43,6 @@ pub(super) struct Desc(pub u64, pub u32, pub bool);
 pub(super) struct Reply {
     pub used_len: u32,
     pub error: i32,
-    pub unique: u64,
     pub body: Vec<u8>,
 }
 
@@ -76,14 +75,13 @@ impl Harness {
         let init = h.send(
             Opcode::Init,
             0,
-            &InitIn {
+            InitIn {
                 major: 7,
                 minor: 31,
                 max_readahead: 0,
                 flags: 0,
             }
-            .as_slice()
-            .to_vec(),
+            .as_slice(),
         );
         assert_eq!(init.error, 0, "INIT failed: {init:?}");
         h
@@ -209,7 +207,7 @@ impl Harness {
             opcode,
             unique: self.unique,
             nodeid,
-            // SAFETY: getuid/getgid cannot fail.
+            // SAFETY: geteuid/getegid have no preconditions and cannot fail.
             uid: unsafe { libc::geteuid() },
             // SAFETY: as above.
             gid: unsafe { libc::getegid() },
@@ -436,7 +434,6 @@ pub(super) fn parse_reply(used_len: u32, out: &[u8], unique: u64) -> Reply {
     Reply {
         used_len,
         error: hdr.error,
-        unique: hdr.unique,
         body: out[std::mem::size_of::<OutHeader>()..used_len as usize].to_vec(),
     }
 }
