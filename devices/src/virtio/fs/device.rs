@@ -4,6 +4,7 @@ use std::io::Write;
 use std::mem::size_of;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::Path;
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use fuse_backend_rs::abi::fuse_abi::{InHeader, Opcode, OutHeader};
@@ -180,6 +181,25 @@ impl VirtioDevice for VirtioFs {
             return;
         };
         let mem = &active.mem;
+        if !queue.is_valid(mem) {
+            tracing::debug!(tag = %self.tag, index, "virtio-fs: notify for a queue that is not set up");
+            return;
+        }
+        // More new entries than the ring holds: the driver's index is corrupt, and popping
+        // would only ever fail. Ask for a reset instead of silently ignoring the queue.
+        match queue.avail_idx(mem, Ordering::Acquire) {
+            Ok(avail) if avail.0.wrapping_sub(queue.next_avail()) <= queue.size() => {}
+            Ok(avail) => {
+                tracing::warn!(tag = %self.tag, avail = avail.0, next = queue.next_avail(), "virtio-fs: avail index out of range");
+                self.broken = true;
+                return;
+            }
+            Err(e) => {
+                tracing::warn!(tag = %self.tag, "virtio-fs: cannot read the avail ring: {e}");
+                self.broken = true;
+                return;
+            }
+        }
         let mut used_any = false;
         while let Some(chain) = queue.pop_descriptor_chain(mem) {
             let head = chain.head_index();

@@ -16,8 +16,8 @@ use virtio_queue::Queue;
 use vm_memory::{Address, ByteValued, Bytes, GuestAddress, GuestMemoryMmap};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
-const VRING_DESC_F_NEXT: u16 = 1;
-const VRING_DESC_F_WRITE: u16 = 2;
+pub(super) const VRING_DESC_F_NEXT: u16 = 1;
+pub(super) const VRING_DESC_F_WRITE: u16 = 2;
 
 use super::VirtioFs;
 use crate::virtio::{GuestMem, Interrupt, VirtioDevice, VIRTIO_MMIO_INT_VRING};
@@ -64,7 +64,7 @@ pub(super) struct Harness {
     pub irq: Interrupt,
     pub tmp: TempDir,
     /// Per queue: descriptor table, avail ring and used ring addresses.
-    rings: Vec<(GuestAddress, GuestAddress, GuestAddress)>,
+    pub rings: Vec<(GuestAddress, GuestAddress, GuestAddress)>,
     unique: u64,
 }
 
@@ -124,17 +124,28 @@ impl Harness {
     /// Puts one chain on `queue`, notifies, and returns the used length, or None when the
     /// device put nothing in the used ring.
     pub fn chain(&mut self, queue: usize, descs: &[Desc]) -> Option<u32> {
+        let raw: Vec<RawDescriptor> = descs
+            .iter()
+            .enumerate()
+            .map(|(i, d)| {
+                let mut flags = if d.2 { VRING_DESC_F_WRITE } else { 0 };
+                if i + 1 < descs.len() {
+                    flags |= VRING_DESC_F_NEXT;
+                }
+                RawDescriptor::from(SplitDescriptor::new(d.0, d.1, flags, i as u16 + 1))
+            })
+            .collect();
+        self.raw_chain(queue, &raw)
+    }
+
+    /// [`Harness::chain`] with descriptors exactly as given (flags and `next` included).
+    pub fn raw_chain(&mut self, queue: usize, raw: &[RawDescriptor]) -> Option<u32> {
         // The rings were laid out by MockSplitQueue at activation; creating another mock would
         // zero them, so chains are added here by hand, the way a driver does.
         let (table, avail_addr, used_addr) = self.rings[queue];
-        for (i, d) in descs.iter().enumerate() {
-            let mut flags = if d.2 { VRING_DESC_F_WRITE } else { 0 };
-            if i + 1 < descs.len() {
-                flags |= VRING_DESC_F_NEXT;
-            }
-            let raw = RawDescriptor::from(SplitDescriptor::new(d.0, d.1, flags, i as u16 + 1));
+        for (i, d) in raw.iter().enumerate() {
             self.mem
-                .write_obj(raw, table.unchecked_add(16 * i as u64))
+                .write_obj(*d, table.unchecked_add(16 * i as u64))
                 .expect("descriptor");
         }
         let avail: u16 = self

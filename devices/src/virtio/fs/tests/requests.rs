@@ -5,7 +5,7 @@ use std::os::unix::fs::PermissionsExt;
 use fuse_backend_rs::abi::fuse_abi::{
     AttrOut, ForgetIn, InHeader, InitIn, InitOut, Opcode, SetattrIn,
 };
-use vm_memory::ByteValued;
+use vm_memory::{Address, ByteValued};
 
 use super::*;
 use crate::virtio::fs::FsError;
@@ -398,4 +398,54 @@ fn activation_needs_both_queues() {
     assert!(err.to_string().contains("2 queues"), "{err}");
     dev.process_queue(1);
     dev.process_queue(7);
+}
+
+#[test]
+fn a_looping_chain_ends_and_is_answered() {
+    use virtio_queue::desc::{split::Descriptor as SplitDescriptor, RawDescriptor};
+    let mut h = Harness::new(false);
+    let hdr = InHeader {
+        len: 40,
+        opcode: Opcode::Statfs as u32,
+        unique: 9,
+        nodeid: ROOT,
+        ..Default::default()
+    };
+    vm_memory::Bytes::write_slice(&h.mem, hdr.as_slice(), vm_memory::GuestAddress(IN_ADDR))
+        .expect("write");
+    // 0 -> 1 -> 0 -> ...: the chain never ends by itself.
+    let raw = [
+        RawDescriptor::from(SplitDescriptor::new(IN_ADDR, 40, VRING_DESC_F_NEXT, 1)),
+        RawDescriptor::from(SplitDescriptor::new(
+            OUT_ADDR,
+            4096,
+            VRING_DESC_F_NEXT | VRING_DESC_F_WRITE,
+            0,
+        )),
+    ];
+    let used = h.raw_chain(REQUEST, &raw).expect("used entry");
+    assert!(used == 0 || used >= 16, "used {used}");
+    assert!(h.lookup(ROOT, b"hello.txt").is_ok(), "still serving");
+}
+
+#[test]
+fn an_avail_index_too_far_ahead_marks_the_device_broken() {
+    let mut h = Harness::new(false);
+    let (_, avail_addr, used_addr) = h.rings[REQUEST];
+    let idx: u16 = vm_memory::Bytes::read_obj(&h.mem, avail_addr.unchecked_add(2)).expect("avail");
+    vm_memory::Bytes::write_obj(
+        &h.mem,
+        idx.wrapping_add(QSIZE + 1),
+        avail_addr.unchecked_add(2),
+    )
+    .expect("avail");
+    let used_before: u16 =
+        vm_memory::Bytes::read_obj(&h.mem, used_addr.unchecked_add(2)).expect("used");
+    h.dev.process_queue(REQUEST);
+    let used_after: u16 =
+        vm_memory::Bytes::read_obj(&h.mem, used_addr.unchecked_add(2)).expect("used");
+    assert_eq!(used_before, used_after, "nothing consumed");
+    assert!(h.dev.is_broken());
+    assert!(h.dev.reset(), "a reset recovers the device");
+    assert!(!h.dev.is_broken());
 }
