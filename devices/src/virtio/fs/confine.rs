@@ -28,6 +28,10 @@ use fuse_backend_rs::api::filesystem::{
 use fuse_backend_rs::passthrough::PassthroughFs;
 use fuse_backend_rs::transport::FsCacheReqHandler;
 
+/// Serializes the umask swap around INIT: two shares initialising at once would otherwise save
+/// each other's temporary mask and "restore" that.
+pub(super) static UMASK_LOCK: Mutex<()> = Mutex::new(());
+
 type Inode = u64;
 type Handle = u64;
 
@@ -85,11 +89,15 @@ impl FileSystem for ConfinedFs {
     type Handle = Handle;
 
     fn init(&self, capable: FsOptions) -> io::Result<FsOptions> {
+        let guard = UMASK_LOCK
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
         // SAFETY: umask only swaps the process file-mode mask; it has no failure mode.
         let saved = unsafe { libc::umask(0o022) };
         let result = self.inner.init(capable);
         // SAFETY: as above; restores the mask the process had before INIT.
         unsafe { libc::umask(saved) };
+        drop(guard);
         let opts = result?;
         let (st, _) = self.inner.getattr(&Context::new(), ROOT_ID, None)?;
         match self.root_id.lock() {

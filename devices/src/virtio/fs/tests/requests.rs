@@ -73,8 +73,22 @@ fn bad_tags_and_dirs_are_one_line_errors_naming_the_option() {
     );
 }
 
+/// The process umask, read without changing it (umask(2) can only be read by setting it).
+fn process_umask() -> String {
+    let _guard = crate::virtio::fs::confine::UMASK_LOCK
+        .lock()
+        .unwrap_or_else(|p| p.into_inner());
+    let status = std::fs::read_to_string("/proc/self/status").expect("status");
+    status
+        .lines()
+        .find(|l| l.starts_with("Umask:"))
+        .expect("Umask line")
+        .to_string()
+}
+
 #[test]
-fn init_answers_fuse_7_x() {
+fn init_answers_fuse_7_x_and_leaves_the_umask_alone() {
+    let before = process_umask();
     let mut h = Harness::uninitialized(false);
     let r = h.send(
         Opcode::Init,
@@ -91,6 +105,11 @@ fn init_answers_fuse_7_x() {
     assert_eq!(out.major, 7);
     assert!(out.minor >= 27, "minor {}", out.minor);
     assert_eq!(r.used_len as usize, 16 + std::mem::size_of::<InitOut>());
+    assert_eq!(
+        process_umask(),
+        before,
+        "the passthrough's umask(0) was undone"
+    );
 }
 
 #[test]
@@ -142,7 +161,12 @@ fn create_and_write_land_on_the_host() {
         b"written BY the guest"
     );
     let mode = std::fs::metadata(&path).expect("meta").permissions().mode();
-    assert_eq!(mode & 0o777, 0o644);
+    assert_eq!(mode & 0o600, 0o600, "owner can read and write");
+    assert_eq!(
+        mode & 0o777 & !0o644,
+        0,
+        "no bits beyond the requested 0644"
+    );
 }
 
 #[test]
