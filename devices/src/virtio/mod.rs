@@ -9,6 +9,7 @@ pub mod mmio;
 pub mod rng;
 #[cfg(test)]
 pub mod testing;
+pub mod fs;
 
 use std::os::fd::RawFd;
 use std::sync::atomic::{AtomicU32, Ordering};
