@@ -5,7 +5,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
-use kiln_vmm::{ConsoleOutput, ExitReason, Vm, VmConfig};
+use kiln_vmm::{ConsoleOutput, ExitReason, ShareConfig, Vm, VmConfig};
 
 use crate::doctor;
 
@@ -55,6 +55,34 @@ struct BootArgs {
     /// Print console lines matching REGEX, with their time since start, to stderr.
     #[arg(long, value_name = "REGEX")]
     marker: Vec<String>,
+    /// Share a host directory over virtio-fs as TAG (repeatable); `,ro` makes it read-only.
+    #[arg(long, value_name = "TAG=DIR[,ro]", value_parser = parse_share)]
+    share: Vec<ShareConfig>,
+    /// Also list the virtio-mmio devices as `virtio_mmio.device=` on the kernel command line.
+    #[arg(long)]
+    virtio_cmdline: bool,
+    /// Do not attach the virtio-rng device.
+    #[arg(long)]
+    no_rng: bool,
+}
+
+/// Parses `TAG=DIR[,ro]`.
+fn parse_share(s: &str) -> Result<ShareConfig, String> {
+    let (tag, rest) = s
+        .split_once('=')
+        .ok_or_else(|| format!("{s:?} is not TAG=DIR[,ro]"))?;
+    let (dir, read_only) = match rest.strip_suffix(",ro") {
+        Some(dir) => (dir, true),
+        None => (rest.strip_suffix(",rw").unwrap_or(rest), false),
+    };
+    if tag.is_empty() || dir.is_empty() {
+        return Err(format!("{s:?} is not TAG=DIR[,ro]"));
+    }
+    Ok(ShareConfig {
+        tag: tag.to_string(),
+        dir: dir.into(),
+        read_only,
+    })
 }
 
 /// Runs the CLI and returns the process exit code.
@@ -103,6 +131,9 @@ fn boot(args: BootArgs) -> i32 {
     config.initrd = args.initrd;
     config.cmdline = args.cmdline;
     config.markers = args.marker;
+    config.shares = args.share;
+    config.virtio_cmdline = args.virtio_cmdline;
+    config.rng = !args.no_rng;
     let mut vm = match Vm::start(config) {
         Ok(vm) => vm,
         Err(e) => {
@@ -129,6 +160,22 @@ fn boot(args: BootArgs) -> i32 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn share_syntax() {
+        assert_eq!(
+            parse_share("fixtures=/tmp/out").unwrap(),
+            ShareConfig {
+                tag: "fixtures".into(),
+                dir: "/tmp/out".into(),
+                read_only: false
+            }
+        );
+        assert!(parse_share("src=/code,ro").unwrap().read_only);
+        assert!(parse_share("/tmp/out").is_err());
+        assert!(parse_share("=/tmp").is_err());
+        assert!(parse_share("tag=").is_err());
+    }
 
     #[test]
     fn vcpus_zero_is_a_usage_error() {

@@ -7,6 +7,7 @@ use std::time::{Duration, Instant};
 
 use kiln_devices::console::{console, ConsoleError, ConsoleLog, ConsoleOutput, ConsoleWriter};
 use kiln_devices::legacy::{AcpiPmPorts, DebugPorts, Phase, PhaseLog, SerialPort, I8042};
+use kiln_devices::virtio::fs::{FsError, VirtioFs};
 use kiln_devices::virtio::rng::Rng;
 use kiln_devices::{Bus, BusError, ExitRequester};
 use kvm_bindings::{kvm_pit_config, kvm_userspace_memory_region, KVM_PIT_SPEAKER_DUMMY};
@@ -50,6 +51,8 @@ pub struct VmConfig {
     pub console: ConsoleOutput,
     /// Console line patterns (regex) to timestamp.
     pub markers: Vec<String>,
+    /// Directories shared with the guest over virtio-fs (mount with `-t virtiofs <tag>`).
+    pub shares: Vec<ShareConfig>,
     /// Attach a virtio-rng device (so guests do not stall on entropy at boot).
     pub rng: bool,
     /// Also announce virtio-mmio devices as `virtio_mmio.device=` command line entries (for
@@ -68,9 +71,25 @@ impl VmConfig {
             vcpus: 1,
             console: ConsoleOutput::None,
             markers: Vec::new(),
+            shares: Vec::new(),
             rng: true,
             virtio_cmdline: false,
         }
+    }
+
+    /// Shares `dir` with the guest as virtio-fs tag `tag`.
+    pub fn share(
+        mut self,
+        tag: impl Into<String>,
+        dir: impl Into<PathBuf>,
+        read_only: bool,
+    ) -> Self {
+        self.shares.push(ShareConfig {
+            tag: tag.into(),
+            dir: dir.into(),
+            read_only,
+        });
+        self
     }
 
     /// Sets the initrd.
@@ -122,6 +141,17 @@ impl VmConfig {
     }
 }
 
+/// A host directory shared with the guest.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ShareConfig {
+    /// The virtio-fs mount tag.
+    pub tag: String,
+    /// The host directory; nothing outside it is reachable from the guest.
+    pub dir: PathBuf,
+    /// Refuse every change from the guest (EROFS).
+    pub read_only: bool,
+}
+
 /// Errors starting a VM; each says which input or host facility is at fault.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -169,6 +199,9 @@ pub enum Error {
     /// Device placement.
     #[error("device layout: {0}")]
     Bus(#[from] BusError),
+    /// A share could not be set up.
+    #[error(transparent)]
+    Share(#[from] FsError),
     /// A virtio device could not be set up.
     #[error(transparent)]
     Device(#[from] DeviceError),
@@ -255,6 +288,10 @@ impl Vm {
         let kernel = boot::load_kernel(&mem, &config.kernel, config.initrd.as_deref())?;
         let mut mmio = Bus::new();
         let mut devices = DeviceManager::new();
+        for share in &config.shares {
+            let fs = VirtioFs::new(&share.tag, &share.dir, share.read_only)?;
+            devices.add_virtio(&vm_fd, &mem, &mut mmio, Box::new(fs))?;
+        }
         if config.rng {
             devices.add_virtio(&vm_fd, &mem, &mut mmio, Box::new(Rng::new()))?;
         }
