@@ -5,11 +5,11 @@
 //! owns its config space and request processing. Devices see guest memory and an
 //! [`Interrupt`], never KVM.
 
+pub mod fs;
 pub mod mmio;
 pub mod rng;
 #[cfg(test)]
 pub mod testing;
-pub mod fs;
 
 use std::os::fd::RawFd;
 use std::sync::atomic::{AtomicU32, Ordering};
