@@ -12,6 +12,7 @@ use std::net::Shutdown;
 use std::num::Wrapping;
 use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::net::UnixStream;
+use std::time::Instant;
 
 use vm_memory::{ReadVolatile, VolatileMemoryError, VolatileSlice, WriteVolatile};
 use vmm_sys_util::epoll::EventSet;
@@ -66,6 +67,7 @@ pub struct Connection {
     /// The port on the guest side.
     peer_port: u32,
     state: State,
+    created: Instant,
     pending: u8,
     /// Set while the muxer has this connection in its rx queue.
     pub queued: bool,
@@ -124,6 +126,7 @@ impl Connection {
             local_port: local,
             peer_port: peer,
             state,
+            created: Instant::now(),
             pending: 0,
             queued: false,
             to_host: VecDeque::new(),
@@ -143,6 +146,11 @@ impl Connection {
     /// The host stream's fd.
     pub fn fd(&self) -> RawFd {
         self.stream.as_raw_fd()
+    }
+
+    /// For a host-initiated connection the guest has not answered yet: when it was opened.
+    pub fn awaiting_response_since(&self) -> Option<Instant> {
+        (self.state == State::AwaitingResponse).then_some(self.created)
     }
 
     /// Whether the connection owes the guest a packet.

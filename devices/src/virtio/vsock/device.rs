@@ -34,7 +34,7 @@ struct Active {
 /// A virtio-vsock device (type 19) whose host side is a Unix socket (Firecracker's protocol).
 pub struct Vsock {
     guest_cid: u64,
-    muxer: Muxer,
+    pub(super) muxer: Muxer,
     active: Option<Active>,
     broken: bool,
 }

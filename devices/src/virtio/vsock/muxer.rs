@@ -9,9 +9,11 @@ use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
 
 use vm_memory::VolatileSlice;
 use vmm_sys_util::epoll::EventSet;
+use vmm_sys_util::timerfd::TimerFd;
 
 use super::connection::{Connection, RxOutcome, Verdict};
 use super::packet::{op, Header, TYPE_STREAM};
@@ -24,6 +26,9 @@ pub const MAX_CONTROL_BACKLOG: usize = 256;
 const MAX_HANDSHAKES: usize = 64;
 /// Longest valid `CONNECT <port>\n` line.
 const MAX_CONNECT_LINE: usize = 32;
+/// How long the guest has to answer a host `CONNECT` before the host stream is closed (as in
+/// Firecracker).
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 /// Connections accepted per listener event, so one busy host cannot starve the queues.
 const ACCEPTS_PER_EVENT: usize = 32;
 
@@ -53,6 +58,11 @@ pub struct Muxer {
     /// Resets for packets that belong to no live connection.
     control: VecDeque<Header>,
     next_ephemeral: u32,
+    /// Fires when the oldest unanswered host `CONNECT` times out.
+    timer: TimerFd,
+    timer_armed: bool,
+    /// [`CONNECT_TIMEOUT`], shortened by tests.
+    pub connect_timeout: Duration,
 }
 
 impl Muxer {
@@ -78,6 +88,16 @@ impl Muxer {
                 source: e,
             });
         }
+        let timer = match TimerFd::new() {
+            Ok(t) => t,
+            Err(e) => {
+                let _ = std::fs::remove_file(&uds_path);
+                return Err(VsockError::Listen {
+                    path: uds_path,
+                    source: e.into(),
+                });
+            }
+        };
         Ok(Self {
             guest_cid,
             uds_path,
@@ -90,12 +110,19 @@ impl Muxer {
             rx_ready: VecDeque::new(),
             control: VecDeque::new(),
             next_ephemeral: EPHEMERAL_PORT_BASE,
+            timer,
+            timer_armed: false,
+            connect_timeout: CONNECT_TIMEOUT,
         })
     }
 
     /// Drops every connection (driver reset); the listener stays.
     pub fn reset(&mut self) {
         self.accept_paused = false;
+        if let Err(e) = self.timer.clear() {
+            tracing::warn!("vsock: cannot disarm the connect timer: {e}");
+        }
+        self.timer_armed = false;
         self.handshakes.clear();
         self.conns.clear();
         self.fd_keys.clear();
@@ -113,6 +140,9 @@ impl Muxer {
         let mut fds = Vec::with_capacity(1 + self.handshakes.len() + self.conns.len());
         if !self.accept_paused {
             fds.push((self.listener.as_raw_fd(), EventSet::IN));
+        }
+        if self.timer_armed {
+            fds.push((self.timer.as_raw_fd(), EventSet::IN));
         }
         fds.extend(self.handshakes.keys().map(|fd| (*fd, EventSet::IN)));
         for conn in self.conns.values() {
@@ -138,6 +168,8 @@ impl Muxer {
     pub fn on_host_event(&mut self, fd: RawFd, events: EventSet) {
         if fd == self.listener.as_raw_fd() {
             self.accept();
+        } else if fd == self.timer.as_raw_fd() {
+            self.expire_connects();
         } else if self.handshakes.contains_key(&fd) {
             self.read_handshake(fd);
         } else if let Some(key) = self.fd_keys.get(&fd).copied() {
@@ -230,6 +262,55 @@ impl Muxer {
         };
         let conn = Connection::new_local(hs.stream, self.guest_cid, local, port);
         self.insert(conn, (local, port));
+        self.arm_timer();
+    }
+
+    /// Arms the timer for the oldest unanswered `CONNECT`, if any and not armed already.
+    fn arm_timer(&mut self) {
+        if self.timer_armed {
+            return;
+        }
+        let Some(oldest) = self
+            .conns
+            .values()
+            .filter_map(|c| c.awaiting_response_since())
+            .min()
+        else {
+            return;
+        };
+        let left = (oldest + self.connect_timeout).saturating_duration_since(Instant::now());
+        // A zero duration would disarm a timerfd.
+        match self.timer.reset(left.max(Duration::from_millis(1)), None) {
+            Ok(()) => self.timer_armed = true,
+            Err(e) => tracing::warn!("vsock: cannot arm the connect timer: {e}"),
+        }
+    }
+
+    /// Resets host connections the guest did not answer in time, closing their host streams.
+    fn expire_connects(&mut self) {
+        // Only read an expired timer: reading an armed one would block the event loop.
+        if !self.timer_armed || self.timer.is_armed().unwrap_or(true) {
+            return;
+        }
+        if let Err(e) = self.timer.wait() {
+            tracing::warn!("vsock: connect timer: {e}");
+        }
+        self.timer_armed = false;
+        let now = Instant::now();
+        let expired: Vec<ConnKey> = self
+            .conns
+            .iter()
+            .filter(|(_, c)| {
+                c.awaiting_response_since()
+                    .is_some_and(|t| now >= t + self.connect_timeout)
+            })
+            .map(|(k, _)| *k)
+            .collect();
+        for key in expired {
+            tracing::debug!(port = key.1, "vsock: guest did not answer CONNECT in time");
+            self.remove(key, true);
+        }
+        self.arm_timer();
     }
 
     fn alloc_ephemeral(&mut self, peer: u32) -> Option<u32> {

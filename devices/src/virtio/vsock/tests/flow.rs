@@ -83,6 +83,30 @@ fn guest_refusal_closes_the_host_stream() {
 }
 
 #[test]
+fn unanswered_host_connect_times_out() {
+    let mem = test_mem();
+    let mut h = Harness::new(&mem);
+    h.dev.muxer.connect_timeout = Duration::from_millis(50);
+    let mut s = h.host_connect(98);
+    let req = h.recv()[0].hdr;
+    std::thread::sleep(Duration::from_millis(60));
+    h.pump();
+    let pkts = h.recv();
+    assert_eq!(pkts.len(), 1);
+    assert_eq!(
+        (pkts[0].hdr.op, pkts[0].hdr.src_port, pkts[0].hdr.dst_port),
+        (op::RST, req.src_port, 98)
+    );
+    assert_eof(&mut s);
+    assert_eq!(h.dev.connection_count(), 0);
+    assert_eq!(
+        h.dev.host_fds().len(),
+        1,
+        "timer disarmed, only the listener left"
+    );
+}
+
+#[test]
 fn host_connect_before_the_driver_is_ready() {
     let mem = test_mem();
     let mut h = Harness::inactive(&mem);
