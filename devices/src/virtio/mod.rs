@@ -20,6 +20,8 @@ use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::EventFd;
 
+pub mod vsock;
+
 /// Guest memory as devices see it.
 pub type GuestMem = GuestMemoryMmap<()>;
 

@@ -1,0 +1,268 @@
+//! The virtio-vsock device: config space, queue handling, and the bridge between guest
+//! descriptor chains and the [`Muxer`].
+
+use std::os::fd::RawFd;
+use std::path::PathBuf;
+
+use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT};
+use virtio_vsock::packet::VsockPacket;
+use vm_memory::Bytes;
+use vmm_sys_util::epoll::EventSet;
+
+use super::muxer::Muxer;
+use super::packet::{Header, HEADER_SIZE};
+use super::{VsockError, GUEST_CID, MAX_PKT_DATA, QUEUE_SIZE};
+use crate::virtio::VIRTIO_F_VERSION_1;
+use crate::virtio::{device_type, ActivateError, GuestMem, Interrupt, VirtioDevice};
+
+/// Index of the receive queue (device → guest).
+pub const RX_QUEUE: usize = 0;
+/// Index of the transmit queue (guest → device).
+pub const TX_QUEUE: usize = 1;
+/// Index of the event queue (unused: kiln never migrates a guest).
+pub const EVENT_QUEUE: usize = 2;
+
+const QUEUE_SIZES: [u16; 3] = [QUEUE_SIZE; 3];
+
+struct Active {
+    mem: GuestMem,
+    rxq: Queue,
+    txq: Queue,
+    interrupt: Interrupt,
+}
+
+/// A virtio-vsock device (type 19) whose host side is a Unix socket (Firecracker's protocol).
+pub struct Vsock {
+    guest_cid: u64,
+    pub(super) muxer: Muxer,
+    active: Option<Active>,
+    broken: bool,
+}
+
+impl Vsock {
+    /// A device for guest CID `guest_cid` (kiln uses [`GUEST_CID`]) listening on `uds_path`;
+    /// fails if the path is in use.
+    pub fn new(uds_path: impl Into<PathBuf>, guest_cid: u64) -> Result<Self, VsockError> {
+        if guest_cid < GUEST_CID || guest_cid >= u64::from(u32::MAX) {
+            return Err(VsockError::BadCid(guest_cid));
+        }
+        Ok(Self {
+            guest_cid,
+            muxer: Muxer::new(uds_path.into(), guest_cid)?,
+            active: None,
+            broken: false,
+        })
+    }
+
+    /// The guest's CID.
+    pub fn guest_cid(&self) -> u64 {
+        self.guest_cid
+    }
+
+    /// Number of open connections.
+    pub fn connection_count(&self) -> usize {
+        self.muxer.connection_count()
+    }
+
+    /// Moves packets both ways until neither queue can make progress.
+    fn process(&mut self) {
+        loop {
+            let tx_blocked = self.process_tx();
+            let rx_progress = self.process_rx();
+            // Tx only stops early when resets back up; go again once the guest took some.
+            if !(tx_blocked && rx_progress) {
+                break;
+            }
+        }
+    }
+
+    /// Hands the guest's tx packets to the muxer. Returns true if it stopped because the
+    /// guest is not taking resets.
+    fn process_tx(&mut self) -> bool {
+        let Some(act) = self.active.as_mut() else {
+            return false;
+        };
+        let mem = &act.mem;
+        let mut used = false;
+        let mut blocked = false;
+        loop {
+            if self.muxer.tx_blocked() {
+                blocked = true;
+                break;
+            }
+            let Some(mut chain) = act.txq.pop_descriptor_chain(mem) else {
+                break;
+            };
+            let head = chain.head_index();
+            let probe = chain.clone();
+            match VsockPacket::from_tx_virtq_chain(mem, &mut chain, MAX_PKT_DATA) {
+                Ok(pkt) => self
+                    .muxer
+                    .on_guest_packet(Header::of_packet(&pkt), pkt.data_slice()),
+                Err(e) => {
+                    tracing::debug!("vsock: bad tx packet: {e}");
+                    if let Some(hdr) = head_header(mem, probe) {
+                        self.muxer.on_bad_packet(hdr);
+                    }
+                }
+            }
+            if let Err(e) = act.txq.add_used(mem, head, 0) {
+                tracing::warn!("vsock: cannot return a tx buffer: {e}");
+                self.broken = true;
+                return false;
+            }
+            used = true;
+        }
+        if used {
+            notify(&mut act.txq, mem, &act.interrupt);
+        }
+        blocked
+    }
+
+    /// Fills the guest's rx buffers with what the muxer has. Returns whether any was used.
+    fn process_rx(&mut self) -> bool {
+        let Some(act) = self.active.as_mut() else {
+            return false;
+        };
+        let mem = &act.mem;
+        let mut used = false;
+        while self.muxer.has_rx() {
+            let Some(mut chain) = act.rxq.pop_descriptor_chain(mem) else {
+                break;
+            };
+            let head = chain.head_index();
+            let len = match VsockPacket::from_rx_virtq_chain(mem, &mut chain, MAX_PKT_DATA) {
+                Err(e) => {
+                    tracing::debug!("vsock: bad rx buffer: {e}");
+                    0
+                }
+                Ok(mut pkt) => match pkt.data_slice().copied().filter(|d| !d.is_empty()) {
+                    None => {
+                        tracing::debug!("vsock: rx buffer without room for data");
+                        0
+                    }
+                    Some(data) => {
+                        let Some(hdr) = self.muxer.next_rx(&data) else {
+                            // Nothing to send after all: leave the buffer for later.
+                            act.rxq.go_to_previous_position();
+                            break;
+                        };
+                        match pkt.set_header_from_raw(&hdr.to_bytes()) {
+                            Ok(()) => HEADER_SIZE as u32 + hdr.len,
+                            Err(e) => {
+                                tracing::warn!("vsock: cannot write an rx header: {e}");
+                                0
+                            }
+                        }
+                    }
+                },
+            };
+            if let Err(e) = act.rxq.add_used(mem, head, len) {
+                tracing::warn!("vsock: cannot return an rx buffer: {e}");
+                self.broken = true;
+                return false;
+            }
+            used = true;
+        }
+        if used {
+            notify(&mut act.rxq, mem, &act.interrupt);
+        }
+        used
+    }
+}
+
+/// The header at the head of a chain the packet parser rejected, if it is readable.
+fn head_header(mem: &GuestMem, mut chain: DescriptorChain<&GuestMem>) -> Option<Header> {
+    let desc = chain.next()?;
+    if (desc.len() as usize) < HEADER_SIZE || desc.is_write_only() {
+        return None;
+    }
+    let mut raw = [0u8; HEADER_SIZE];
+    mem.read_slice(&mut raw, desc.addr()).ok()?;
+    Some(Header::from_bytes(&raw))
+}
+
+fn notify(queue: &mut Queue, mem: &GuestMem, interrupt: &Interrupt) {
+    // A used ring the device cannot read is reported when it is written next.
+    if queue.needs_notification(mem).unwrap_or(true) {
+        interrupt.signal_used_queue();
+    }
+}
+
+impl VirtioDevice for Vsock {
+    fn device_type(&self) -> u32 {
+        device_type::VSOCK
+    }
+
+    fn queue_max_sizes(&self) -> &[u16] {
+        &QUEUE_SIZES
+    }
+
+    fn features(&self) -> u64 {
+        VIRTIO_F_VERSION_1
+    }
+
+    fn read_config(&self, offset: u64, data: &mut [u8]) {
+        let config = self.guest_cid.to_le_bytes();
+        for (i, byte) in data.iter_mut().enumerate() {
+            *byte = offset
+                .checked_add(i as u64)
+                .and_then(|o| usize::try_from(o).ok())
+                .and_then(|o| config.get(o).copied())
+                .unwrap_or(0);
+        }
+    }
+
+    fn activate(
+        &mut self,
+        mem: GuestMem,
+        queues: Vec<Queue>,
+        interrupt: Interrupt,
+        _acked_features: u64,
+    ) -> Result<(), ActivateError> {
+        let n = queues.len();
+        let mut it = queues.into_iter();
+        let (Some(rxq), Some(txq), Some(_evq), None) = (it.next(), it.next(), it.next(), it.next())
+        else {
+            return Err(ActivateError::BadQueue(format!(
+                "virtio-vsock needs 3 queues (rx, tx, event), got {n}"
+            )));
+        };
+        self.active = Some(Active {
+            mem,
+            rxq,
+            txq,
+            interrupt,
+        });
+        self.broken = false;
+        // Host connections may have arrived before the driver was ready.
+        self.process();
+        Ok(())
+    }
+
+    fn process_queue(&mut self, index: usize) {
+        if index == RX_QUEUE || index == TX_QUEUE {
+            self.process();
+        }
+    }
+
+    fn host_fds(&self) -> Vec<(RawFd, EventSet)> {
+        self.muxer.host_fds()
+    }
+
+    fn process_host_event(&mut self, fd: RawFd, events: EventSet) {
+        self.muxer.on_host_event(fd, events);
+        self.process();
+    }
+
+    fn reset(&mut self) -> bool {
+        self.active = None;
+        self.broken = false;
+        self.muxer.reset();
+        true
+    }
+
+    fn is_broken(&self) -> bool {
+        self.broken
+    }
+}
