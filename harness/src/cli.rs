@@ -58,6 +58,10 @@ struct BootArgs {
     /// Share a host directory over virtio-fs as TAG (repeatable); `,ro` makes it read-only.
     #[arg(long, value_name = "TAG=DIR[,ro]", value_parser = parse_share)]
     share: Vec<ShareConfig>,
+    /// Attach a virtio-vsock device behind the Unix socket UDS_PATH (guest CID 3): connect and
+    /// send `CONNECT <port>\n` to reach a guest port; the guest reaches host port P at UDS_PATH_P.
+    #[arg(long, value_name = "UDS_PATH")]
+    vsock: Option<PathBuf>,
     /// Also list the virtio-mmio devices as `virtio_mmio.device=` on the kernel command line.
     #[arg(long)]
     virtio_cmdline: bool,
@@ -132,6 +136,7 @@ fn boot(args: BootArgs) -> i32 {
     config.cmdline = args.cmdline;
     config.markers = args.marker;
     config.shares = args.share;
+    config.vsock = args.vsock;
     config.virtio_cmdline = args.virtio_cmdline;
     config.rng = !args.no_rng;
     let mut vm = match Vm::start(config) {

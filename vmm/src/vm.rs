@@ -1,5 +1,7 @@
 //! The public VM API: [`VmConfig`] → [`Vm::start`] → [`VmHandle`] (wait, kill, console, phases).
 
+use std::io::{Read, Write};
+use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, Once};
 use std::thread::JoinHandle;
@@ -9,6 +11,7 @@ use kiln_devices::console::{console, ConsoleError, ConsoleLog, ConsoleOutput, Co
 use kiln_devices::legacy::{AcpiPmPorts, DebugPorts, Phase, PhaseLog, SerialPort, I8042};
 use kiln_devices::virtio::fs::{FsError, VirtioFs};
 use kiln_devices::virtio::rng::Rng;
+use kiln_devices::virtio::vsock::{Vsock, VsockError, GUEST_CID};
 use kiln_devices::{Bus, BusError, ExitRequester};
 use kvm_bindings::{kvm_pit_config, kvm_userspace_memory_region, KVM_PIT_SPEAKER_DUMMY};
 use kvm_ioctls::{Kvm, VcpuFd, VmFd};
@@ -53,6 +56,9 @@ pub struct VmConfig {
     pub markers: Vec<String>,
     /// Directories shared with the guest over virtio-fs (mount with `-t virtiofs <tag>`).
     pub shares: Vec<ShareConfig>,
+    /// Unix socket for the virtio-vsock device (Firecracker's host protocol); the guest CID is
+    /// [`kiln_devices::virtio::vsock::GUEST_CID`].
+    pub vsock: Option<PathBuf>,
     /// Attach a virtio-rng device (so guests do not stall on entropy at boot).
     pub rng: bool,
     /// Also announce virtio-mmio devices as `virtio_mmio.device=` command line entries (for
@@ -72,6 +78,7 @@ impl VmConfig {
             console: ConsoleOutput::None,
             markers: Vec::new(),
             shares: Vec::new(),
+            vsock: None,
             rng: true,
             virtio_cmdline: false,
         }
@@ -119,6 +126,12 @@ impl VmConfig {
     /// Copies the console to stdout or a file.
     pub fn console_output(mut self, out: ConsoleOutput) -> Self {
         self.console = out;
+        self
+    }
+
+    /// Attaches a virtio-vsock device listening on the Unix socket `uds`.
+    pub fn vsock(mut self, uds: impl Into<PathBuf>) -> Self {
+        self.vsock = Some(uds.into());
         self
     }
 
@@ -202,6 +215,9 @@ pub enum Error {
     /// A share could not be set up.
     #[error(transparent)]
     Share(#[from] FsError),
+    /// The vsock device could not be set up.
+    #[error(transparent)]
+    Vsock(#[from] VsockError),
     /// A virtio device could not be set up.
     #[error(transparent)]
     Device(#[from] DeviceError),
@@ -292,6 +308,10 @@ impl Vm {
             let fs = VirtioFs::new(&share.tag, &share.dir, share.read_only)?;
             devices.add_virtio(&vm_fd, &mem, &mut mmio, Box::new(fs))?;
         }
+        if let Some(uds) = &config.vsock {
+            let vsock = Vsock::new(uds, GUEST_CID)?;
+            devices.add_virtio(&vm_fd, &mem, &mut mmio, Box::new(vsock))?;
+        }
         if config.rng {
             devices.add_virtio(&vm_fd, &mem, &mut mmio, Box::new(Rng::new()))?;
         }
@@ -371,6 +391,7 @@ impl Vm {
             phases,
             started,
             info,
+            vsock: config.vsock.clone(),
         })
     }
 }
@@ -561,6 +582,7 @@ pub struct VmHandle {
     phases: PhaseLog,
     started: Instant,
     info: BootInfo,
+    vsock: Option<PathBuf>,
 }
 
 impl VmHandle {
@@ -603,6 +625,36 @@ impl VmHandle {
     /// Boot protocol, entry, command line and initrd placement.
     pub fn boot_info(&self) -> &BootInfo {
         &self.info
+    }
+
+    /// Opens a stream to guest vsock `port` through the VM's vsock Unix socket (Firecracker's
+    /// `CONNECT <port>` handshake).
+    pub fn vsock_connect(&self, port: u32, timeout: Duration) -> std::io::Result<UnixStream> {
+        let uds = self.vsock.as_ref().ok_or_else(|| {
+            std::io::Error::new(std::io::ErrorKind::NotFound, "this VM has no vsock device")
+        })?;
+        let mut stream = UnixStream::connect(uds)?;
+        stream.set_read_timeout(Some(timeout))?;
+        stream.write_all(format!("CONNECT {port}\n").as_bytes())?;
+        // Read the reply byte by byte: anything after the newline is guest data.
+        let mut line = Vec::new();
+        let mut byte = [0u8; 1];
+        while line.len() < 64 {
+            stream.read_exact(&mut byte)?;
+            if byte[0] == b'\n' {
+                break;
+            }
+            line.push(byte[0]);
+        }
+        let line = String::from_utf8_lossy(&line);
+        if !line.starts_with("OK ") {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::ConnectionRefused,
+                format!("vsock port {port}: the VM answered {line:?}"),
+            ));
+        }
+        stream.set_read_timeout(None)?;
+        Ok(stream)
     }
 
     /// When [`Vm::start`] was called.
