@@ -5,6 +5,8 @@
 //! owns its config space and request processing. Devices see guest memory and an
 //! [`Interrupt`], never KVM.
 
+pub mod block;
+
 use std::os::fd::RawFd;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
