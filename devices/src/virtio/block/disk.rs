@@ -412,3 +412,276 @@ impl DiskBackend for Qcow2Disk {
         }
     }
 }
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use std::process::Command;
+
+    use sha2::{Digest, Sha256};
+
+    use super::*;
+    use crate::virtio::block::spec::{open_disk, DiskMode, DiskSpec};
+
+    const MIB: u64 = 1024 * 1024;
+    const BASE_SIZE: u64 = 4 * MIB;
+
+    /// Runs qemu-img; `None` when it is not installed (the caller then skips, saying why).
+    pub(crate) fn qemu_img(args: &[&str]) -> Option<(bool, String)> {
+        let out = Command::new("qemu-img").args(args).output().ok()?;
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Some((out.status.success(), text))
+    }
+
+    pub(crate) fn have_qemu_img() -> bool {
+        let found = qemu_img(&["--version"]).is_some_and(|(ok, _)| ok);
+        if !found {
+            println!("skipped: qemu-img not found");
+        }
+        found
+    }
+
+    fn sha256(path: &Path) -> Vec<u8> {
+        Sha256::digest(fs::read(path).unwrap()).to_vec()
+    }
+
+    /// Non-zero everywhere, so zeroed ranges stand out; varies per sector.
+    fn pattern(len: u64) -> Vec<u8> {
+        (0..len).map(|i| ((i / 512 + i) % 255 + 1) as u8).collect()
+    }
+
+    /// The same writes, zeroes and discards applied to `disk` and to `model`, with offsets
+    /// that straddle and split 64 KiB clusters; then every byte read back is checked.
+    fn exercise(disk: &mut dyn DiskBackend, model: &mut [u8]) {
+        let mut write = |disk: &mut dyn DiskBackend, offset: u64, len: usize, byte: u8| {
+            let buf = vec![byte; len];
+            disk.write_at(&buf, offset).unwrap();
+            model[offset as usize..offset as usize + len].copy_from_slice(&buf);
+        };
+        write(disk, 0, 4096, 0x11);
+        write(disk, 64 * 1024 - 256, 512, 0x22);
+        write(disk, MIB + 1234, 100 * 1024, 0x33);
+        write(disk, BASE_SIZE - 512, 512, 0x44);
+        let zero = |disk: &mut dyn DiskBackend, model: &mut [u8], off: u64, len: u64, how| {
+            match how {
+                0 => disk.write_zeroes(off, len, false).unwrap(),
+                1 => disk.write_zeroes(off, len, true).unwrap(),
+                _ => disk.discard(off, len).unwrap(),
+            }
+            model[off as usize..(off + len) as usize].fill(0);
+        };
+        zero(disk, model, 2 * MIB, 64 * 1024, 0);
+        zero(disk, model, 3 * MIB - 4096, 8192, 1);
+        zero(disk, model, 3 * MIB + 64 * 1024, 128 * 1024, 2);
+        zero(disk, model, 512, 1024, 2);
+        disk.flush().unwrap();
+
+        let mut back = vec![0u8; model.len()];
+        disk.read_at(&mut back, 0).unwrap();
+        assert!(back == model, "read-back differs from the model");
+    }
+
+    /// qemu-img check is clean and the image reads exactly like `expected`.
+    fn assert_qemu_agrees(image: &Path, expected: &[u8], dir: &Path) {
+        let image = image.to_str().unwrap();
+        let (ok, out) = qemu_img(&["check", "-f", "qcow2", image]).unwrap();
+        assert!(
+            ok && out.contains("No errors were found"),
+            "qemu-img check: {out}"
+        );
+        let want = dir.join("expected.raw");
+        fs::write(&want, expected).unwrap();
+        let want = want.to_str().unwrap();
+        let (ok, out) = qemu_img(&["compare", "-f", "qcow2", "-F", "raw", image, want]).unwrap();
+        assert!(
+            ok && out.contains("Images are identical"),
+            "qemu-img compare: {out}"
+        );
+    }
+
+    fn raw_base(dir: &Path) -> (PathBuf, Vec<u8>) {
+        let base = dir.join("base.raw");
+        let data = pattern(BASE_SIZE);
+        fs::write(&base, &data).unwrap();
+        (base, data)
+    }
+
+    /// A qcow2 base converted by qemu-img from a pattern with a hole (unallocated clusters).
+    fn qcow2_base(dir: &Path) -> (PathBuf, Vec<u8>) {
+        let mut data = pattern(BASE_SIZE);
+        data[(MIB as usize)..(2 * MIB as usize)].fill(0);
+        let src = dir.join("src.raw");
+        fs::write(&src, &data).unwrap();
+        let base = dir.join("base.qcow2");
+        let (ok, out) = qemu_img(&[
+            "convert",
+            "-f",
+            "raw",
+            "-O",
+            "qcow2",
+            src.to_str().unwrap(),
+            base.to_str().unwrap(),
+        ])
+        .unwrap();
+        assert!(ok, "qemu-img convert: {out}");
+        (base, data)
+    }
+
+    fn overlay_roundtrip(base: &Path, mut model: Vec<u8>, dir: &Path, format: &str) {
+        let before = sha256(base);
+        let overlay = dir.join("overlay.qcow2");
+        let spec = DiskSpec {
+            path: base.to_path_buf(),
+            mode: DiskMode::KeptOverlay(overlay.clone()),
+        };
+        let mut disk = open_disk(&spec).unwrap();
+        assert_eq!(disk.size(), BASE_SIZE);
+        assert!(!disk.read_only());
+        assert_eq!(disk.discard_granularity(), 64 * 1024);
+        exercise(disk.as_mut(), &mut model);
+        // Flushed: already consistent while kiln still holds it open.
+        assert_qemu_agrees(&overlay, &model, dir);
+        drop(disk);
+        assert_qemu_agrees(&overlay, &model, dir);
+
+        let (ok, info) = qemu_img(&["info", "--output=json", overlay.to_str().unwrap()]).unwrap();
+        assert!(ok, "{info}");
+        let canonical = fs::canonicalize(base).unwrap();
+        assert!(info.contains(&format!(
+            "\"backing-filename\": \"{}\"",
+            canonical.display()
+        )));
+        assert!(info.contains(&format!("\"backing-filename-format\": \"{format}\"")));
+        assert_eq!(sha256(base), before, "the base image changed");
+    }
+
+    #[test]
+    fn overlay_over_raw_base() {
+        if !have_qemu_img() {
+            return;
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let (base, data) = raw_base(dir.path());
+        overlay_roundtrip(&base, data, dir.path(), "raw");
+    }
+
+    #[test]
+    fn overlay_over_qcow2_base() {
+        if !have_qemu_img() {
+            return;
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let (base, data) = qcow2_base(dir.path());
+        overlay_roundtrip(&base, data, dir.path(), "qcow2");
+        let (ok, out) = qemu_img(&["check", base.to_str().unwrap()]).unwrap();
+        assert!(ok, "base: {out}");
+    }
+
+    #[test]
+    fn ephemeral_overlay_is_removed_on_drop() {
+        let dir = tempfile::tempdir().unwrap();
+        let (base, mut model) = raw_base(dir.path());
+        let before = sha256(&base);
+        let mut disk =
+            Qcow2Disk::create_overlay(&base, ImageFormat::Raw, &OverlayLocation::Ephemeral)
+                .unwrap();
+        let overlay = disk.path().to_path_buf();
+        assert!(overlay.exists());
+        assert_ne!(overlay.parent(), Some(dir.path()));
+        exercise(&mut disk, &mut model);
+        assert_eq!(&disk.id()[..8], b"base.raw");
+        drop(disk);
+        assert!(!overlay.exists());
+        assert!(!overlay.parent().unwrap().exists(), "temp dir left behind");
+        assert_eq!(sha256(&base), before);
+    }
+
+    #[test]
+    fn read_only_qcow2_image() {
+        if !have_qemu_img() {
+            return;
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let (base, data) = qcow2_base(dir.path());
+        let before = sha256(&base);
+        let spec = DiskSpec {
+            path: base.clone(),
+            mode: DiskMode::ReadOnly,
+        };
+        let mut disk = open_disk(&spec).unwrap();
+        assert!(disk.read_only());
+        let mut back = vec![0u8; data.len()];
+        disk.read_at(&mut back, 0).unwrap();
+        assert!(back == data);
+        let err = disk.write_at(&[1; 512], 0).unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::PermissionDenied);
+        assert!(disk.write_zeroes(0, 512, true).is_err());
+        assert!(disk.discard(0, 512).is_err());
+        disk.flush().unwrap();
+        drop(disk);
+        assert_eq!(sha256(&base), before);
+    }
+
+    #[test]
+    fn qcow2_in_place() {
+        if !have_qemu_img() {
+            return;
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let (image, mut model) = qcow2_base(dir.path());
+        let spec = DiskSpec {
+            path: image.clone(),
+            mode: DiskMode::InPlace,
+        };
+        let mut disk = open_disk(&spec).unwrap();
+        exercise(disk.as_mut(), &mut model);
+        drop(disk);
+        assert_qemu_agrees(&image, &model, dir.path());
+    }
+
+    #[test]
+    fn raw_read_write_in_place() {
+        let dir = tempfile::tempdir().unwrap();
+        let (path, mut model) = raw_base(dir.path());
+        let spec = DiskSpec {
+            path: path.clone(),
+            mode: DiskMode::InPlace,
+        };
+        let mut disk = open_disk(&spec).unwrap();
+        assert_eq!(disk.size(), BASE_SIZE);
+        assert!(!disk.read_only());
+        exercise(disk.as_mut(), &mut model);
+        drop(disk);
+        assert!(fs::read(&path).unwrap() == model, "file contents differ");
+    }
+
+    #[test]
+    fn raw_read_only() {
+        let dir = tempfile::tempdir().unwrap();
+        let (path, data) = raw_base(dir.path());
+        let mut disk = RawDisk::open(&path, true).unwrap();
+        assert!(disk.read_only());
+        assert_eq!(disk.size(), BASE_SIZE);
+        let mut buf = vec![0u8; 1000];
+        disk.read_at(&mut buf, 777).unwrap();
+        assert_eq!(buf, data[777..1777]);
+        let err = disk.write_at(&[0; 512], 0).unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::PermissionDenied);
+        assert!(disk.write_zeroes(0, 4096, false).is_err());
+        assert!(disk.discard(0, 4096).is_err());
+        disk.flush().unwrap();
+        // Reading past the end is an error, not a short read.
+        assert!(disk.read_at(&mut buf, BASE_SIZE - 10).is_err());
+        assert!(fs::read(&path).unwrap() == data);
+        assert_eq!(&disk.id(), b"base.raw\0\0\0\0\0\0\0\0\0\0\0\0");
+    }
+
+    #[test]
+    fn id_is_truncated_file_name() {
+        let id = id_from_path(Path::new("/images/a-very-long-image-name-indeed.qcow2"));
+        assert_eq!(&id, b"a-very-long-image-na");
+    }
+}

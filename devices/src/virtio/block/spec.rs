@@ -332,3 +332,186 @@ pub fn open_disk(spec: &DiskSpec) -> Result<Box<dyn DiskBackend>, DiskError> {
             }
         })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::virtio::block::disk::tests::{have_qemu_img, qemu_img};
+
+    fn parse(s: &str) -> Result<DiskSpec, DiskError> {
+        s.parse()
+    }
+
+    fn mode(s: &str) -> DiskMode {
+        parse(s).unwrap().mode
+    }
+
+    /// One line, starting with the option and naming `value`.
+    fn assert_message(err: &DiskError, value: &str, needle: &str) {
+        let msg = err.to_string();
+        assert!(!msg.contains('\n'), "not one line: {msg}");
+        assert!(msg.starts_with("--disk "), "{msg}");
+        assert!(msg.contains(value), "{msg} does not name {value}");
+        assert!(msg.contains(needle), "{msg} does not say {needle}");
+    }
+
+    fn open_err(spec: &DiskSpec) -> DiskError {
+        match open_disk(spec) {
+            Ok(_) => panic!("{spec:?} opened"),
+            Err(e) => e,
+        }
+    }
+
+    #[test]
+    fn parse_modes() {
+        assert_eq!(parse("a.img").unwrap(), DiskSpec::new("a.img"));
+        assert_eq!(mode("a.img,ro"), DiskMode::ReadOnly);
+        assert_eq!(mode("a.img,in-place"), DiskMode::InPlace);
+        assert_eq!(
+            mode("a.img,overlay=/tmp/o.qcow2"),
+            DiskMode::KeptOverlay("/tmp/o.qcow2".into())
+        );
+        let spec = parse("dir,,x/a.img,overlay=o,,1.qcow2").unwrap();
+        assert_eq!(spec.path, PathBuf::from("dir,x/a.img"));
+        assert_eq!(spec.mode, DiskMode::KeptOverlay("o,1.qcow2".into()));
+    }
+
+    #[test]
+    fn parse_errors() {
+        for (s, needle) in [
+            ("", "empty image path"),
+            (",ro", "empty image path"),
+            ("a.img,rw", "unknown option \"rw\""),
+            ("a.img,", "unknown option \"\""),
+            ("a.img,overlay=", "overlay= needs a path"),
+            ("a.img,ro,in-place", "conflict"),
+            ("a.img,ro,overlay=o", "conflict"),
+            ("a.img,overlay=o,overlay=p", "conflict"),
+        ] {
+            assert_message(&parse(s).unwrap_err(), &format!("{s:?}"), needle);
+        }
+    }
+
+    #[test]
+    fn missing_directory_and_empty_images() {
+        let dir = tempfile::tempdir().unwrap();
+        let missing = dir.path().join("missing.img");
+        let err = open_err(&DiskSpec::new(&missing));
+        assert!(matches!(err, DiskError::Open { .. }));
+        assert_message(&err, missing.to_str().unwrap(), "No such file");
+
+        let err = open_err(&DiskSpec::new(dir.path()));
+        assert_message(&err, dir.path().to_str().unwrap(), "directory");
+
+        let empty = dir.path().join("empty.img");
+        fs::write(&empty, b"").unwrap();
+        let err = open_err(&DiskSpec::new(&empty));
+        assert!(matches!(err, DiskError::Empty { .. }));
+        assert_message(&err, "empty.img", "empty");
+    }
+
+    #[test]
+    fn foreign_formats_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        for (name, head, format) in [
+            ("a.vmdk", b"KDMV\x01\0\0\0".to_vec(), "VMDK"),
+            ("a.qed", b"QED\0".to_vec(), "QED"),
+            ("a.vhdx", b"vhdxfile".to_vec(), "VHDX"),
+            (
+                "a.vdi",
+                [vec![0u8; 0x40], b"\x7f\x10\xda\xbe".to_vec()].concat(),
+                "VDI",
+            ),
+        ] {
+            let path = dir.path().join(name);
+            fs::write(&path, [head, vec![0u8; 1024]].concat()).unwrap();
+            let err = open_err(&DiskSpec::new(&path));
+            assert!(matches!(err, DiskError::UnknownFormat { .. }), "{err}");
+            assert_message(&err, name, format);
+        }
+    }
+
+    /// A qcow2 header: magic, `version`, then `fill` for the rest of 104 bytes.
+    fn qcow2_header(version: u32, len: usize) -> Vec<u8> {
+        let mut h = b"QFI\xfb".to_vec();
+        h.extend_from_slice(&version.to_be_bytes());
+        h.resize(len, 0);
+        h
+    }
+
+    #[test]
+    fn corrupt_qcow2_headers() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("bad.qcow2");
+        let overlay = dir.path().join("overlay.qcow2");
+        let mut corrupt = qcow2_header(3, 104);
+        corrupt[20..24].copy_from_slice(&99u32.to_be_bytes()); // cluster_bits
+        corrupt[24..32].copy_from_slice(&(1u64 << 30).to_be_bytes()); // size
+        for (bytes, needle) in [
+            (qcow2_header(3, 40), "header truncated"),
+            (qcow2_header(1, 104), "version 1"),
+            (corrupt, "qcow2"),
+        ] {
+            fs::write(&path, &bytes).unwrap();
+            for spec in [
+                DiskSpec::new(&path),
+                DiskSpec {
+                    path: path.clone(),
+                    mode: DiskMode::ReadOnly,
+                },
+                DiskSpec {
+                    path: path.clone(),
+                    mode: DiskMode::KeptOverlay(overlay.clone()),
+                },
+            ] {
+                let err = open_err(&spec);
+                assert!(matches!(err, DiskError::BadQcow2 { .. }), "{err}");
+                assert_message(&err, "bad.qcow2", needle);
+                assert!(!overlay.exists(), "an overlay was left behind");
+            }
+        }
+    }
+
+    #[test]
+    fn overlay_path_problems() {
+        let dir = tempfile::tempdir().unwrap();
+        let base = dir.path().join("base.raw");
+        fs::write(&base, vec![7u8; 65536]).unwrap();
+        let existing = dir.path().join("exists.qcow2");
+        fs::write(&existing, b"keep me").unwrap();
+
+        let kept = |overlay: PathBuf| DiskSpec {
+            path: base.clone(),
+            mode: DiskMode::KeptOverlay(overlay),
+        };
+        let err = open_err(&kept(existing.clone()));
+        assert!(matches!(err, DiskError::OverlayExists { .. }));
+        assert_message(&err, "overlay=", "already exists");
+        assert_eq!(fs::read(&existing).unwrap(), b"keep me");
+
+        // Naming the base itself as the overlay must not touch it.
+        let err = open_err(&kept(base.clone()));
+        assert!(matches!(err, DiskError::OverlayExists { .. }));
+        assert_eq!(fs::read(&base).unwrap(), vec![7u8; 65536]);
+
+        let nowhere = dir.path().join("no-such-dir").join("o.qcow2");
+        let err = open_err(&kept(nowhere.clone()));
+        assert!(matches!(err, DiskError::OverlayNotWritable { .. }));
+        assert_message(&err, nowhere.to_str().unwrap(), "cannot create the overlay");
+    }
+
+    #[test]
+    fn detects_formats() {
+        let dir = tempfile::tempdir().unwrap();
+        let raw = dir.path().join("tiny.raw");
+        fs::write(&raw, b"x").unwrap();
+        assert_eq!(detect_format(&raw).unwrap(), ImageFormat::Raw);
+        if !have_qemu_img() {
+            return;
+        }
+        let q = dir.path().join("q.qcow2");
+        let (ok, out) = qemu_img(&["create", "-f", "qcow2", q.to_str().unwrap(), "1M"]).unwrap();
+        assert!(ok, "{out}");
+        assert_eq!(detect_format(&q).unwrap(), ImageFormat::Qcow2);
+    }
+}
