@@ -7,7 +7,7 @@ use std::time::Duration;
 use clap::{Args, Parser, Subcommand};
 use kiln_vmm::{ConsoleOutput, ExitReason, ShareConfig, Vm, VmConfig};
 
-use crate::doctor;
+use crate::{bench, doctor};
 
 /// kiln: a microVM test harness with its own embedded VMM.
 #[derive(Debug, Parser)]
@@ -21,6 +21,9 @@ pub struct Cli {
 enum Command {
     /// Boot a kernel in a throwaway VM and print its serial console.
     Boot(BootArgs),
+    /// Measure kiln against QEMU.
+    #[command(subcommand)]
+    Bench(bench::BenchCommand),
     /// Report what this host can run: KVM kind, capabilities, QEMU tools.
     Doctor {
         /// Machine-readable JSON instead of text.
@@ -95,6 +98,7 @@ pub fn main() -> ExitCode {
     let cli = Cli::parse();
     let code = match cli.command {
         Command::Boot(args) => boot(args),
+        Command::Bench(what) => bench::main(what),
         Command::Doctor { json } => {
             let report = doctor::report();
             if json {
