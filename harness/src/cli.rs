@@ -5,6 +5,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
+use kiln_devices::virtio::block::DiskSpec;
 use kiln_vmm::{ConsoleOutput, ExitReason, ShareConfig, Vm, VmConfig};
 
 use crate::{bench, doctor};
@@ -58,6 +59,11 @@ struct BootArgs {
     /// Print console lines matching REGEX, with their time since start, to stderr.
     #[arg(long, value_name = "REGEX")]
     marker: Vec<String>,
+    /// Attach a disk (repeatable; raw or qcow2, detected). Default: a per-run copy-on-write
+    /// overlay, deleted afterwards, the image itself never written. `,overlay=PATH` keeps the
+    /// overlay at PATH; `,ro` attaches the image read-only; `,in-place` writes the image itself.
+    #[arg(long, value_name = "PATH[,ro][,overlay=PATH][,in-place]")]
+    disk: Vec<DiskSpec>,
     /// Share a host directory over virtio-fs as TAG (repeatable); `,ro` makes it read-only.
     #[arg(long, value_name = "TAG=DIR[,ro]", value_parser = parse_share)]
     share: Vec<ShareConfig>,
@@ -139,6 +145,7 @@ fn boot(args: BootArgs) -> i32 {
     config.initrd = args.initrd;
     config.cmdline = args.cmdline;
     config.markers = args.marker;
+    config.disks = args.disk;
     config.shares = args.share;
     config.vsock = args.vsock;
     config.virtio_cmdline = args.virtio_cmdline;
