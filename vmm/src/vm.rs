@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use kiln_devices::console::{console, ConsoleError, ConsoleLog, ConsoleOutput, ConsoleWriter};
 use kiln_devices::legacy::{AcpiPmPorts, DebugPorts, Phase, PhaseLog, SerialPort, I8042};
-use kiln_devices::virtio::block::{open_disk, Block, DiskError, DiskSpec};
+use kiln_devices::virtio::block::{open_disk, Block, DiskError, DiskMode, DiskSpec};
 use kiln_devices::virtio::fs::{FsError, VirtioFs};
 use kiln_devices::virtio::rng::Rng;
 use kiln_devices::virtio::vsock::{Vsock, VsockError, GUEST_CID};
@@ -318,8 +318,13 @@ impl Vm {
         let kernel = boot::load_kernel(&mem, &config.kernel, config.initrd.as_deref())?;
         let mut mmio = Bus::new();
         let mut devices = DeviceManager::new();
+        // Overlays the user asked to keep must not outlive a start that fails.
+        let mut created = RemoveOnError::default();
         for spec in &config.disks {
             let disk = open_disk(spec)?;
+            if let DiskMode::KeptOverlay(path) = &spec.mode {
+                created.0.push(path.clone());
+            }
             devices.add_virtio(&vm_fd, &mem, &mut mmio, Box::new(Block::new(disk)))?;
         }
         for share in &config.shares {
@@ -384,6 +389,7 @@ impl Vm {
                 }
             }
         }
+        created.0.clear();
         let info = BootInfo {
             protocol: match kernel.entry {
                 EntryPoint::Pvh(_) => "pvh",
@@ -411,6 +417,18 @@ impl Vm {
             info,
             vsock: config.vsock.clone(),
         })
+    }
+}
+
+/// Files created while starting a VM, removed if the start fails.
+#[derive(Default)]
+struct RemoveOnError(Vec<PathBuf>);
+
+impl Drop for RemoveOnError {
+    fn drop(&mut self) {
+        for path in &self.0 {
+            let _ = std::fs::remove_file(path);
+        }
     }
 }
 
