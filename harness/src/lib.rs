@@ -1,5 +1,7 @@
 //! kiln-harness: the `kiln` command line, doctor, backends and scenarios.
 
+pub mod backend;
 pub mod cli;
 pub mod doctor;
+pub mod runner;
 pub mod scenario;
