@@ -3,5 +3,7 @@
 pub mod backend;
 pub mod cli;
 pub mod doctor;
+pub mod report;
+pub mod run_cmd;
 pub mod runner;
 pub mod scenario;

@@ -340,9 +340,12 @@ pub fn copy_tree(from: &Path, to: &Path) -> io::Result<u64> {
     Ok(bytes)
 }
 
+/// What a cached digest is valid for: the file's path, size and modification time.
+type DigestKey = (PathBuf, u64, SystemTime);
+
 /// The SHA-256 of a file, cached by (path, size, mtime) so repeated runs do not re-hash images.
 pub fn file_id(path: &Path) -> FileId {
-    static CACHE: Mutex<Option<HashMap<(PathBuf, u64, SystemTime), String>>> = Mutex::new(None);
+    static CACHE: Mutex<Option<HashMap<DigestKey, String>>> = Mutex::new(None);
     let key = fs::metadata(path)
         .ok()
         .and_then(|m| Some((path.to_path_buf(), m.len(), m.modified().ok()?)));

@@ -6,18 +6,18 @@ use std::fs;
 use std::io::Write;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
 use std::time::{Duration, Instant, SystemTime};
 
 use kiln_agent_proto::ExecRequest;
 use serde_json::json;
 
 use super::artifacts::*;
+use super::expect::{check_file, check_output};
 use super::{Control, RunOptions};
 use crate::backend::{
     Backend, ConsoleWait, Machine, MachineError, PlannedDisk, PlannedShare, ReadyError, RunPlan,
 };
-use crate::scenario::{FileExpect, ImageRef, Scenario, StepAction};
+use crate::scenario::{ImageRef, Scenario, StepAction};
 
 /// Extra time the host waits beyond a step's own timeout, for the agent to report it.
 const AGENT_GRACE: Duration = Duration::from_secs(2);
@@ -25,8 +25,6 @@ const AGENT_GRACE: Duration = Duration::from_secs(2);
 const SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(5);
 /// Limit for `get` steps (the protocol's own limit is 12 MiB − 64 KiB).
 const GET_MAX: u64 = 12 * 1024 * 1024;
-/// Time limit for a host-side verify command.
-const VERIFY_TIMEOUT: Duration = Duration::from_secs(60);
 /// Console lines kept in reports.
 pub const CONSOLE_TAIL: usize = 40;
 
@@ -212,8 +210,8 @@ impl Attempt<'_> {
             .zip(&s.disks)
             .filter(|(_, spec)| spec.keep)
         {
-            let target = bundle.path("disks").join(format!("{}.qcow2", spec.name));
-            let moved = fs::create_dir_all(bundle.path("disks")).and_then(|_| {
+            let target = fixtures.join("disks").join(format!("{}.qcow2", spec.name));
+            let moved = fs::create_dir_all(fixtures.join("disks")).and_then(|_| {
                 fs::rename(&disk.overlay, &target)
                     .or_else(|_| fs::copy(&disk.overlay, &target).map(|_| ()))
             });
@@ -231,11 +229,12 @@ impl Attempt<'_> {
                 .get_or_insert(fail(FailureClass::InfraError, msg, None));
         }
         if result.failure.is_none() {
+            let scenario_dir = s.file.parent().unwrap_or(Path::new("."));
             result.expectations = s
                 .expect
                 .files
                 .iter()
-                .map(|e| check_file(&fixtures, e))
+                .map(|e| check_file(&fixtures, scenario_dir, e))
                 .collect();
         }
         result.phases.expectations_ms = Some(ms(t.elapsed()));
@@ -652,151 +651,6 @@ fn skipped(s: &Scenario, from: usize) -> Vec<StepResult> {
             message: None,
         })
         .collect()
-}
-
-/// Checks a command's output against its step.
-fn check_output(
-    run: &crate::scenario::RunStep,
-    o: &crate::backend::Output,
-    timeout: Duration,
-) -> Result<(), (FailureClass, String)> {
-    if o.timed_out {
-        return Err((
-            FailureClass::StepTimeout,
-            format!(
-                "command did not finish within {}",
-                humantime::format_duration(timeout)
-            ),
-        ));
-    }
-    if o.code != Some(run.exit_code) {
-        let got = match (o.code, o.signal) {
-            (Some(c), _) => format!("exit code {c}"),
-            (None, Some(sig)) => format!("signal {sig}"),
-            (None, None) => "no exit status".into(),
-        };
-        let stderr = String::from_utf8_lossy(&o.stderr);
-        let last = stderr.lines().last().unwrap_or("").trim();
-        let hint = if last.is_empty() {
-            String::new()
-        } else {
-            format!(" (stderr: {last})")
-        };
-        return Err((
-            FailureClass::StepFailed,
-            format!("expected exit code {}, got {got}{hint}", run.exit_code),
-        ));
-    }
-    for (name, data, contains, regex) in [
-        ("stdout", &o.stdout, &run.stdout_contains, &run.stdout_regex),
-        ("stderr", &o.stderr, &run.stderr_contains, &run.stderr_regex),
-    ] {
-        let text = String::from_utf8_lossy(data);
-        if let Some(missing) = contains.iter().find(|c| !text.contains(c.as_str())) {
-            return Err((
-                FailureClass::StepFailed,
-                format!("{name} does not contain {missing:?}"),
-            ));
-        }
-        if let Some(re) = regex {
-            if !re.0.is_match(&text) {
-                return Err((
-                    FailureClass::StepFailed,
-                    format!("{name} does not match /{}/", re.0.as_str()),
-                ));
-            }
-        }
-    }
-    Ok(())
-}
-
-/// Checks one file expectation under `fixtures`.
-fn check_file(fixtures: &Path, e: &FileExpect) -> ExpectationResult {
-    let path = fixtures.join(&e.path);
-    let verdict = |message: Option<String>| ExpectationResult {
-        path: e.path.clone(),
-        ok: message.is_none(),
-        message,
-    };
-    let meta = match fs::metadata(&path) {
-        Ok(m) if m.is_file() => m,
-        Ok(_) => return verdict(Some("is not a regular file".into())),
-        Err(_) if !e.exists => return verdict(None),
-        Err(_) => return verdict(Some("does not exist".into())),
-    };
-    if !e.exists {
-        return verdict(Some("exists but must not".into()));
-    }
-    let size = meta.len();
-    if e.non_empty && size == 0 {
-        return verdict(Some("is empty".into()));
-    }
-    if let Some(min) = e.min_size.filter(|m| size < *m) {
-        return verdict(Some(format!("is {size} bytes, less than min_size {min}")));
-    }
-    if let Some(max) = e.max_size.filter(|m| size > *m) {
-        return verdict(Some(format!("is {size} bytes, more than max_size {max}")));
-    }
-    if let Some(want) = &e.sha256 {
-        match sha256_file(&path) {
-            Ok(got) if &got == want => {}
-            Ok(got) => return verdict(Some(format!("sha256 is {got}, expected {want}"))),
-            Err(err) => return verdict(Some(format!("cannot read: {err}"))),
-        }
-    }
-    if let Some(cmd) = &e.verify {
-        if let Err(why) = run_verify(cmd, &path, fixtures) {
-            return verdict(Some(format!("verify `{cmd}`: {why}")));
-        }
-    }
-    verdict(None)
-}
-
-/// Runs a host-side verify command (`sh -c CMD sh FILE`, `$KILN_FILE` set) with a time limit.
-fn run_verify(cmd: &str, file: &Path, cwd: &Path) -> Result<(), String> {
-    let mut child = Command::new("/bin/sh")
-        .arg("-c")
-        .arg(cmd)
-        .arg("sh")
-        .arg(file)
-        .env("KILN_FILE", file)
-        .current_dir(cwd)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .map_err(|e| format!("cannot start /bin/sh: {e}"))?;
-    let until = Instant::now() + VERIFY_TIMEOUT;
-    loop {
-        match child.try_wait() {
-            Ok(Some(status)) if status.success() => return Ok(()),
-            Ok(Some(status)) => {
-                let mut err = String::new();
-                if let Some(mut e) = child.stderr.take() {
-                    let _ = std::io::Read::read_to_string(&mut e, &mut err);
-                }
-                let last = err.lines().last().unwrap_or("").trim().to_string();
-                return Err(format!(
-                    "{status}{}",
-                    if last.is_empty() {
-                        String::new()
-                    } else {
-                        format!(": {last}")
-                    }
-                ));
-            }
-            Ok(None) if Instant::now() >= until => {
-                let _ = child.kill();
-                let _ = child.wait();
-                return Err(format!(
-                    "did not finish within {}",
-                    humantime::format_duration(VERIFY_TIMEOUT)
-                ));
-            }
-            Ok(None) => std::thread::sleep(Duration::from_millis(5)),
-            Err(e) => return Err(format!("wait failed: {e}")),
-        }
-    }
 }
 
 /// The agent transcript (agent.jsonl): one JSON line per request and its answer.

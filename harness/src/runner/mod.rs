@@ -4,6 +4,7 @@
 
 pub mod artifacts;
 mod execute;
+mod expect;
 pub mod select;
 pub mod tracelog;
 

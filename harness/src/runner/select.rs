@@ -29,9 +29,7 @@ impl FromStr for Partition {
     type Err = String;
 
     fn from_str(s: &str) -> Result<Partition, String> {
-        let bad = |why: &str| {
-            format!("--partition {s:?}: {why}; expected hash:I/N or count:I/N with 1 <= I <= N")
-        };
+        let bad = |why: &str| format!("{why}; expected hash:I/N or count:I/N with 1 <= I <= N");
         let (kind, rest) = s
             .split_once(':')
             .ok_or_else(|| bad("missing `hash:` or `count:`"))?;
@@ -104,7 +102,7 @@ impl FromStr for Filter {
                 .find_map(|l| l.trim().strip_prefix("error: "))
                 .unwrap_or("invalid")
                 .to_string();
-            format!("--filter {s:?}: neither an id nor a valid regex ({why})")
+            format!("neither an id nor a valid regex ({why})")
         })?;
         Ok(Filter {
             text: s.to_string(),
@@ -141,7 +139,7 @@ mod tests {
         );
         assert_eq!(
             "hash:3/2".parse::<Partition>(),
-            Err("--partition \"hash:3/2\": shard 3 is outside 1..=2; expected hash:I/N or count:I/N with 1 <= I <= N".into())
+            Err("shard 3 is outside 1..=2; expected hash:I/N or count:I/N with 1 <= I <= N".into())
         );
         assert!("count:0/2".parse::<Partition>().is_err());
         assert!("hash:1/0".parse::<Partition>().is_err());

@@ -132,7 +132,7 @@ pub enum DiskFormat {
 /// One `[[disks]]` entry; the guest sees them as /dev/vda, /dev/vdb, ... in order.
 #[derive(Debug, Clone, Serialize)]
 pub struct DiskSpec {
-    /// Name used for the overlay file in the bundle (`disks/<name>.qcow2`).
+    /// Name of the overlay kept in the bundle (`fixtures/disks/<name>.qcow2`).
     pub name: String,
     /// The base image, opened read-only and never written.
     pub base: PathBuf,
@@ -350,7 +350,8 @@ pub struct FileExpect {
     /// Expected lower-case hex SHA-256.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub sha256: Option<String>,
-    /// Host shell command run on the file (`$1` and `$KILN_FILE` are its path); must exit 0.
+    /// Host shell command run on the file (`$1` and `$KILN_FILE` are its path,
+    /// `$KILN_SCENARIO_DIR` the scenario's directory); must exit 0.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub verify: Option<String>,
 }
