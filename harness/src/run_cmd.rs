@@ -205,3 +205,90 @@ pub fn run_with(
     }
     code
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::backend::fake::{FakeBackend, FakeExec, FakeGuest};
+    use crate::scenario::BackendKind;
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct Wrapper {
+        #[command(flatten)]
+        args: RunArgs,
+    }
+
+    fn args(argv: &[&str]) -> RunArgs {
+        let mut full = vec!["kiln-run"];
+        full.extend_from_slice(argv);
+        Wrapper::parse_from(full).args
+    }
+
+    #[test]
+    fn the_example_corpora_are_valid() {
+        let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
+        assert_eq!(check(&[root.join("scenarios")]), 0);
+        let xfail = load_corpus(&[root.join("tests/scenarios/expected-fail")]).expect("valid");
+        assert_eq!(xfail.len(), 6);
+    }
+
+    #[test]
+    fn usage_errors_are_caught_before_anything_runs() {
+        let bad = |argv: &[&str]| {
+            Wrapper::try_parse_from(argv)
+                .map(|_| ())
+                .unwrap_err()
+                .exit_code()
+        };
+        assert_eq!(bad(&["k", "x", "--partition", "hash:3/2"]), 2);
+        assert_eq!(bad(&["k", "x", "--partition", "count:0/2"]), 2);
+        assert_eq!(bad(&["k", "x", "--jobs", "0"]), 2);
+        assert_eq!(bad(&["k", "x", "--filter", "("]), 2);
+        let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../scenarios");
+        let root = root.display().to_string();
+        let err = select(&args(&[&root, "--filter", "nope"])).expect_err("no match");
+        assert_eq!(err, ["--filter \"nope\" matches no scenario id"]);
+        let picked = select(&args(&[&root, "--filter", "^cow-disk$"])).expect("selected");
+        assert_eq!(picked.len(), 1);
+    }
+
+    #[test]
+    fn a_run_writes_json_and_junit_and_returns_the_exit_code() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let corpus = dir.path().join("c");
+        std::fs::create_dir_all(&corpus).expect("mkdir");
+        std::fs::write(dir.path().join("k"), b"k").expect("kernel");
+        for (id, cmd) in [("ok", "true"), ("bad", "false"), ("only-kiln", "true")] {
+            let extra = if id == "only-kiln" {
+                "backends = [\"kiln\"]\n"
+            } else {
+                ""
+            };
+            let text = format!(
+                "id = \"{id}\"\n{extra}[guest]\nkernel = \"../k\"\n[[steps]]\nrun = [\"{cmd}\"]\n"
+            );
+            std::fs::write(corpus.join(format!("{id}.toml")), text).expect("write");
+        }
+        let junit = dir.path().join("out.xml");
+        let a = args(&[
+            corpus.to_str().unwrap_or_default(),
+            "--artifacts",
+            dir.path().join("art").to_str().unwrap_or_default(),
+            "--junit",
+            junit.to_str().unwrap_or_default(),
+            "--jobs",
+            "2",
+        ]);
+        let scenarios = select(&a).expect("valid");
+        let backend = FakeBackend::new(BackendKind::Qemu, |_| {
+            FakeGuest::ready()
+                .with_exec(|req, _| FakeExec::exit(i32::from(req.argv[0] == "false"), ""))
+        });
+        let code = run_with(&a, scenarios, &backend, options(&a));
+        assert_eq!(code, 1);
+        let xml = std::fs::read_to_string(&junit).expect("junit written");
+        let report = quick_junit::Report::deserialize_from_str(&xml).expect("junit parses");
+        assert_eq!((report.tests, report.failures), (2, 1));
+    }
+}
