@@ -25,11 +25,26 @@ enum Command {
     /// Measure kiln against QEMU.
     #[command(subcommand)]
     Bench(bench::BenchCommand),
+    /// Run scenarios, each in its own throwaway VM.
+    Run(crate::run_cmd::RunArgs),
+    /// Work with scenario files.
+    #[command(subcommand)]
+    Scenario(ScenarioCommand),
     /// Report what this host can run: KVM kind, capabilities, QEMU tools.
     Doctor {
         /// Machine-readable JSON instead of text.
         #[arg(long)]
         json: bool,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum ScenarioCommand {
+    /// Validate scenario files without booting anything (exit 0 valid, 2 errors).
+    Check {
+        /// Scenario files or directories.
+        #[arg(required = true, value_name = "PATH")]
+        paths: Vec<PathBuf>,
     },
 }
 
@@ -105,6 +120,10 @@ pub fn main() -> ExitCode {
     let code = match cli.command {
         Command::Boot(args) => boot(args),
         Command::Bench(what) => bench::main(what),
+        Command::Run(args) => i32::from(crate::run_cmd::run(args)),
+        Command::Scenario(ScenarioCommand::Check { paths }) => {
+            i32::from(crate::run_cmd::check(&paths))
+        }
         Command::Doctor { json } => {
             let report = doctor::report();
             if json {
@@ -121,9 +140,18 @@ pub fn main() -> ExitCode {
 fn init_logging() {
     let filter = tracing_subscriber::EnvFilter::try_from_env("KILN_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(filter)
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
+    use tracing_subscriber::Layer;
+    // stderr follows KILN_LOG; each run's harness.log always gets info and above.
+    let stderr = tracing_subscriber::fmt::layer()
         .with_writer(std::io::stderr)
+        .with_filter(filter);
+    let bundles = crate::runner::tracelog::RunLogLayer
+        .with_filter(tracing_subscriber::filter::LevelFilter::INFO);
+    let _ = tracing_subscriber::registry()
+        .with(stderr)
+        .with(bundles)
         .try_init();
 }
 

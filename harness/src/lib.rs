@@ -1,5 +1,10 @@
 //! kiln-harness: the `kiln` command line, doctor, backends and scenarios.
 
+pub mod backend;
 pub mod bench;
 pub mod cli;
 pub mod doctor;
+pub mod report;
+pub mod run_cmd;
+pub mod runner;
+pub mod scenario;

@@ -1,0 +1,465 @@
+//! The runner against the fake backend: verdicts, failure classes, timeouts, teardown on every
+//! path, retries, fail-fast, Ctrl-C and the bundle's contents.
+
+use std::fs;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use super::*;
+use crate::backend::fake::{FakeBackend, FakeExec, FakeGuest};
+use crate::scenario::{load_corpus, BackendKind};
+
+struct Env {
+    dir: tempfile::TempDir,
+    opts: RunOptions,
+}
+
+fn env() -> Env {
+    let dir = tempfile::tempdir().expect("tempdir");
+    fs::write(dir.path().join("vmlinux"), b"kernel").expect("kernel");
+    fs::write(dir.path().join("initrd"), b"initrd").expect("initrd");
+    let mut opts = RunOptions::new(dir.path().join("artifacts"));
+    let (k, i) = (dir.path().join("vmlinux"), dir.path().join("initrd"));
+    opts.default_guest = Some(Arc::new(move || Ok((k.clone(), i.clone()))));
+    Env { dir, opts }
+}
+
+impl Env {
+    fn scenarios(&self, files: &[(&str, &str)]) -> Vec<Scenario> {
+        let corpus = self.dir.path().join("corpus");
+        fs::create_dir_all(&corpus).expect("mkdir");
+        for (name, text) in files {
+            fs::write(corpus.join(name), text).expect("write");
+        }
+        load_corpus(&[corpus]).unwrap_or_else(|e| panic!("{e:?}"))
+    }
+
+    fn run(&self, backend: &FakeBackend, scenarios: &[Scenario]) -> RunSummary {
+        let summary = run(scenarios, backend, &self.opts, &Control::default(), &|_| {});
+        assert_eq!(backend.live(), 0, "every machine torn down");
+        summary
+    }
+}
+
+fn one(summary: &RunSummary) -> &RunResult {
+    &summary.outcomes[0].result
+}
+
+fn bundle(result: &RunResult) -> PathBuf {
+    result.bundle.clone().expect("bundle kept")
+}
+
+fn no_work_dirs_left(id: &str) {
+    let prefix = format!("kiln-{id}-");
+    let left: Vec<_> = fs::read_dir(std::env::temp_dir())
+        .expect("ls tmp")
+        .filter_map(|e| e.ok())
+        .filter(|e| e.file_name().to_string_lossy().starts_with(&prefix))
+        .collect();
+    assert!(left.is_empty(), "work dirs left: {left:?}");
+}
+
+const FIXTURES: &str = r#"
+id = "rt-fixtures"
+[[steps]]
+shell = "gen-fixtures /mnt/output"
+[[expect.files]]
+path = "output/a.bin"
+non_empty = true
+verify = 'test -s "$1" && test "$KILN_FILE" = "$1"'
+[[expect.files]]
+path = "output/b.bin"
+non_empty = true
+[[expect.files]]
+path = "output/c.bin"
+min_size = 3
+[[expect.files]]
+path = "output/d.bin"
+sha256 = "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
+"#;
+
+fn fixture_writer() -> FakeBackend {
+    FakeBackend::new(BackendKind::Qemu, |_| {
+        FakeGuest::ready().with_exec(|_, view| {
+            let out = &view.plan.shares[0].host_dir;
+            for name in ["a.bin", "b.bin", "c.bin", "d.bin"] {
+                if fs::write(out.join(name), b"abc").is_err() {
+                    return FakeExec::exit(1, "");
+                }
+            }
+            FakeExec::exit(0, "wrote 4 files\n")
+        })
+    })
+}
+
+#[test]
+fn fixture_generation_passes_and_leaves_a_complete_bundle() {
+    let env = env();
+    let scenarios = env.scenarios(&[("f.toml", FIXTURES)]);
+    let backend = fixture_writer();
+    let summary = env.run(&backend, &scenarios);
+    let r = one(&summary);
+    assert!(r.passed(), "{:?}", r.failure);
+    assert_eq!(summary.exit_code(), 0);
+    assert_eq!(r.expectations.len(), 4);
+    let dir = bundle(r);
+    for name in [
+        "scenario.toml",
+        "console.log",
+        "harness.log",
+        "agent.jsonl",
+        "result.json",
+    ] {
+        assert!(dir.join(name).is_file(), "{name} missing");
+    }
+    assert!(!dir.join("failure-summary.txt").exists());
+    for f in ["a", "b", "c", "d"] {
+        assert_eq!(
+            fs::read(dir.join(format!("fixtures/output/{f}.bin"))).expect("fixture"),
+            b"abc"
+        );
+    }
+    let console = fs::read_to_string(dir.join("console.log")).expect("console");
+    assert!(console.contains("KILN_READY v=1"), "{console}");
+    let json: RunResult =
+        serde_json::from_slice(&fs::read(dir.join("result.json")).expect("json")).expect("parse");
+    assert_eq!(json.verdict, Verdict::Pass);
+    assert_eq!(json.provenance.backend, "fake");
+    assert_eq!(
+        json.provenance
+            .kernel
+            .and_then(|k| k.sha256)
+            .map(|s| s.len()),
+        Some(64)
+    );
+    assert!(json.phases.ready_ms.is_some() && json.phases.teardown_ms.is_some());
+    let latest = dir.parent().expect("parent").join("latest");
+    assert_eq!(
+        fs::canonicalize(latest).expect("latest"),
+        fs::canonicalize(&dir).expect("dir")
+    );
+    let transcript = fs::read_to_string(dir.join("agent.jsonl")).expect("transcript");
+    assert!(transcript.contains("\"op\":\"exec\""), "{transcript}");
+    no_work_dirs_left("rt-fixtures");
+}
+
+fn class_of(
+    scenario: &str,
+    guest: impl Fn() -> FakeGuest + Send + Sync + 'static,
+) -> (RunResult, Duration) {
+    let env = env();
+    let scenarios = env.scenarios(&[("s.toml", scenario)]);
+    let backend = FakeBackend::new(BackendKind::Qemu, move |_| guest());
+    let t = Instant::now();
+    let summary = env.run(&backend, &scenarios);
+    let r = one(&summary).clone();
+    assert!(!r.passed());
+    assert_eq!(summary.exit_code(), 1);
+    let dir = bundle(&r);
+    let text = fs::read_to_string(dir.join("failure-summary.txt")).expect("summary");
+    assert!(
+        text.contains(r.class().map_or("", FailureClass::as_str)),
+        "{text}"
+    );
+    (r, t.elapsed())
+}
+
+#[test]
+fn a_guest_that_never_gets_ready_is_a_readiness_timeout() {
+    let (r, t) = class_of("id = \"x\"\n[readiness]\ntimeout = 0.2\n", || FakeGuest {
+        boot_lines: vec![(Duration::ZERO, "booting".into())],
+        ..FakeGuest::ready()
+    });
+    assert_eq!(r.class(), Some(FailureClass::ReadinessTimeout));
+    assert!(r
+        .steps
+        .iter()
+        .all(|s| s.status == artifacts::StepStatus::Skipped));
+    assert!(t < Duration::from_secs(3), "{t:?}");
+}
+
+#[test]
+fn a_wrong_exit_code_is_a_failed_step() {
+    let s = "id = \"x\"\n[[steps]]\nrun = [\"false\"]\n[[steps]]\nrun = [\"true\"]\n";
+    let (r, _) = class_of(s, || {
+        FakeGuest::ready().with_exec(|req, _| FakeExec::exit(i32::from(req.argv[0] == "false"), ""))
+    });
+    assert_eq!(r.class(), Some(FailureClass::StepFailed));
+    assert_eq!(r.failure.as_ref().and_then(|f| f.step), Some(0));
+    assert_eq!(
+        r.failure.as_ref().map(|f| f.message.as_str()),
+        Some("expected exit code 0, got exit code 1")
+    );
+    assert_eq!(r.steps[1].status, artifacts::StepStatus::Skipped);
+}
+
+#[test]
+fn stdout_expectations_fail_the_step() {
+    let s = "id = \"x\"\n[[steps]]\nrun = [\"echo\"]\nstdout_contains = \"hello\"\n";
+    let (r, _) = class_of(s, || {
+        FakeGuest::ready().with_exec(|_, _| FakeExec::exit(0, "bye"))
+    });
+    assert_eq!(r.class(), Some(FailureClass::StepFailed));
+    assert_eq!(
+        r.failure.map(|f| f.message),
+        Some("stdout does not contain \"hello\"".into())
+    );
+}
+
+#[test]
+fn a_hanging_command_is_a_step_timeout() {
+    let s = "id = \"x\"\n[[steps]]\nrun = [\"sleep\", \"1000\"]\ntimeout = 0.2\n";
+    let (r, t) = class_of(s, || FakeGuest::ready().with_exec(|_, _| FakeExec::Hang));
+    assert_eq!(r.class(), Some(FailureClass::StepTimeout));
+    assert!(t < Duration::from_secs(3), "{t:?}");
+}
+
+#[test]
+fn the_scenario_timeout_stops_a_step_with_a_long_timeout() {
+    let s = "id = \"x\"\ntimeout = 0.3\n[[steps]]\nrun = [\"sleep\", \"1000\"]\ntimeout = 600\n";
+    let (r, t) = class_of(s, || FakeGuest::ready().with_exec(|_, _| FakeExec::Hang));
+    assert_eq!(r.class(), Some(FailureClass::StepTimeout));
+    assert!(r
+        .failure
+        .map(|f| f.message)
+        .unwrap_or_default()
+        .contains("scenario timeout"));
+    assert!(t < Duration::from_secs(3), "{t:?}");
+}
+
+#[test]
+fn a_kernel_panic_fails_fast_not_at_the_timeout() {
+    let s = "id = \"x\"\n[readiness]\ntimeout = 60\n";
+    let (r, t) = class_of(s, || FakeGuest {
+        boot_lines: vec![(
+            Duration::from_millis(10),
+            "Kernel panic - not syncing: VFS: Unable to mount root fs".into(),
+        )],
+        ..FakeGuest::ready()
+    });
+    assert_eq!(r.class(), Some(FailureClass::GuestPanic));
+    assert!(t < Duration::from_secs(3), "{t:?}");
+    let s = "id = \"x\"\n[[steps]]\nrun = [\"crash\"]\ntimeout = 60\n";
+    let (r, t) = class_of(s, || {
+        FakeGuest::ready().with_exec(|_, _| {
+            FakeExec::KernelPanic("Kernel panic - not syncing: sysrq triggered crash".into())
+        })
+    });
+    assert_eq!(r.class(), Some(FailureClass::GuestPanic));
+    assert!(
+        r.console_tail.iter().any(|l| l.contains("sysrq")),
+        "{:?}",
+        r.console_tail
+    );
+    assert!(t < Duration::from_secs(3), "{t:?}");
+}
+
+#[test]
+fn a_missing_file_is_an_expectation_failure() {
+    let s = "id = \"x\"\n[[expect.files]]\npath = \"output/missing\"\n";
+    let (r, _) = class_of(s, FakeGuest::ready);
+    assert_eq!(r.class(), Some(FailureClass::ExpectationFailed));
+    assert_eq!(r.expectations[0].message.as_deref(), Some("does not exist"));
+}
+
+#[test]
+fn a_boot_failure_is_an_infra_error() {
+    let (r, _) = class_of("id = \"x\"\n", || FakeGuest {
+        boot_error: Some("qemu-system-x86_64: not found".into()),
+        ..FakeGuest::ready()
+    });
+    assert_eq!(r.class(), Some(FailureClass::InfraError));
+}
+
+#[test]
+fn a_panicking_worker_is_an_infra_error_and_the_vm_is_torn_down() {
+    let s = "id = \"x\"\n[[steps]]\nrun = [\"x\"]\n";
+    let (r, _) = class_of(s, || {
+        FakeGuest::ready().with_exec(|_, _| FakeExec::HarnessPanic)
+    });
+    assert_eq!(r.class(), Some(FailureClass::InfraError));
+    assert!(r
+        .failure
+        .map(|f| f.message)
+        .unwrap_or_default()
+        .contains("harness panicked"));
+}
+
+#[test]
+fn put_and_get_round_trip_into_fixtures() {
+    let env = env();
+    let s = "id = \"pg\"\n[[steps]]\nput = { content = \"hi\", dest = \"/tmp/x\" }\n\
+             [[steps]]\nget = { src = \"/tmp/x\", dest = \"got/x\" }\n\
+             [[expect.files]]\npath = \"got/x\"\nsha256 = \"8f434346648f6b96df89dda901c5176b10a6d83961dd3c1ac88b59b2dc327aa4\"\n";
+    let scenarios = env.scenarios(&[("s.toml", s)]);
+    let backend = FakeBackend::new(BackendKind::Qemu, |_| FakeGuest::ready());
+    let summary = env.run(&backend, &scenarios);
+    assert!(one(&summary).passed(), "{:?}", one(&summary));
+}
+
+#[test]
+fn retries_rerun_a_failed_scenario_until_it_passes() {
+    let mut env = env();
+    env.opts.retries = 2;
+    let scenarios = env.scenarios(&[("s.toml", "id = \"flaky\"\n[[steps]]\nrun = [\"x\"]\n")]);
+    let tries = Arc::new(AtomicUsize::new(0));
+    let counter = tries.clone();
+    let backend = FakeBackend::new(BackendKind::Qemu, move |_| {
+        let n = counter.fetch_add(1, Ordering::SeqCst);
+        FakeGuest::ready().with_exec(move |_, _| FakeExec::exit(i32::from(n == 0), ""))
+    });
+    let summary = env.run(&backend, &scenarios);
+    let outcome = &summary.outcomes[0];
+    assert!(outcome.passed());
+    assert_eq!((outcome.retries.len(), outcome.result.attempt), (1, 2));
+    assert_eq!(summary.exit_code(), 0);
+}
+
+#[test]
+fn fail_fast_stops_scheduling_after_the_first_failure() {
+    let mut env = env();
+    env.opts.fail_fast = true;
+    let files: Vec<(String, String)> = (0..4)
+        .map(|i| {
+            (
+                format!("{i}.toml"),
+                format!("id = \"ff{i}\"\n[[steps]]\nrun = [\"false\"]\n"),
+            )
+        })
+        .collect();
+    let refs: Vec<(&str, &str)> = files
+        .iter()
+        .map(|(a, b)| (a.as_str(), b.as_str()))
+        .collect();
+    let scenarios = env.scenarios(&refs);
+    let backend = FakeBackend::new(BackendKind::Qemu, |_| {
+        FakeGuest::ready().with_exec(|_, _| FakeExec::exit(1, ""))
+    });
+    let summary = env.run(&backend, &scenarios);
+    assert_eq!(summary.outcomes.len(), 1);
+    assert_eq!(summary.not_run, ["ff1", "ff2", "ff3"]);
+    assert_eq!(summary.exit_code(), 1);
+}
+
+#[test]
+fn jobs_run_scenarios_in_parallel() {
+    let mut env = env();
+    env.opts.jobs = 4;
+    env.opts.keep = KeepPolicy::Never;
+    let files: Vec<(String, String)> = (0..4)
+        .map(|i| {
+            (
+                format!("{i}.toml"),
+                format!("id = \"par{i}\"\n[[steps]]\nrun = [\"sleep\"]\n"),
+            )
+        })
+        .collect();
+    let refs: Vec<(&str, &str)> = files
+        .iter()
+        .map(|(a, b)| (a.as_str(), b.as_str()))
+        .collect();
+    let scenarios = env.scenarios(&refs);
+    let backend = FakeBackend::new(BackendKind::Qemu, |_| {
+        FakeGuest::ready().with_exec(|_, _| {
+            std::thread::sleep(Duration::from_millis(300));
+            FakeExec::exit(0, "")
+        })
+    });
+    let summary = env.run(&backend, &scenarios);
+    assert_eq!(summary.exit_code(), 0);
+    assert!(
+        summary.elapsed < Duration::from_millis(1100),
+        "{:?}",
+        summary.elapsed
+    );
+    assert!(summary.outcomes.iter().all(|o| o.result.bundle.is_none()));
+    assert_eq!(
+        fs::read_dir(env.opts.artifacts.join("par0"))
+            .map(|d| d.count())
+            .unwrap_or(0),
+        0
+    );
+}
+
+#[test]
+fn keep_failed_removes_passing_bundles_only() {
+    let mut env = env();
+    env.opts.keep = KeepPolicy::Failed;
+    let scenarios = env.scenarios(&[
+        ("a.toml", "id = \"ok\"\n"),
+        ("b.toml", "id = \"bad\"\n[[steps]]\nrun = [\"false\"]\n"),
+    ]);
+    let backend = FakeBackend::new(BackendKind::Qemu, |_| {
+        FakeGuest::ready().with_exec(|_, _| FakeExec::exit(1, ""))
+    });
+    let summary = env.run(&backend, &scenarios);
+    assert_eq!(summary.outcomes[0].result.scenario, "ok");
+    assert!(summary.outcomes[0].result.bundle.is_none());
+    assert!(summary.outcomes[1].result.bundle.is_some());
+    assert!(!env.opts.artifacts.join("ok").join("latest").exists());
+}
+
+#[test]
+fn ctrl_c_tears_down_running_scenarios_and_stops_scheduling() {
+    let mut env = env();
+    env.opts.jobs = 2;
+    let files: Vec<(String, String)> = (0..5)
+        .map(|i| {
+            (
+                format!("{i}.toml"),
+                format!("id = \"cc{i}\"\n[[steps]]\nrun = [\"hang\"]\ntimeout = 600\n"),
+            )
+        })
+        .collect();
+    let refs: Vec<(&str, &str)> = files
+        .iter()
+        .map(|(a, b)| (a.as_str(), b.as_str()))
+        .collect();
+    let scenarios = env.scenarios(&refs);
+    let backend = FakeBackend::new(BackendKind::Qemu, |_| {
+        FakeGuest::ready().with_exec(|_, _| FakeExec::Hang)
+    });
+    let control = Control::new();
+    let interrupter = control.clone();
+    let t = Instant::now();
+    let ctrl_c = std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_millis(300));
+        interrupter.interrupt()
+    });
+    let summary = run(&scenarios, &backend, &env.opts, &control, &|_| {});
+    assert!(
+        !ctrl_c.join().unwrap_or(true),
+        "first Ctrl-C does not ask to exit"
+    );
+    assert!(control.interrupt(), "second Ctrl-C asks to exit at once");
+    assert!(t.elapsed() < Duration::from_secs(5), "{:?}", t.elapsed());
+    assert_eq!(backend.live(), 0);
+    assert_eq!(summary.exit_code(), 130);
+    assert_eq!(summary.outcomes.len(), 2);
+    assert!(summary
+        .outcomes
+        .iter()
+        .all(|o| o.result.class() == Some(FailureClass::Cancelled)));
+    assert_eq!(summary.not_run, ["cc2", "cc3", "cc4"]);
+    for o in &summary.outcomes {
+        assert!(bundle(&o.result).join("result.json").is_file());
+    }
+    for i in 0..5 {
+        no_work_dirs_left(&format!("cc{i}"));
+    }
+}
+
+#[test]
+fn an_unwritable_artifacts_dir_is_an_infra_error_not_a_crash() {
+    let mut env = env();
+    let file = env.dir.path().join("not-a-dir");
+    fs::write(&file, b"x").expect("write");
+    env.opts.artifacts = file;
+    let scenarios = env.scenarios(&[("a.toml", "id = \"art\"\n")]);
+    let backend = FakeBackend::new(BackendKind::Qemu, |_| FakeGuest::ready());
+    let summary = env.run(&backend, &scenarios);
+    assert_eq!(one(&summary).class(), Some(FailureClass::InfraError));
+    assert_eq!(backend.booted(), 0);
+}
