@@ -8,6 +8,7 @@ use clap::{Args, Parser, Subcommand};
 use kiln_vmm::{ConsoleOutput, ExitReason, Vm, VmConfig};
 
 use crate::doctor;
+use crate::guest::cli::GuestCommand;
 
 /// kiln: a microVM test harness with its own embedded VMM.
 #[derive(Debug, Parser)]
@@ -27,6 +28,9 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Build, list and locate guest images (kernel + initramfs with kiln-agent).
+    #[command(subcommand)]
+    Guest(GuestCommand),
 }
 
 #[derive(Debug, Args)]
@@ -72,6 +76,7 @@ pub fn main() -> ExitCode {
             }
             0
         }
+        Command::Guest(command) => crate::guest::cli::run(command),
     };
     ExitCode::from(code.clamp(0, 255) as u8)
 }
