@@ -70,6 +70,9 @@ pub struct Manifest {
     pub kernel_release: Option<String>,
     /// sha256 of the kiln-agent packed as /init.
     pub agent_sha256: String,
+    /// sha256 of the busybox in /bin, when there is one.
+    #[serde(default)]
+    pub busybox_sha256: Option<String>,
     /// Modules packed, in load order.
     pub modules: Vec<String>,
     /// The kernel image.
@@ -331,6 +334,7 @@ mod tests {
             },
             kernel_release: Some("6.1.0-test".into()),
             agent_sha256: "00".into(),
+            busybox_sha256: None,
             modules: vec!["virtio".into()],
             kernel: FileRecord {
                 sha256: String::new(),

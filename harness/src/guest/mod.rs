@@ -16,6 +16,7 @@ pub mod elf;
 pub mod host;
 pub mod kernel_source;
 pub mod modules;
+pub mod userland;
 
 use std::path::PathBuf;
 use std::process::Command;
@@ -26,6 +27,10 @@ use modules::PackedModule;
 
 /// The alias of the guest `kiln run` uses.
 pub const DEFAULT_ALIAS: &str = "default";
+
+/// Version of what goes into a guest (`manifest.format`): bumped when the initramfs layout
+/// changes, so [`default_guest`] rebuilds a default cached by an older kiln.
+pub const RECIPE_VERSION: u32 = 2;
 
 /// Why a guest could not be built or found. Every message is one line naming what is wrong.
 #[derive(Debug, thiserror::Error)]
@@ -110,10 +115,12 @@ pub(crate) fn run_tool(
 }
 
 /// The initramfs: the agent as `/init`, `/dev/console` (so the kernel opens fds 0-2 for init),
+/// busybox in `/bin` (with a link per applet),
 /// the modules under `/lib/modules/<release>/` and `/etc/kiln/modules` listing them in load
 /// order. Deterministic: the same inputs give the same bytes.
 pub fn pack_initramfs(
     agent: &[u8],
+    busybox: Option<&userland::Busybox>,
     release: Option<&str>,
     modules: &[PackedModule],
 ) -> Result<Vec<u8>, GuestError> {
@@ -127,6 +134,12 @@ pub fn pack_initramfs(
         .dir("run", 0o755)
         .dir("root", 0o700)
         .dir("etc/kiln", 0o755);
+    if let Some(busybox) = busybox {
+        initramfs.file(userland::BUSYBOX_PATH, 0o755, busybox.data.clone());
+        for applet in &busybox.applets {
+            initramfs.symlink(&format!("bin/{applet}"), "busybox");
+        }
+    }
     let base = format!("lib/modules/{}", release.unwrap_or("kiln"));
     let mut list = String::from("# Loaded by kiln-agent in this order (dependencies first).\n");
     for module in modules {
@@ -147,6 +160,7 @@ pub fn build(
     progress: &Progress,
 ) -> Result<GuestImage, GuestError> {
     let (agent_path, agent_bytes) = agent::agent_binary(progress)?;
+    let busybox = userland::busybox(progress)?;
     let parts = match from {
         KernelFrom::Deb(package) => deb::kernel_from_deb(package.as_deref(), progress)?,
         KernelFrom::Host => host::kernel_from_host(progress)?,
@@ -155,17 +169,24 @@ pub fn build(
         }
     };
     progress(&format!(
-        "packing the initramfs: {} + {} modules",
+        "packing the initramfs: {} + busybox ({}) + {} modules",
         agent_path.display(),
+        busybox.origin,
         parts.modules.len()
     ));
-    let initrd = pack_initramfs(&agent_bytes, parts.release.as_deref(), &parts.modules)?;
+    let initrd = pack_initramfs(
+        &agent_bytes,
+        Some(&busybox),
+        parts.release.as_deref(),
+        &parts.modules,
+    )?;
     let manifest = Manifest {
-        format: 1,
+        format: RECIPE_VERSION,
         name: String::new(),
         source: parts.source,
         kernel_release: parts.release,
         agent_sha256: cache::sha256_hex(&agent_bytes),
+        busybox_sha256: Some(cache::sha256_hex(&busybox.data)),
         modules: parts.modules.iter().map(|m| m.name.clone()).collect(),
         kernel: cache::FileRecord {
             sha256: String::new(),
@@ -195,12 +216,18 @@ pub fn default_guest() -> Result<GuestImage, GuestError> {
 
 /// [`default_guest`] with an explicit cache and progress sink.
 pub fn default_guest_in(cache: &Cache, progress: &Progress) -> Result<GuestImage, GuestError> {
-    if let Ok(image) = cache.find(DEFAULT_ALIAS) {
+    let current = || {
+        cache
+            .find(DEFAULT_ALIAS)
+            .ok()
+            .filter(|image| image.manifest.format == RECIPE_VERSION)
+    };
+    if let Some(image) = current() {
         return Ok(image);
     }
     let _lock = cache.lock()?;
     // Another process may have built it while this one waited for the lock.
-    if let Ok(image) = cache.find(DEFAULT_ALIAS) {
+    if let Some(image) = current() {
         return Ok(image);
     }
     progress(&format!(
@@ -227,8 +254,25 @@ mod tests {
     #[test]
     fn initramfs_is_deterministic_and_lists_modules_in_order() {
         let modules = [module("virtio"), module("virtio_pci")];
-        let a = pack_initramfs(b"\x7fELF agent", Some("6.1.0-test"), &modules).unwrap();
-        let b = pack_initramfs(b"\x7fELF agent", Some("6.1.0-test"), &modules).unwrap();
+        let busybox = userland::Busybox {
+            data: b"bb".to_vec(),
+            applets: vec!["sh".into(), "ls".into()],
+            origin: "test".into(),
+        };
+        let a = pack_initramfs(
+            b"\x7fELF agent",
+            Some(&busybox),
+            Some("6.1.0-test"),
+            &modules,
+        )
+        .unwrap();
+        let b = pack_initramfs(
+            b"\x7fELF agent",
+            Some(&busybox),
+            Some("6.1.0-test"),
+            &modules,
+        )
+        .unwrap();
         assert_eq!(a, b);
         let mut cpio = Vec::new();
         std::io::Read::read_to_end(&mut flate2::read::GzDecoder::new(a.as_slice()), &mut cpio)
@@ -238,5 +282,6 @@ mod tests {
             "/lib/modules/6.1.0-test/kernel/virtio.ko\n/lib/modules/6.1.0-test/kernel/virtio_pci.ko\n"
         ));
         assert!(text.contains("dev/console") && text.contains("init"));
+        assert!(text.contains("bin/sh") && text.contains("bin/busybox"));
     }
 }
