@@ -156,10 +156,10 @@ pub fn kernel_from_source(
     cache_root: &Path,
     progress: &Progress,
 ) -> Result<KernelParts, GuestError> {
-    check_tools()?;
     let given = given
         .canonicalize()
         .map_err(|e| GuestError::Invalid(format!("--from-source {}: {e}", given.display())))?;
+    check_tools()?;
     let config_sha = sha256_hex(KILN_CONFIG.as_bytes());
     let key = sha256_hex(format!("{}\n{config_sha}", given.display()).as_bytes());
     let work = cache_root.join("kernel-build").join(&key[..16]);
