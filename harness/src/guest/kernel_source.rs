@@ -213,6 +213,22 @@ pub fn kernel_from_source(
     })
 }
 
+/// The line of a build log that says why it failed: the first compiler `error:` (make's own
+/// "Error 2" lines only repeat that something failed), else the last line.
+fn first_error(log: &str) -> String {
+    let line = log
+        .lines()
+        .find(|l| l.contains("error:") && !l.starts_with("make"))
+        .or_else(|| log.lines().rev().find(|l| !l.trim().is_empty()))
+        .unwrap_or("")
+        .trim();
+    if line.contains("libelf.h") || line.contains("gelf.h") {
+        format!("{line} ({TOOLS_HINT})")
+    } else {
+        line.to_owned()
+    }
+}
+
 fn run_logged(argv: &[String], cwd: &Path, log: &Path) -> Result<(), GuestError> {
     let file = fs::OpenOptions::new()
         .create(true)
@@ -238,11 +254,7 @@ fn run_logged(argv: &[String], cwd: &Path, log: &Path) -> Result<(), GuestError>
         return Ok(());
     }
     let text = fs::read_to_string(log).unwrap_or_default();
-    let last = text
-        .lines()
-        .rev()
-        .find(|l| !l.trim().is_empty())
-        .unwrap_or("");
+    let last = first_error(&text);
     Err(GuestError::Invalid(format!(
         "`{}` failed ({status}): {last} (full log: {})",
         argv.join(" "),
@@ -327,6 +339,18 @@ mod tests {
                 "make -j2 -C /src/linux O=/c/out bzImage",
             ]
         );
+    }
+
+    #[test]
+    fn the_build_error_line_is_the_compilers() {
+        let log = "  CC      kernel/fork.o\n<stdin>:1:10: fatal error: libelf.h: No such file or directory\nmake[1]: *** Error 2\nmake: *** [Makefile:250: __sub-make] Error 2\n";
+        assert_eq!(
+            first_error(log),
+            format!(
+                "<stdin>:1:10: fatal error: libelf.h: No such file or directory ({TOOLS_HINT})"
+            )
+        );
+        assert_eq!(first_error("a\nlast words\n"), "last words");
     }
 
     #[test]
