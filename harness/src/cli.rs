@@ -8,6 +8,7 @@ use clap::{Args, Parser, Subcommand};
 use kiln_devices::virtio::block::DiskSpec;
 use kiln_vmm::{ConsoleOutput, ExitReason, ShareConfig, Vm, VmConfig};
 
+use crate::guest::cli::GuestCommand;
 use crate::{bench, doctor};
 
 /// kiln: a microVM test harness with its own embedded VMM.
@@ -36,6 +37,9 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Build, list and locate guest images (kernel + initramfs with kiln-agent).
+    #[command(subcommand)]
+    Guest(GuestCommand),
 }
 
 #[derive(Debug, Subcommand)]
@@ -133,6 +137,7 @@ pub fn main() -> ExitCode {
             }
             0
         }
+        Command::Guest(command) => crate::guest::cli::run(command),
     };
     ExitCode::from(code.clamp(0, 255) as u8)
 }

@@ -4,6 +4,7 @@ pub mod backend;
 pub mod bench;
 pub mod cli;
 pub mod doctor;
+pub mod guest;
 pub mod report;
 pub mod run_cmd;
 pub mod runner;

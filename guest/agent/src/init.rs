@@ -178,8 +178,16 @@ pub fn load_modules(list: &Path) -> Vec<String> {
 fn load_module(module: &ModuleLine) -> io::Result<()> {
     let file = File::open(&module.path)?;
     let params = cstring(module.params.as_bytes())?;
-    // SAFETY: finit_module(2) with an open fd, a NUL-terminated parameter string and no flags.
-    let rc = unsafe { libc::syscall(libc::SYS_finit_module, file.as_raw_fd(), params.as_ptr(), 0) };
+    let flags = module_flags(&module.path);
+    // SAFETY: finit_module(2) with an open fd, a NUL-terminated parameter string and flags.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_finit_module,
+            file.as_raw_fd(),
+            params.as_ptr(),
+            flags,
+        )
+    };
     if rc == 0 {
         return Ok(());
     }
@@ -189,6 +197,19 @@ fn load_module(module: &ModuleLine) -> io::Result<()> {
         Ok(())
     } else {
         Err(e)
+    }
+}
+
+/// `MODULE_INIT_COMPRESSED_FILE` (linux/module.h): the kernel decompresses the module itself
+/// (CONFIG_MODULE_DECOMPRESS). The image builder decompresses `.xz`/`.gz` on the host and packs
+/// `.zst` as is, so this is only needed for kernels that ship zstd modules (Ubuntu's).
+const MODULE_INIT_COMPRESSED_FILE: libc::c_int = 4;
+
+fn module_flags(path: &str) -> libc::c_int {
+    if [".zst", ".xz", ".gz"].iter().any(|s| path.ends_with(s)) {
+        MODULE_INIT_COMPRESSED_FILE
+    } else {
+        0
     }
 }
 
@@ -284,6 +305,15 @@ mod tests {
                     params: "debug=1 x=2".into()
                 },
             ]
+        );
+    }
+
+    #[test]
+    fn compressed_modules_ask_the_kernel_to_decompress() {
+        assert_eq!(module_flags("/lib/modules/x/9p.ko"), 0);
+        assert_eq!(
+            module_flags("/lib/modules/x/9p.ko.zst"),
+            MODULE_INIT_COMPRESSED_FILE
         );
     }
 
