@@ -5,9 +5,10 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
+use kiln_devices::virtio::block::DiskSpec;
 use kiln_vmm::{ConsoleOutput, ExitReason, ShareConfig, Vm, VmConfig};
 
-use crate::doctor;
+use crate::{bench, doctor};
 
 /// kiln: a microVM test harness with its own embedded VMM.
 #[derive(Debug, Parser)]
@@ -21,6 +22,9 @@ pub struct Cli {
 enum Command {
     /// Boot a kernel in a throwaway VM and print its serial console.
     Boot(BootArgs),
+    /// Measure kiln against QEMU.
+    #[command(subcommand)]
+    Bench(bench::BenchCommand),
     /// Report what this host can run: KVM kind, capabilities, QEMU tools.
     Doctor {
         /// Machine-readable JSON instead of text.
@@ -55,6 +59,11 @@ struct BootArgs {
     /// Print console lines matching REGEX, with their time since start, to stderr.
     #[arg(long, value_name = "REGEX")]
     marker: Vec<String>,
+    /// Attach a disk (repeatable; raw or qcow2, detected). Default: a per-run copy-on-write
+    /// overlay, deleted afterwards, the image itself never written. `,overlay=PATH` keeps the
+    /// overlay at PATH; `,ro` attaches the image read-only; `,in-place` writes the image itself.
+    #[arg(long, value_name = "PATH[,ro][,overlay=PATH][,in-place]")]
+    disk: Vec<DiskSpec>,
     /// Share a host directory over virtio-fs as TAG (repeatable); `,ro` makes it read-only.
     #[arg(long, value_name = "TAG=DIR[,ro]", value_parser = parse_share)]
     share: Vec<ShareConfig>,
@@ -95,6 +104,7 @@ pub fn main() -> ExitCode {
     let cli = Cli::parse();
     let code = match cli.command {
         Command::Boot(args) => boot(args),
+        Command::Bench(what) => bench::main(what),
         Command::Doctor { json } => {
             let report = doctor::report();
             if json {
@@ -135,6 +145,7 @@ fn boot(args: BootArgs) -> i32 {
     config.initrd = args.initrd;
     config.cmdline = args.cmdline;
     config.markers = args.marker;
+    config.disks = args.disk;
     config.shares = args.share;
     config.vsock = args.vsock;
     config.virtio_cmdline = args.virtio_cmdline;

@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 
 use kiln_devices::console::{console, ConsoleError, ConsoleLog, ConsoleOutput, ConsoleWriter};
 use kiln_devices::legacy::{AcpiPmPorts, DebugPorts, Phase, PhaseLog, SerialPort, I8042};
+use kiln_devices::virtio::block::{open_disk, Block, DiskError, DiskMode, DiskSpec};
 use kiln_devices::virtio::fs::{FsError, VirtioFs};
 use kiln_devices::virtio::rng::Rng;
 use kiln_devices::virtio::vsock::{Vsock, VsockError, GUEST_CID};
@@ -54,6 +55,9 @@ pub struct VmConfig {
     pub console: ConsoleOutput,
     /// Console line patterns (regex) to timestamp.
     pub markers: Vec<String>,
+    /// Disks, in order (`/dev/vda`, `/dev/vdb`, …); by default each gets a per-run
+    /// copy-on-write overlay and its base is never written.
+    pub disks: Vec<DiskSpec>,
     /// Directories shared with the guest over virtio-fs (mount with `-t virtiofs <tag>`).
     pub shares: Vec<ShareConfig>,
     /// Unix socket for the virtio-vsock device (Firecracker's host protocol); the guest CID is
@@ -77,11 +81,18 @@ impl VmConfig {
             vcpus: 1,
             console: ConsoleOutput::None,
             markers: Vec::new(),
+            disks: Vec::new(),
             shares: Vec::new(),
             vsock: None,
             rng: true,
             virtio_cmdline: false,
         }
+    }
+
+    /// Adds a disk.
+    pub fn disk(mut self, spec: DiskSpec) -> Self {
+        self.disks.push(spec);
+        self
     }
 
     /// Shares `dir` with the guest as virtio-fs tag `tag`.
@@ -212,6 +223,9 @@ pub enum Error {
     /// Device placement.
     #[error("device layout: {0}")]
     Bus(#[from] BusError),
+    /// A disk could not be opened.
+    #[error(transparent)]
+    Disk(#[from] DiskError),
     /// A share could not be set up.
     #[error(transparent)]
     Share(#[from] FsError),
@@ -304,6 +318,15 @@ impl Vm {
         let kernel = boot::load_kernel(&mem, &config.kernel, config.initrd.as_deref())?;
         let mut mmio = Bus::new();
         let mut devices = DeviceManager::new();
+        // Overlays the user asked to keep must not outlive a start that fails.
+        let mut created = RemoveOnError::default();
+        for spec in &config.disks {
+            let disk = open_disk(spec)?;
+            if let DiskMode::KeptOverlay(path) = &spec.mode {
+                created.0.push(path.clone());
+            }
+            devices.add_virtio(&vm_fd, &mem, &mut mmio, Box::new(Block::new(disk)))?;
+        }
         for share in &config.shares {
             let fs = VirtioFs::new(&share.tag, &share.dir, share.read_only)?;
             devices.add_virtio(&vm_fd, &mem, &mut mmio, Box::new(fs))?;
@@ -366,6 +389,7 @@ impl Vm {
                 }
             }
         }
+        created.0.clear();
         let info = BootInfo {
             protocol: match kernel.entry {
                 EntryPoint::Pvh(_) => "pvh",
@@ -393,6 +417,18 @@ impl Vm {
             info,
             vsock: config.vsock.clone(),
         })
+    }
+}
+
+/// Files created while starting a VM, removed if the start fails.
+#[derive(Default)]
+struct RemoveOnError(Vec<PathBuf>);
+
+impl Drop for RemoveOnError {
+    fn drop(&mut self) {
+        for path in &self.0 {
+            let _ = std::fs::remove_file(path);
+        }
     }
 }
 

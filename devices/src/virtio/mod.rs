@@ -5,6 +5,7 @@
 //! owns its config space and request processing. Devices see guest memory and an
 //! [`Interrupt`], never KVM.
 
+pub mod block;
 pub mod fs;
 pub mod mmio;
 pub mod rng;
