@@ -13,10 +13,11 @@
 //! `blk capacity=2048`, `blk read=KILNBASE wrote=2 id=kiln-test`, `virtio done`, status 0; the
 //! overlay then passed `qemu-img check`, was identical to the expected raw image under
 //! `qemu-img compare`, and the base was unchanged. `qemu_reference_rng_and_blk` repeats that
-//! wherever QEMU is installed. QEMU's vsock and virtio-fs need host parts that are missing here
-//! (the vhost-vsock module; virtiofsd), so those drivers are checked against kiln only, with
-//! every reply field the guest relies on (FUSE unique, error and lengths; vsock cids, ports and
-//! ops) checked by the guest itself.
+//! wherever QEMU is installed. The vsock driver was checked the same way against rust-vmm's
+//! vhost-device-vsock 0.3 (`cargo install vhost-device-vsock`) behind QEMU's
+//! `vhost-user-vsock-device` (guest RAM a shared memfd): `vsock cid=3`, `vsock connected
+//! port=5005`, `vsock got=pong from host`, `vsock closed`, and the host listener got
+//! `ping from guest`; `qemu_reference_vsock` repeats it wherever vhost-device-vsock is on PATH.
 
 #[macro_use]
 mod common;
@@ -419,6 +420,57 @@ fn virtio_guest_sees_a_read_only_disk() {
 
 // ---- the guest against the reference VMM (QEMU) ----
 
+/// Runs the PVH-shim build of the guest under QEMU's microvm (TCG, virtio-mmio version 2) with
+/// `extra` devices, killing it after 30 s; asserts it wrote 0 to isa-debug-exit and returns the
+/// console and a description of the run for messages.
+fn qemu_run(kernel: &Path, cmdline: &str, extra: &[&str]) -> (String, String) {
+    let mut child = Command::new(common::qemu().expect("checked by the caller"))
+        .args(["-M", "microvm,acpi=off,memory-backend=mem", "-m", "64M"])
+        // vhost-user back ends map guest RAM, so it must be a shared memfd.
+        .args(["-object", "memory-backend-memfd,id=mem,size=64M,share=on"])
+        .args(["-accel", "tcg", "-display", "none", "-monitor", "none"])
+        .args(["-no-reboot", "-serial", "stdio"])
+        .args(["-device", "isa-debug-exit,iobase=0x501,iosize=1"])
+        .args(["-global", "virtio-mmio.force-legacy=false"])
+        .args(extra)
+        .arg("-kernel")
+        .arg(kernel)
+        .args(["-append", cmdline])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run qemu");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while child.try_wait().expect("wait for qemu").is_none() {
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let output = child.wait_with_output().expect("collect qemu output");
+    let text = String::from_utf8_lossy(&output.stdout).into_owned();
+    let context = format!(
+        "QEMU ended with {}; console:\n{text}\nstderr:\n{}",
+        output.status,
+        String::from_utf8_lossy(&output.stderr)
+    );
+    // isa-debug-exit: QEMU exits with (status << 1) | 1.
+    assert_eq!(output.status.code(), Some(1), "{context}");
+    (text, context)
+}
+
+/// A child process killed when the test ends, pass or fail.
+struct KillOnDrop(std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 #[test]
 fn qemu_reference_rng_and_blk() {
     or_skip!(common::qemu());
@@ -440,40 +492,18 @@ fn qemu_reference_rng_and_blk() {
     );
 
     let drive = format!("file={overlay_s},if=none,id=d0,format=qcow2");
-    let mut child = Command::new(common::qemu().expect("checked above"))
-        .args(["-M", "microvm,acpi=off", "-accel", "tcg", "-m", "64M"])
-        .args(["-display", "none", "-monitor", "none", "-no-reboot"])
-        .args(["-serial", "stdio"])
-        .args(["-device", "isa-debug-exit,iobase=0x501,iosize=1"])
-        .args(["-global", "virtio-mmio.force-legacy=false"])
-        .args(["-device", "virtio-rng-device"])
-        .args(["-drive", &drive])
-        .args(["-device", "virtio-blk-device,drive=d0,serial=kiln-test"])
-        .arg("-kernel")
-        .arg(&kernel)
-        .args(["-append", "virtio test"])
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("run qemu");
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while child.try_wait().expect("wait for qemu").is_none() {
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    let output = child.wait_with_output().expect("collect qemu output");
-    let text = String::from_utf8_lossy(&output.stdout);
-    let context = format!(
-        "QEMU ended with {}; console:\n{text}\nstderr:\n{}",
-        output.status,
-        String::from_utf8_lossy(&output.stderr)
+    let (text, context) = qemu_run(
+        &kernel,
+        "virtio test",
+        &[
+            "-device",
+            "virtio-rng-device",
+            "-drive",
+            &drive,
+            "-device",
+            "virtio-blk-device,drive=d0,serial=kiln-test",
+        ],
     );
-    // isa-debug-exit: QEMU exits with (status << 1) | 1.
-    assert_eq!(output.status.code(), Some(1), "{context}");
 
     // QEMU places its windows itself (512@0xfeb00e00:12 and so on): check only their shape.
     let got: Vec<&str> = text.lines().collect();
@@ -494,4 +524,74 @@ fn qemu_reference_rng_and_blk() {
     assert_eq!(got[6], "virtio done", "{context}");
 
     assert_overlay(&overlay, &base, &base_bytes, &context);
+}
+
+/// The vsock driver against an independent device: rust-vmm's vhost-device-vsock (the same
+/// `<uds>_<port>` host layout as kiln) behind QEMU's vhost-user-vsock-device.
+#[test]
+fn qemu_reference_vsock() {
+    or_skip!(common::qemu());
+    or_skip!(on_path("vhost-device-vsock").map_err(|_| {
+        "vhost-device-vsock not found on PATH (cargo install vhost-device-vsock)".to_string()
+    }));
+    let kernel = or_skip!(common::build_guest_pvh_shim("virtio_guest"));
+    let dir = tempfile::tempdir().expect("tempdir");
+    let vhost = dir.path().join("vhost-user.sock");
+    let uds = dir.path().join("vsock.sock");
+    let listener = host_listener(&uds, VSOCK_PORT);
+    let _backend = KillOnDrop(
+        Command::new("vhost-device-vsock")
+            .args(["--guest-cid", "3", "--socket"])
+            .arg(&vhost)
+            .arg("--uds-path")
+            .arg(&uds)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("run vhost-device-vsock"),
+    );
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !vhost.exists() {
+        assert!(
+            Instant::now() < deadline,
+            "vhost-device-vsock did not create {}",
+            vhost.display()
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let chardev = format!("socket,id=vhost0,path={}", vhost.display());
+    let (text, context) = qemu_run(
+        &kernel,
+        &format!("kiln.vsock_port={VSOCK_PORT}"),
+        &[
+            "-chardev",
+            &chardev,
+            "-device",
+            "vhost-user-vsock-device,chardev=vhost0",
+        ],
+    );
+    let got: Vec<&str> = text.lines().collect();
+    assert_eq!(got.len(), 7, "{context}");
+    assert_eq!(got[0], "virtio devices=1", "{context}");
+    assert!(
+        got[1].starts_with("virtio 0: base=") && got[1].ends_with(" id=19"),
+        "{context}"
+    );
+    assert_eq!(
+        got[2..],
+        [
+            "vsock cid=3",
+            "vsock connected port=5005",
+            "vsock got=pong from host",
+            "vsock closed",
+            "virtio done"
+        ],
+        "{context}"
+    );
+    let sent = listener
+        .join()
+        .expect("listener thread")
+        .unwrap_or_else(|e| panic!("{e}; {context}"));
+    assert_eq!(sent, PING, "bytes the host listener received");
 }
