@@ -18,6 +18,10 @@
 //! `vhost-user-vsock-device` (guest RAM a shared memfd): `vsock cid=3`, `vsock connected
 //! port=5005`, `vsock got=pong from host`, `vsock closed`, and the host listener got
 //! `ping from guest`; `qemu_reference_vsock` repeats it wherever vhost-device-vsock is on PATH.
+//! The virtio-fs driver was checked against virtiofsd 1.14 (`cargo install virtiofsd`, with
+//! `--sandbox none`) behind QEMU's `vhost-user-fs-device`: `fs tag=kilnshare`, `fs init major=7`,
+//! `fs read=hello from the host`, `fs created`, and from-guest.txt held `written by the guest`;
+//! `qemu_reference_virtio_fs` repeats it wherever virtiofsd is on PATH.
 
 #[macro_use]
 mod common;
@@ -594,4 +598,69 @@ fn qemu_reference_vsock() {
         .expect("listener thread")
         .unwrap_or_else(|e| panic!("{e}; {context}"));
     assert_eq!(sent, PING, "bytes the host listener received");
+}
+
+/// The virtio-fs driver against an independent FUSE server: virtiofsd behind QEMU's
+/// vhost-user-fs-device.
+#[test]
+fn qemu_reference_virtio_fs() {
+    or_skip!(common::qemu());
+    or_skip!(on_path("virtiofsd").map_err(|_| {
+        "virtiofsd not found on PATH (cargo install virtiofsd; needs libseccomp-dev \
+         libcap-ng-dev)"
+            .to_string()
+    }));
+    let kernel = or_skip!(common::build_guest_pvh_shim("virtio_guest"));
+    let dir = tempfile::tempdir().expect("tempdir");
+    let share = share_dir(dir.path());
+    let vhost = dir.path().join("virtiofsd.sock");
+    let _backend = KillOnDrop(
+        Command::new("virtiofsd")
+            .arg("--socket-path")
+            .arg(&vhost)
+            .arg("--shared-dir")
+            .arg(&share)
+            // The namespace sandbox needs privileges a test run may not have.
+            .args(["--sandbox", "none"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("run virtiofsd"),
+    );
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !vhost.exists() {
+        assert!(
+            Instant::now() < deadline,
+            "virtiofsd did not create {}",
+            vhost.display()
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let chardev = format!("socket,id=vhost0,path={}", vhost.display());
+    let device = format!("vhost-user-fs-device,chardev=vhost0,tag={TAG}");
+    let (text, context) = qemu_run(&kernel, "", &["-chardev", &chardev, "-device", &device]);
+    let got: Vec<&str> = text.lines().collect();
+    assert_eq!(got.len(), 7, "{context}");
+    assert_eq!(got[0], "virtio devices=1", "{context}");
+    assert!(
+        got[1].starts_with("virtio 0: base=") && got[1].ends_with(" id=26"),
+        "{context}"
+    );
+    assert_eq!(
+        got[2..],
+        [
+            "fs tag=kilnshare",
+            "fs init major=7",
+            "fs read=hello from the host",
+            "fs created",
+            "virtio done"
+        ],
+        "{context}"
+    );
+    let created = share.join("from-guest.txt");
+    assert_eq!(
+        fs::read_to_string(&created).unwrap_or_else(|e| panic!("{}: {e}", created.display())),
+        "written by the guest"
+    );
 }
