@@ -27,6 +27,12 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Disk images: info, check, map, compare — answers shaped like qemu-img's.
+    #[command(subcommand)]
+    Img(crate::img::cmd::ImgCommand),
+    /// Differential checks against the reference tools.
+    #[command(subcommand)]
+    Diff(crate::diff::cmd::DiffCommand),
 }
 
 #[derive(Debug, Args)]
@@ -72,6 +78,8 @@ pub fn main() -> ExitCode {
             }
             0
         }
+        Command::Img(cmd) => crate::img::cmd::run(cmd),
+        Command::Diff(cmd) => crate::diff::cmd::run(cmd),
     };
     ExitCode::from(code.clamp(0, 255) as u8)
 }
