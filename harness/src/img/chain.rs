@@ -158,6 +158,57 @@ fn canonical(path: &Path) -> Result<PathBuf, ImgError> {
 mod tests {
     use super::*;
 
+    /// A minimal v3 qcow2 header naming `backing` as its backing file.
+    fn qcow2_with_backing(backing: &str) -> Vec<u8> {
+        let mut b = vec![0u8; 1024];
+        b[..4].copy_from_slice(&header::QCOW2_MAGIC);
+        b[4..8].copy_from_slice(&3u32.to_be_bytes());
+        b[8..16].copy_from_slice(&512u64.to_be_bytes());
+        b[16..20].copy_from_slice(&(backing.len() as u32).to_be_bytes());
+        b[20..24].copy_from_slice(&16u32.to_be_bytes());
+        b[24..32].copy_from_slice(&(1u64 << 20).to_be_bytes());
+        b[96..100].copy_from_slice(&4u32.to_be_bytes());
+        b[100..104].copy_from_slice(&112u32.to_be_bytes());
+        b[512..512 + backing.len()].copy_from_slice(backing.as_bytes());
+        b
+    }
+
+    #[test]
+    fn backing_loop_is_one_line_error() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let a = dir.path().join("a.qcow2");
+        let b = dir.path().join("b.qcow2");
+        std::fs::write(&a, qcow2_with_backing("b.qcow2")).expect("write");
+        std::fs::write(&b, qcow2_with_backing("a.qcow2")).expect("write");
+        let name = a.display().to_string();
+        let err = resolve_chain(&name).unwrap_err().to_string();
+        let d = dir.path().display();
+        assert_eq!(
+            err,
+            format!("backing file loop: {d}/a.qcow2 -> {d}/b.qcow2 -> {d}/a.qcow2")
+        );
+        // Without following the chain the image is still described.
+        assert!(
+            crate::img::info(&name, false, false, crate::img::Profile::V10_0)
+                .stdout
+                .contains("backing file: b.qcow2")
+        );
+    }
+
+    #[test]
+    fn missing_backing_names_the_file() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let a = dir.path().join("a.qcow2");
+        std::fs::write(&a, qcow2_with_backing("gone.qcow2")).expect("write");
+        let err = resolve_chain(&a.display().to_string())
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.ends_with("gone.qcow2: open backing file: No such file or directory (os error 2)"),
+            "{err}"
+        );
+    }
+
     #[test]
     fn path_combine_like_qemu() {
         assert_eq!(path_combine("top.qcow2", "base.qcow2"), "base.qcow2");

@@ -111,20 +111,40 @@ impl Disk {
         })
     }
 
-    /// The virtual size of the top image.
+    /// The virtual size of the top image. A raw file's length is rounded up to whole sectors,
+    /// as QEMU's block layer does; the partial sector past the end reads as zeroes.
     pub fn size(&self) -> u64 {
-        self.top.size()
+        self.top.size().max(self.layers[0].virtual_size())
     }
 
-    /// Reads guest data at `offset` into `buf` (clamped by the caller to the image size).
+    /// Reads guest data at `offset` into `buf` (clamped by the caller to [`Disk::size`]).
     pub fn read(&self, buf: &mut [u8], offset: u64) -> Result<(), ImgError> {
+        let inner = self.top.size();
+        let n = inner.saturating_sub(offset).min(buf.len() as u64) as usize;
+        buf[n..].fill(0);
+        if n == 0 {
+            return Ok(());
+        }
         self.top
-            .read(buf, offset)
+            .read(&mut buf[..n], offset)
             .map_err(|e| ImgError::io(self.layers[0].path(), "read", e))
     }
 
     /// The block status at `offset`, at most `max` bytes long.
     pub fn status_at(&self, offset: u64, max: u64) -> Result<Extent, ImgError> {
+        if offset >= self.top.size() {
+            // Only a raw file's partial last sector lies here: a trailing hole in QEMU's view.
+            return Ok(Extent {
+                start: offset,
+                length: max,
+                depth: 0,
+                present: true,
+                zero: true,
+                data: false,
+                compressed: false,
+                offset: Some(offset),
+            });
+        }
         let mut layer = &self.top;
         let mut depth = 0usize;
         let mut loff = offset;

@@ -106,6 +106,15 @@ impl Qcow2File {
 
     /// An L1 table of `size` entries at `offset` (active or a snapshot's).
     pub fn l1_table_at(&self, offset: u64, size: u64) -> Result<Vec<u64>, ImgError> {
+        // QEMU's limit (QCOW_MAX_L1_SIZE, 32 MiB); bigger tables are refused, not read.
+        if size > (32 << 20) / 8 {
+            return Err(ImgError::field(
+                &self.path,
+                "l1_size",
+                size,
+                "L1 table larger than 32 MiB",
+            ));
+        }
         self.read_u64s(offset, size, "read L1 table")
     }
 
