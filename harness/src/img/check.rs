@@ -372,13 +372,62 @@ pub fn check_qcow2(q: &Qcow2File, display_name: &str) -> Result<CheckReport, Img
     let table = q.refcount_table()?;
     c.inc(h.refcount_table_offset, table.len() as u64 * 8);
     c.refblocks(&table, nb_clusters);
-    compare_refcounts(&mut c, &table, nb_clusters)?;
-    check_copied_flags(&mut c, &table)?;
+    let stored = stored_refcounts(q, &table, nb_clusters)?;
+    compare_refcounts(&mut c, &stored);
+    check_copied_flags(&mut c, &table, &stored)?;
     Ok(c.report)
 }
 
-/// The stored refcount of cluster `k`.
-fn stored_refcount(q: &Qcow2File, table: &[u64], k: u64) -> Result<u64, ImgError> {
+/// The stored refcount of every cluster below `nb_clusters`, each refcount block read once.
+fn stored_refcounts(q: &Qcow2File, table: &[u64], nb_clusters: u64) -> Result<Vec<u64>, ImgError> {
+    let per_block = q.refcounts_per_block();
+    let mut out = Vec::with_capacity(nb_clusters as usize);
+    let mut bi = 0u64;
+    while (out.len() as u64) < nb_clusters {
+        let e = table.get(bi as usize).copied().unwrap_or(0);
+        let off = e & REFT_OFFSET_MASK;
+        let valid = off != 0 && e & REFT_RESERVED_MASK == 0 && off < q.file_len;
+        let want = (nb_clusters - out.len() as u64).min(per_block) as usize;
+        if valid {
+            let block = q.refcount_block(off)?;
+            out.extend(block.into_iter().chain(std::iter::repeat(0)).take(want));
+        } else {
+            out.extend(std::iter::repeat_n(0, want));
+        }
+        bi += 1;
+    }
+    Ok(out)
+}
+
+fn compare_refcounts(c: &mut Counter<'_>, stored: &[u64]) {
+    let mut highest = None;
+    for (k, &on_disk) in stored.iter().enumerate() {
+        let computed = c.refs.get(k).copied().unwrap_or(0);
+        if on_disk > 0 || computed > 0 {
+            highest = Some(k as u64);
+        }
+        if on_disk != computed {
+            let kind = if on_disk < computed {
+                c.report.corruptions += 1;
+                "ERROR"
+            } else {
+                c.report.leaks += 1;
+                "Leaked"
+            };
+            c.report.messages.push(format!(
+                "{kind} cluster {k} refcount={on_disk} reference={computed}"
+            ));
+        }
+    }
+    c.report.image_end_offset = highest.map_or(0, |h| (h + 1) * c.q.header.cluster_size());
+}
+
+/// The stored refcount of the cluster at host `offset` (past the file end: looked up directly).
+fn refcount_of(q: &Qcow2File, table: &[u64], stored: &[u64], offset: u64) -> Result<u64, ImgError> {
+    let k = offset >> q.header.cluster_bits;
+    if let Some(&r) = stored.get(k as usize) {
+        return Ok(r);
+    }
     let per_block = q.refcounts_per_block();
     let Some(&e) = table.get((k / per_block) as usize) else {
         return Ok(0);
@@ -391,51 +440,8 @@ fn stored_refcount(q: &Qcow2File, table: &[u64], k: u64) -> Result<u64, ImgError
     Ok(block.get((k % per_block) as usize).copied().unwrap_or(0))
 }
 
-fn compare_refcounts(c: &mut Counter<'_>, table: &[u64], nb_clusters: u64) -> Result<(), ImgError> {
-    let q = c.q;
-    let per_block = q.refcounts_per_block();
-    let mut highest = None;
-    let mut block: Option<(u64, Vec<u64>)> = None;
-    for k in 0..nb_clusters {
-        let bi = k / per_block;
-        if block.as_ref().map(|b| b.0) != Some(bi) {
-            let e = table.get(bi as usize).copied().unwrap_or(0);
-            let off = e & REFT_OFFSET_MASK;
-            let valid = off != 0 && e & REFT_RESERVED_MASK == 0 && off < q.file_len;
-            let v = if valid {
-                q.refcount_block(off)?
-            } else {
-                Vec::new()
-            };
-            block = Some((bi, v));
-        }
-        let stored = block
-            .as_ref()
-            .and_then(|b| b.1.get((k % per_block) as usize).copied())
-            .unwrap_or(0);
-        let computed = c.refs.get(k as usize).copied().unwrap_or(0);
-        if stored > 0 || computed > 0 {
-            highest = Some(k);
-        }
-        if stored != computed {
-            let kind = if stored < computed {
-                c.report.corruptions += 1;
-                "ERROR"
-            } else {
-                c.report.leaks += 1;
-                "Leaked"
-            };
-            c.report.messages.push(format!(
-                "{kind} cluster {k} refcount={stored} reference={computed}"
-            ));
-        }
-    }
-    c.report.image_end_offset = highest.map_or(0, |h| (h + 1) * q.header.cluster_size());
-    Ok(())
-}
-
 /// QCOW_OFLAG_COPIED must be set exactly when the refcount is one (active tables only).
-fn check_copied_flags(c: &mut Counter<'_>, table: &[u64]) -> Result<(), ImgError> {
+fn check_copied_flags(c: &mut Counter<'_>, table: &[u64], stored: &[u64]) -> Result<(), ImgError> {
     let q = c.q;
     let l1 = q.l1_table()?;
     for (i, &l1e) in l1.iter().enumerate() {
@@ -443,7 +449,7 @@ fn check_copied_flags(c: &mut Counter<'_>, table: &[u64]) -> Result<(), ImgError
         if l2_off == 0 {
             continue;
         }
-        let r = stored_refcount(q, table, l2_off >> q.header.cluster_bits)?;
+        let r = refcount_of(q, table, stored, l2_off)?;
         if (r == 1) != (l1e & OFLAG_COPIED != 0) {
             c.report.messages.push(format!(
                 "ERROR OFLAG_COPIED L2 cluster: l1_index={i} l1_entry={l1e:x} refcount={r}"
@@ -463,7 +469,7 @@ fn check_copied_flags(c: &mut Counter<'_>, table: &[u64]) -> Result<(), ImgError
                 ClusterType::Normal(h) | ClusterType::ZeroAlloc(h) => h,
                 _ => continue,
             };
-            let r = stored_refcount(q, table, host >> q.header.cluster_bits)?;
+            let r = refcount_of(q, table, stored, host)?;
             if (r == 1) != (e & OFLAG_COPIED != 0) {
                 c.report.messages.push(format!(
                     "ERROR OFLAG_COPIED data cluster: l2_entry={e:x} refcount={r}"
