@@ -40,6 +40,12 @@ enum Command {
     /// Build, list and locate guest images (kernel + initramfs with kiln-agent).
     #[command(subcommand)]
     Guest(GuestCommand),
+    /// Disk images: info, check, map, compare — answers shaped like qemu-img's.
+    #[command(subcommand)]
+    Img(crate::img::cmd::ImgCommand),
+    /// Differential checks against the reference tools.
+    #[command(subcommand)]
+    Diff(crate::diff::cmd::DiffCommand),
 }
 
 #[derive(Debug, Subcommand)]
@@ -138,6 +144,8 @@ pub fn main() -> ExitCode {
             0
         }
         Command::Guest(command) => crate::guest::cli::run(command),
+        Command::Img(cmd) => crate::img::cmd::run(cmd),
+        Command::Diff(cmd) => crate::diff::cmd::run(cmd),
     };
     ExitCode::from(code.clamp(0, 255) as u8)
 }

@@ -3,8 +3,10 @@
 pub mod backend;
 pub mod bench;
 pub mod cli;
+pub mod diff;
 pub mod doctor;
 pub mod guest;
+pub mod img;
 pub mod report;
 pub mod run_cmd;
 pub mod runner;

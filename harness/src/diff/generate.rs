@@ -1,0 +1,329 @@
+//! `--generate N --seed S`: a reproducible corpus built with `qemu-img create` and `qemu-io`
+//! (write -P, write -z, discard, write -c), plus a few deliberately damaged images.
+
+use std::fs::OpenOptions;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+/// SplitMix64: tiny, seedable, and the same sequence everywhere (no crate needed for this).
+pub struct Prng(u64);
+
+impl Prng {
+    pub fn new(seed: u64) -> Self {
+        Prng(seed)
+    }
+    pub fn next_u64(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    }
+    /// Uniform in `0..n` (n > 0).
+    pub fn below(&mut self, n: u64) -> u64 {
+        self.next_u64() % n.max(1)
+    }
+    pub fn pick<'a, T>(&mut self, items: &'a [T]) -> &'a T {
+        &items[self.below(items.len() as u64) as usize]
+    }
+}
+
+/// One generated image to diff, and what it was meant to exercise.
+#[derive(Debug, Clone)]
+pub struct CorpusImage {
+    pub path: PathBuf,
+    pub recipe: String,
+}
+
+fn run(cmd: &mut Command) -> Result<(), String> {
+    let out = cmd.output().map_err(|e| format!("{cmd:?}: {e}"))?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(format!(
+            "{cmd:?}: {}: {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim()
+        ))
+    }
+}
+
+struct Qcow2Opts {
+    compat: &'static str,
+    cluster: u64,
+    refcount_bits: u32,
+    extended_l2: bool,
+    zstd: bool,
+    lazy: bool,
+}
+
+fn random_opts(rng: &mut Prng) -> Qcow2Opts {
+    let compat = *rng.pick(&["0.10", "1.1", "1.1"]);
+    let v3 = compat == "1.1";
+    let extended_l2 = v3 && rng.below(6) == 0;
+    let min_bits = if extended_l2 { 14 } else { 9 };
+    let cluster = 1u64 << (min_bits + rng.below(22 - min_bits));
+    Qcow2Opts {
+        compat,
+        cluster,
+        refcount_bits: if v3 { 1 << rng.below(7) } else { 16 },
+        extended_l2,
+        zstd: v3 && rng.below(8) == 0,
+        lazy: v3 && rng.below(4) == 0,
+    }
+}
+
+fn create_qcow2(
+    path: &Path,
+    size: u64,
+    o: &Qcow2Opts,
+    backing: Option<(&Path, &str)>,
+) -> Result<(), String> {
+    let mut opts = format!(
+        "compat={},cluster_size={},refcount_bits={}",
+        o.compat, o.cluster, o.refcount_bits
+    );
+    if o.extended_l2 {
+        opts.push_str(",extended_l2=on");
+    }
+    if o.zstd {
+        opts.push_str(",compression_type=zstd");
+    }
+    if o.lazy {
+        opts.push_str(",lazy_refcounts=on");
+    }
+    let mut cmd = Command::new("qemu-img");
+    cmd.args(["create", "-q", "-f", "qcow2", "-o", &opts]);
+    if let Some((b, fmt)) = backing {
+        let name = b.file_name().map(|n| n.to_os_string()).unwrap_or_default();
+        cmd.arg("-b").arg(name).args(["-F", fmt]);
+    }
+    cmd.arg(path).arg(size.to_string());
+    run(&mut cmd)
+}
+
+/// Random qemu-io commands for an image of `size` bytes with `cluster`-sized clusters.
+fn random_writes(rng: &mut Prng, size: u64, cluster: u64, qcow2: bool) -> Vec<String> {
+    let mut cmds = Vec::new();
+    let n = 1 + rng.below(8);
+    for _ in 0..n {
+        let unit = 512u64;
+        let off = rng.below(size / unit) * unit;
+        let max = (size - off).min(256 << 10);
+        let len = (1 + rng.below(max / unit)) * unit;
+        let kind = rng.below(if qcow2 { 5 } else { 3 });
+        cmds.push(match kind {
+            0 | 3 => format!("write -P {} {off} {len}", rng.below(256)),
+            1 => format!("write -z {off} {len}"),
+            2 => format!("discard {off} {len}"),
+            _ => {
+                let c = rng.below(size / cluster) * cluster;
+                let l = cluster.min(size - c);
+                format!("write -c -P {} {c} {l}", 1 + rng.below(255))
+            }
+        });
+    }
+    cmds
+}
+
+fn qemu_io(path: &Path, fmt: &str, cmds: &[String]) -> Result<(), String> {
+    let mut cmd = Command::new("qemu-io");
+    cmd.args(["-f", fmt]);
+    for c in cmds {
+        cmd.arg("-c").arg(c);
+    }
+    cmd.arg(path);
+    // A command qemu-io refuses (e.g. a compressed write on a format or cluster layout that
+    // cannot take it) just leaves that write out of the image; its exit status is not an error
+    // for the corpus, only failing to run qemu-io at all is.
+    cmd.output().map_err(|e| format!("qemu-io: {e}"))?;
+    Ok(())
+}
+
+fn be_u64_at(path: &Path, off: u64) -> Result<u64, String> {
+    let f = std::fs::File::open(path).map_err(|e| format!("{path:?}: {e}"))?;
+    let mut b = [0u8; 8];
+    f.read_exact_at(&mut b, off)
+        .map_err(|e| format!("{path:?}: {e}"))?;
+    Ok(u64::from_be_bytes(b))
+}
+
+fn patch(path: &Path, off: u64, bytes: &[u8]) -> Result<(), String> {
+    let f = OpenOptions::new()
+        .write(true)
+        .open(path)
+        .map_err(|e| format!("{path:?}: {e}"))?;
+    f.write_all_at(bytes, off)
+        .map_err(|e| format!("{path:?}: {e}"))
+}
+
+/// Damages a fresh qcow2 (64 KiB clusters, 16-bit refcounts) in one of a few classic ways.
+fn damage(path: &Path, how: u64) -> Result<&'static str, String> {
+    let l1_off = be_u64_at(path, 40)?;
+    let rt_off = be_u64_at(path, 48)?;
+    let rb_off = be_u64_at(path, rt_off)? & !0x1ff;
+    Ok(match how {
+        0 => {
+            // Leak: claim a refcount for a cluster nothing references (cluster 9).
+            patch(path, rb_off + 9 * 2, &[0, 1])?;
+            let len = std::fs::metadata(path).map_err(|e| e.to_string())?.len();
+            let f = OpenOptions::new()
+                .write(true)
+                .open(path)
+                .map_err(|e| e.to_string())?;
+            f.set_len(len.max(10 << 16)).map_err(|e| e.to_string())?;
+            "leaked cluster"
+        }
+        1 => {
+            // Refcount of the L1 table's cluster dropped to 0 (data would overlap it).
+            patch(path, rb_off + (l1_off >> 16) * 2, &[0, 0])?;
+            "refcount overlap (L1 cluster refcount 0)"
+        }
+        2 => {
+            // L1 entry pointing past the end of the file.
+            patch(path, l1_off, &(0x8000_0000_0100_0000u64).to_be_bytes())?;
+            "L1 entry past EOF"
+        }
+        _ => {
+            patch(path, 0, b"XFI\xfb")?;
+            "bad magic"
+        }
+    })
+}
+
+/// Builds `n` images from `seed` in `dir`. The same (n, seed) gives the same recipes.
+pub fn generate(dir: &Path, n: usize, seed: u64) -> Result<Vec<CorpusImage>, String> {
+    std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    let mut rng = Prng::new(seed);
+    let mut out = Vec::new();
+    for i in 0..n {
+        let size = (1u64 << 20) + rng.below(8) * (512 << 10) + rng.below(4) * 512;
+        let kind = rng.below(20);
+        let name = |suffix: &str| dir.join(format!("img{i:03}{suffix}"));
+        let image = match kind {
+            0..=2 => {
+                let p = name(".raw");
+                run(Command::new("qemu-img")
+                    .args(["create", "-q", "-f", "raw"])
+                    .arg(&p)
+                    .arg(size.to_string()))?;
+                qemu_io(&p, "raw", &random_writes(&mut rng, size, 65536, false))?;
+                CorpusImage {
+                    path: p,
+                    recipe: "raw".into(),
+                }
+            }
+            3..=5 => {
+                // A backing chain 1-3 deep over a raw or qcow2 base.
+                let depth = 1 + rng.below(3);
+                let raw_base = rng.below(2) == 0;
+                let mut below = if raw_base {
+                    name("-b0.raw")
+                } else {
+                    name("-b0.qcow2")
+                };
+                let mut fmt = if raw_base { "raw" } else { "qcow2" };
+                if raw_base {
+                    run(Command::new("qemu-img")
+                        .args(["create", "-q", "-f", "raw"])
+                        .arg(&below)
+                        .arg(size.to_string()))?;
+                    qemu_io(&below, "raw", &random_writes(&mut rng, size, 65536, false))?;
+                } else {
+                    let o = random_opts(&mut rng);
+                    create_qcow2(&below, size, &o, None)?;
+                    qemu_io(
+                        &below,
+                        "qcow2",
+                        &random_writes(&mut rng, size, o.cluster, true),
+                    )?;
+                }
+                for d in 1..=depth {
+                    let p = name(&format!("-b{d}.qcow2"));
+                    let o = random_opts(&mut rng);
+                    let top_size = size + rng.below(3) * (256 << 10);
+                    create_qcow2(&p, top_size, &o, Some((&below, fmt)))?;
+                    qemu_io(
+                        &p,
+                        "qcow2",
+                        &random_writes(&mut rng, top_size, o.cluster, true),
+                    )?;
+                    below = p;
+                    fmt = "qcow2";
+                }
+                CorpusImage {
+                    path: below,
+                    recipe: format!(
+                        "chain depth {depth} over {} base",
+                        if raw_base { "raw" } else { "qcow2" }
+                    ),
+                }
+            }
+            6 => {
+                let p = name(".qcow2");
+                create_qcow2(
+                    &p,
+                    size,
+                    &Qcow2Opts {
+                        compat: "1.1",
+                        cluster: 65536,
+                        refcount_bits: 16,
+                        extended_l2: false,
+                        zstd: false,
+                        lazy: false,
+                    },
+                    None,
+                )?;
+                qemu_io(&p, "qcow2", &random_writes(&mut rng, size, 65536, true))?;
+                let what = damage(&p, rng.below(4))?;
+                CorpusImage {
+                    path: p,
+                    recipe: format!("damaged: {what}"),
+                }
+            }
+            _ => {
+                let p = name(".qcow2");
+                let o = random_opts(&mut rng);
+                create_qcow2(&p, size, &o, None)?;
+                qemu_io(&p, "qcow2", &random_writes(&mut rng, size, o.cluster, true))?;
+                CorpusImage {
+                    path: p,
+                    recipe: format!(
+                        "qcow2 compat={} cluster={} refcount_bits={}{}{}{}",
+                        o.compat,
+                        o.cluster,
+                        o.refcount_bits,
+                        if o.extended_l2 { " extended_l2" } else { "" },
+                        if o.zstd { " zstd" } else { "" },
+                        if o.lazy { " lazy_refcounts" } else { "" }
+                    ),
+                }
+            }
+        };
+        out.push(image);
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn prng_is_reproducible() {
+        let a: Vec<u64> = {
+            let mut r = Prng::new(7);
+            (0..4).map(|_| r.next_u64()).collect()
+        };
+        let b: Vec<u64> = {
+            let mut r = Prng::new(7);
+            (0..4).map(|_| r.next_u64()).collect()
+        };
+        assert_eq!(a, b);
+        assert_ne!(a, {
+            let mut r = Prng::new(8);
+            (0..4).map(|_| r.next_u64()).collect::<Vec<_>>()
+        });
+    }
+}

@@ -1,0 +1,109 @@
+//! The `kiln img …` command line (clap arguments and dispatch).
+
+use clap::{Args, Subcommand, ValueEnum};
+
+use super::Profile;
+
+/// `--output human|json`, as qemu-img spells it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Default)]
+pub enum OutputFormat {
+    #[default]
+    Human,
+    Json,
+}
+
+/// `kiln img` subcommands.
+#[derive(Debug, Subcommand)]
+pub enum ImgCommand {
+    /// Describe an image like `qemu-img info`.
+    Info {
+        #[arg(long, value_enum, default_value_t)]
+        output: OutputFormat,
+        /// Describe every image of the backing chain.
+        #[arg(long)]
+        backing_chain: bool,
+        #[command(flatten)]
+        profile: ProfileArg,
+        file: String,
+    },
+    /// Check metadata consistency like `qemu-img check` (exit 0/2/3; never repairs).
+    Check {
+        #[arg(long, value_enum, default_value_t)]
+        output: OutputFormat,
+        #[command(flatten)]
+        profile: ProfileArg,
+        file: String,
+    },
+    /// Print the allocation map like `qemu-img map`.
+    Map {
+        #[arg(long, value_enum, default_value_t)]
+        output: OutputFormat,
+        #[command(flatten)]
+        profile: ProfileArg,
+        file: String,
+    },
+    /// Compare guest-visible contents like `qemu-img compare` (exit 0 same, 1 different, 2 error).
+    Compare {
+        /// Strict mode: sizes and allocation status must match too.
+        #[arg(short = 's')]
+        strict: bool,
+        #[command(flatten)]
+        profile: ProfileArg,
+        a: String,
+        b: String,
+    },
+}
+
+/// `--profile 7.2|10.0`; default: the installed qemu-img's, else the newest.
+#[derive(Debug, Args)]
+pub struct ProfileArg {
+    /// qemu-img output profile to answer in (7.2 or 10.0).
+    #[arg(long, value_parser = parse_profile)]
+    profile: Option<Profile>,
+}
+
+fn parse_profile(s: &str) -> Result<Profile, String> {
+    Profile::parse(s).ok_or_else(|| format!("unknown profile '{s}': expected 7.2 or 10.0"))
+}
+
+impl ProfileArg {
+    fn resolve(&self) -> Profile {
+        self.profile.unwrap_or_else(|| {
+            crate::diff::profile::detect("qemu-img")
+                .ok()
+                .map_or(Profile::newest(), |d| d.profile)
+        })
+    }
+}
+
+/// Runs one `kiln img` command, printing like qemu-img; returns the exit code.
+pub fn run(cmd: ImgCommand) -> i32 {
+    let out = match cmd {
+        ImgCommand::Info {
+            output,
+            backing_chain,
+            profile,
+            file,
+        } => super::info(
+            &file,
+            output == OutputFormat::Json,
+            backing_chain,
+            profile.resolve(),
+        ),
+        ImgCommand::Check { output, file, .. } => super::check(&file, output == OutputFormat::Json),
+        ImgCommand::Map {
+            output,
+            profile,
+            file,
+        } => super::map(&file, output == OutputFormat::Json, profile.resolve()),
+        ImgCommand::Compare {
+            strict,
+            profile,
+            a,
+            b,
+        } => super::compare(&a, &b, strict, profile.resolve()),
+    };
+    print!("{}", out.stdout);
+    eprint!("{}", out.stderr);
+    out.code
+}
