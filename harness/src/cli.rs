@@ -13,7 +13,11 @@ use crate::{bench, doctor};
 
 /// kiln: a microVM test harness with its own embedded VMM.
 #[derive(Debug, Parser)]
-#[command(name = "kiln", version, about)]
+#[command(
+    name = "kiln",
+    version,
+    about = "kiln: a microVM test harness with its own embedded VMM"
+)]
 pub struct Cli {
     #[command(subcommand)]
     command: Command,
