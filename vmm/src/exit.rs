@@ -1,5 +1,6 @@
 //! Why a VM ended, and the latch through which vCPUs, devices and the host report it.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Condvar, Mutex};
 use std::time::{Duration, Instant};
 
@@ -79,6 +80,8 @@ impl From<GuestExit> for ExitReason {
 pub struct ExitLatch {
     reason: Mutex<Option<(ExitReason, Instant)>>,
     cond: Condvar,
+    // Lets vCPU loops check for an exit on every KVM exit without taking the lock.
+    set: AtomicBool,
 }
 
 impl ExitLatch {
@@ -89,8 +92,14 @@ impl ExitLatch {
             return false;
         }
         *r = Some((reason, Instant::now()));
+        self.set.store(true, Ordering::Release);
         self.cond.notify_all();
         true
+    }
+
+    /// Whether a reason is recorded (lock-free).
+    pub fn is_set(&self) -> bool {
+        self.set.load(Ordering::Acquire)
     }
 
     /// The recorded reason, if any.
@@ -147,6 +156,7 @@ mod tests {
     fn first_reason_wins_and_wakes_waiters() {
         let latch = Arc::new(ExitLatch::default());
         assert_eq!(latch.wait(Duration::from_millis(10)), None);
+        assert!(!latch.is_set());
         let l2 = latch.clone();
         let t = std::thread::spawn(move || l2.wait(Duration::from_secs(10)));
         std::thread::sleep(Duration::from_millis(20));
@@ -154,6 +164,7 @@ mod tests {
         assert!(!latch.set(ExitReason::Timeout));
         assert_eq!(t.join().unwrap(), Some(ExitReason::ExitPort(3)));
         assert_eq!(latch.get(), Some(ExitReason::ExitPort(3)));
+        assert!(latch.is_set());
     }
 
     #[test]

@@ -155,7 +155,7 @@ pub fn run_vcpu(
     state.set(VcpuState::Running);
     let _span = tracing::debug_span!("vcpu", index).entered();
     loop {
-        if state.get() != VcpuState::Running || latch.get().is_some() {
+        if state.get() != VcpuState::Running || latch.is_set() {
             break;
         }
         let action = match vcpu.run() {
