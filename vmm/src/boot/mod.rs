@@ -89,6 +89,17 @@ pub enum BootError {
         /// The file.
         path: PathBuf,
     },
+    /// The kernel image does not fit in guest memory.
+    #[error(
+        "--kernel {path}: the image does not fit in guest memory (RAM ends at {mem_end:#x}); \
+         raise --memory"
+    )]
+    KernelTooLarge {
+        /// The file.
+        path: PathBuf,
+        /// End of guest RAM.
+        mem_end: u64,
+    },
     /// Kernel and initrd do not fit in guest memory together.
     #[error(
         "--initrd {path}: {size} bytes do not fit in guest memory above the kernel \
@@ -189,10 +200,20 @@ pub fn load_kernel(
     let n = read_up_to(&mut file, &mut head).map_err(io)?;
     let format = detect_format(path, &head[..n])?;
     file.seek(SeekFrom::Start(0)).map_err(io)?;
+    let mem_end = mem.last_addr().0 + 1;
     let load_err = |source| match source {
         linux_loader::loader::Error::Elf(linux_loader::loader::elf::Error::InvalidEntryAddress) => {
             BootError::LowEntry { path: path.into() }
         }
+        // Reading the image into guest memory fails when it runs past the end of RAM.
+        linux_loader::loader::Error::Elf(linux_loader::loader::elf::Error::ReadKernelImage)
+        | linux_loader::loader::Error::Bzimage(
+            linux_loader::loader::bzimage::Error::ReadBzImageCompressedKernel,
+        )
+        | linux_loader::loader::Error::MemoryOverflow => BootError::KernelTooLarge {
+            path: path.into(),
+            mem_end,
+        },
         source => BootError::Load {
             path: path.into(),
             source,
@@ -362,6 +383,51 @@ mod tests {
         let missing = dir.path().join("missing");
         let err = load_initrd(&mem, &missing, &kernel).unwrap_err();
         assert!(err.to_string().starts_with("--initrd "));
+    }
+
+    /// A minimal ELF64 x86-64 image with one PT_LOAD of `filesz` bytes at 1 MiB.
+    fn elf_with_load(filesz: usize) -> Vec<u8> {
+        let mut f = elf_header(2, 62);
+        f[6] = 1; // EV_CURRENT
+        f[24..32].copy_from_slice(&0x10_0000u64.to_le_bytes()); // e_entry
+        f[32..40].copy_from_slice(&64u64.to_le_bytes()); // e_phoff
+        f[52..54].copy_from_slice(&64u16.to_le_bytes()); // e_ehsize
+        f[54..56].copy_from_slice(&56u16.to_le_bytes()); // e_phentsize
+        f[56..58].copy_from_slice(&1u16.to_le_bytes()); // e_phnum
+        let mut ph = vec![0u8; 56];
+        ph[0..4].copy_from_slice(&1u32.to_le_bytes()); // PT_LOAD
+        ph[8..16].copy_from_slice(&0x1000u64.to_le_bytes()); // p_offset
+        ph[24..32].copy_from_slice(&0x10_0000u64.to_le_bytes()); // p_paddr
+        ph[32..40].copy_from_slice(&(filesz as u64).to_le_bytes()); // p_filesz
+        ph[40..48].copy_from_slice(&(filesz as u64).to_le_bytes()); // p_memsz
+        f.extend_from_slice(&ph);
+        f.resize(0x1000 + filesz, 0x90);
+        f
+    }
+
+    #[test]
+    fn kernel_larger_than_memory_is_a_clear_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("big.elf");
+        std::fs::write(&path, elf_with_load(4 << 20)).unwrap();
+        let mem = create_guest_memory(2).unwrap();
+        let err = load_kernel(&mem, &path, None).unwrap_err();
+        assert!(
+            matches!(
+                err,
+                BootError::KernelTooLarge {
+                    mem_end: 0x20_0000,
+                    ..
+                }
+            ),
+            "{err}"
+        );
+        assert!(err.to_string().ends_with("raise --memory"));
+        // The same image loads, as a 64-bit-entry ELF, when memory is large enough.
+        let mem = create_guest_memory(8).unwrap();
+        let k = load_kernel(&mem, &path, None).unwrap();
+        assert_eq!(k.entry, EntryPoint::Linux64(GuestAddress(0x10_0000)));
+        assert_eq!(k.kernel_end, 0x10_0000 + (4 << 20));
     }
 
     #[test]
