@@ -101,6 +101,31 @@ fn default_guest_boots_under_qemu_tcg_and_serves_the_agent() {
         None => assert!(!release.is_empty()),
     }
 
+    // How long the agent took from its own start (PID 1's start time, in clock ticks since
+    // boot; 100 Hz on x86) to its readiness record (`t=`, ms since boot).
+    let stat = client
+        .exec(&ExecRequest::new(["cat", "/proc/1/stat"]))
+        .unwrap();
+    let stat = String::from_utf8_lossy(&stat.stdout).into_owned();
+    let start_ticks: u64 = stat
+        .rsplit(')')
+        .next()
+        .and_then(|rest| rest.split_whitespace().nth(19))
+        .and_then(|t| t.parse().ok())
+        .unwrap_or_else(|| panic!("no start time in /proc/1/stat: {stat:?}"));
+    let agent_start_ms = start_ticks * 10;
+    assert!(
+        agent_start_ms <= record.t_ms + 10,
+        "{stat} vs t={}",
+        record.t_ms
+    );
+    eprintln!(
+        "agent ready {} ms after it started (PID 1 started at ~{} ms, record t={} ms; 10 ms resolution)",
+        record.t_ms.saturating_sub(agent_start_ms),
+        agent_start_ms,
+        record.t_ms
+    );
+
     let started = Instant::now();
     let out = client
         .exec(&ExecRequest::new([
