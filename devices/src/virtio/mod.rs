@@ -100,6 +100,39 @@ impl Interrupt {
     }
 }
 
+/// The driver's available ring cannot be trusted.
+#[derive(Debug, thiserror::Error)]
+pub enum RingError {
+    /// The available ring lies outside guest memory.
+    #[error("the available ring is outside guest memory: {0}")]
+    Unreadable(virtio_queue::Error),
+    /// The driver's index is more than a queue's worth ahead: virtio-queue would pop nothing
+    /// while reporting more work, so a loop over it would never end.
+    #[error("the available index is {pending} entries ahead of a queue of {size}")]
+    Ahead {
+        /// Entries the index claims.
+        pending: u16,
+        /// The queue size.
+        size: u16,
+    },
+}
+
+/// How many new chains the driver has made available, checked against the queue size.
+pub fn pending_chains(queue: &Queue, mem: &GuestMem) -> Result<u16, RingError> {
+    use virtio_queue::QueueT;
+    let avail = queue
+        .avail_idx(mem, std::sync::atomic::Ordering::Acquire)
+        .map_err(RingError::Unreadable)?;
+    let pending = avail.0.wrapping_sub(queue.next_avail());
+    if pending > queue.size() {
+        return Err(RingError::Ahead {
+            pending,
+            size: queue.size(),
+        });
+    }
+    Ok(pending)
+}
+
 /// Why a device could not be activated.
 #[derive(Debug, thiserror::Error)]
 pub enum ActivateError {

@@ -1,14 +1,12 @@
 //! virtio-rng (virtio 1.2 §5.4): fills the guest's buffers from the host's getrandom, so guests
 //! do not stall on entropy at boot.
 
-use std::sync::atomic::Ordering;
-
 use virtio_queue::{DescriptorChain, Queue, QueueT};
 use vm_memory::Bytes;
 
 use super::{
-    device_type, ActivateError, GuestMem, Interrupt, VirtioDevice, VIRTIO_F_VERSION_1,
-    VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC,
+    device_type, pending_chains, ActivateError, GuestMem, Interrupt, RingError, VirtioDevice,
+    VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC,
 };
 
 /// Size of the one request queue.
@@ -31,14 +29,9 @@ pub enum RngError {
     /// The host's getrandom failed.
     #[error("host getrandom failed: {0}")]
     Entropy(getrandom::Error),
-    /// The driver's available index is further ahead than the queue has entries.
-    #[error("the driver made {pending} buffers available on a queue of {size}")]
-    AvailIndex {
-        /// Entries the index claims are pending.
-        pending: u16,
-        /// Queue size.
-        size: u16,
-    },
+    /// The driver's available ring cannot be trusted.
+    #[error(transparent)]
+    Ring(#[from] RingError),
     /// The rings could not be read or updated.
     #[error("cannot access the virtqueue: {0}")]
     Queue(virtio_queue::Error),
@@ -107,16 +100,7 @@ impl Rng {
             }
             // More is available, but a driver index more than a queue's worth ahead makes
             // virtio-queue pop nothing: without this check the loop would spin forever.
-            let avail = queue
-                .avail_idx(mem, Ordering::Acquire)
-                .map_err(RngError::Queue)?;
-            let pending = avail.0.wrapping_sub(queue.next_avail());
-            if pending > queue.size() {
-                return Err(RngError::AvailIndex {
-                    pending,
-                    size: queue.size(),
-                });
-            }
+            pending_chains(queue, mem)?;
         }
         if used && queue.needs_notification(mem).map_err(RngError::Queue)? {
             interrupt.signal_used_queue();

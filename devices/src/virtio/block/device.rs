@@ -6,9 +6,7 @@
 //! the guest, status included; a chain without a usable status descriptor gets a used entry of
 //! length 0; a ring the device cannot use at all marks the device broken.
 
-use std::num::Wrapping;
 use std::ops::Deref;
-use std::sync::atomic::Ordering;
 
 use virtio_bindings::virtio_blk::{
     VIRTIO_BLK_F_BLK_SIZE, VIRTIO_BLK_F_DISCARD, VIRTIO_BLK_F_FLUSH, VIRTIO_BLK_F_RO,
@@ -23,8 +21,8 @@ use vm_memory::{Address, Bytes, GuestAddress};
 
 use super::disk::{DiskBackend, DISK_ID_LEN};
 use crate::virtio::{
-    device_type, ActivateError, GuestMem, Interrupt, VirtioDevice, VIRTIO_F_VERSION_1,
-    VIRTIO_RING_F_INDIRECT_DESC,
+    device_type, pending_chains, ActivateError, GuestMem, Interrupt, VirtioDevice,
+    VIRTIO_F_VERSION_1, VIRTIO_RING_F_INDIRECT_DESC,
 };
 
 /// Size of the one request queue.
@@ -190,13 +188,10 @@ impl VirtioDevice for Block {
         };
         // Only what is available now: bounded work per notification, and a driver that adds
         // more notifies again.
-        let pending = match queue.avail_idx(mem, Ordering::Acquire) {
-            Ok(avail) => (avail - Wrapping(queue.next_avail())).0,
-            Err(_) => return self.mark_broken("the available ring is outside guest memory"),
+        let pending = match pending_chains(queue, mem) {
+            Ok(pending) => pending,
+            Err(e) => return self.mark_broken(&e.to_string()),
         };
-        if pending > queue.size() {
-            return self.mark_broken("the available index ran ahead of the queue size");
-        }
         let mut used = false;
         let mut failure = None;
         for _ in 0..pending {

@@ -4,7 +4,6 @@ use std::io::Write;
 use std::mem::size_of;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::Path;
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use fuse_backend_rs::abi::fuse_abi::{InHeader, Opcode, OutHeader};
@@ -18,7 +17,8 @@ use vm_memory::ByteValued;
 use super::confine::ConfinedFs;
 use super::{FsError, TAG_MAX_LEN};
 use crate::virtio::{
-    device_type, ActivateError, GuestMem, Interrupt, VirtioDevice, VIRTIO_F_VERSION_1,
+    device_type, pending_chains, ActivateError, GuestMem, Interrupt, VirtioDevice,
+    VIRTIO_F_VERSION_1,
 };
 
 /// Queue 0 is the high-priority queue (FORGET, INTERRUPT), queue 1 the one request queue.
@@ -187,18 +187,10 @@ impl VirtioDevice for VirtioFs {
         }
         // More new entries than the ring holds: the driver's index is corrupt, and popping
         // would only ever fail. Ask for a reset instead of silently ignoring the queue.
-        match queue.avail_idx(mem, Ordering::Acquire) {
-            Ok(avail) if avail.0.wrapping_sub(queue.next_avail()) <= queue.size() => {}
-            Ok(avail) => {
-                tracing::warn!(tag = %self.tag, avail = avail.0, next = queue.next_avail(), "virtio-fs: avail index out of range");
-                self.broken = true;
-                return;
-            }
-            Err(e) => {
-                tracing::warn!(tag = %self.tag, "virtio-fs: cannot read the avail ring: {e}");
-                self.broken = true;
-                return;
-            }
+        if let Err(e) = pending_chains(queue, mem) {
+            tracing::warn!(tag = %self.tag, "virtio-fs: {e}; the device needs a reset");
+            self.broken = true;
+            return;
         }
         let mut used_any = false;
         while let Some(chain) = queue.pop_descriptor_chain(mem) {
