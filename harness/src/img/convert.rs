@@ -134,26 +134,36 @@ fn write_target(disk: &Disk, dst: &str, fmt: ImgFormat) -> Result<(), String> {
     new.commit()
 }
 
-/// Copies every range that may hold data, writing only granules that are not all zeroes.
+/// Copies the image in aligned chunks: a chunk with no data at all (per block status) is
+/// skipped, any other is read whole and its non-zero granules written, so a target cluster is
+/// written completely (zeroes included) as qemu-img writes it.
 fn copy_data(disk: &Disk, target: &Target, size: u64, granule: u64) -> Result<(), String> {
     let mut buf = vec![0u8; CHUNK as usize];
     let mut off = 0u64;
     while off < size {
-        let ext = disk.status_at(off, size - off).map_err(|e| e.to_string())?;
-        let len = ext.length.clamp(1, size - off);
-        if !(ext.zero && !ext.data) {
-            let end = off + len;
-            let mut p = off;
-            while p < end {
-                let n = (end.min((p / CHUNK + 1) * CHUNK)) - p;
-                let chunk = &mut buf[..n as usize];
-                disk.read(chunk, p).map_err(|e| e.to_string())?;
-                write_nonzero(target, chunk, p, granule)
-                    .map_err(|e| format!("error while writing at byte {p}: {}", os_msg(&e)))?;
-                p += n;
+        let end = size.min((off / CHUNK + 1) * CHUNK);
+        let mut next = end;
+        let mut p = off;
+        let mut has_data = false;
+        while p < end {
+            let ext = disk.status_at(p, size - p).map_err(|e| e.to_string())?;
+            let len = ext.length.clamp(1, size - p);
+            if !(ext.zero && !ext.data) {
+                has_data = true;
+                break;
             }
+            // A hole past this chunk lets whole chunks be skipped.
+            next = next.max((p + len) / CHUNK * CHUNK);
+            p += len;
         }
-        off += len;
+        if has_data {
+            next = end;
+            let chunk = &mut buf[..(end - off) as usize];
+            disk.read(chunk, off).map_err(|e| e.to_string())?;
+            write_nonzero(target, chunk, off, granule)
+                .map_err(|e| format!("error while writing at byte {off}: {}", os_msg(&e)))?;
+        }
+        off = next;
     }
     Ok(())
 }
