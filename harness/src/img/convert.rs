@@ -148,7 +148,7 @@ fn copy_data(disk: &Disk, target: &Target, size: u64, granule: u64) -> Result<()
         while p < end {
             let ext = disk.status_at(p, size - p).map_err(|e| e.to_string())?;
             let len = ext.length.clamp(1, size - p);
-            if !(ext.zero && !ext.data) {
+            if ext.data || !ext.zero {
                 has_data = true;
                 break;
             }

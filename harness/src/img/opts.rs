@@ -47,9 +47,8 @@ fn suffix_mul(c: u8) -> Option<u64> {
 pub fn parse_bytes(s: &str) -> Result<u64, SizeError> {
     let invalid = || SizeError::Invalid(s.to_string());
     let t = s.trim_start_matches([' ', '\t', '\n', '\r', '\x0b', '\x0c']);
-    if t.starts_with('-') {
+    if let Some(digits) = t.strip_prefix('-') {
         // strtoull accepts "-0" and qemu_strtosz turns the sign into a range error.
-        let digits = &t[1..];
         return if digits.starts_with(|c: char| c.is_ascii_digit() || c == '.') {
             Err(SizeError::Range)
         } else {
