@@ -4,7 +4,7 @@ use std::path::PathBuf;
 
 use clap::{Args, Subcommand};
 
-use super::run::{diff_images, ALL_OPS};
+use super::run::{diff_images, ALL_OPS, DEFAULT_OPS};
 use crate::img::Profile;
 
 /// `kiln diff` subcommands.
@@ -17,8 +17,9 @@ pub enum DiffCommand {
 /// Arguments of `kiln diff img`.
 #[derive(Debug, Args)]
 pub struct DiffImgArgs {
-    /// Operations to compare (comma-separated): info, check, map, compare.
-    #[arg(long, value_delimiter = ',', default_values_t = ALL_OPS.iter().map(|s| s.to_string()))]
+    /// Operations to compare (comma-separated): info, check, map, compare, create, convert
+    /// (default: the first four).
+    #[arg(long, value_delimiter = ',', default_values_t = DEFAULT_OPS.iter().map(|s| s.to_string()))]
     ops: Vec<String>,
     /// The qemu-img to compare with.
     #[arg(long, default_value = "qemu-img")]

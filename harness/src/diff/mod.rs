@@ -2,6 +2,7 @@
 
 pub mod cmd;
 pub mod generate;
+pub mod produce;
 pub mod profile;
 pub mod rules;
 pub mod run;

@@ -42,6 +42,14 @@ pub enum OpKind {
     MapHuman,
     MapJson,
     Compare,
+    /// A `create`/`convert` command itself (its stdout, stderr and exit code).
+    Produce,
+    /// `qemu-img info --output=json` of an image kiln made, against one qemu-img made.
+    ProducedInfo,
+    /// `qemu-img check --output=json` of an image kiln made, against one qemu-img made.
+    ProducedCheck,
+    /// `{"length", "actual-size"}` of the two products.
+    ProducedSize,
 }
 
 /// A tolerance rule: name, reason, profiles, and the test that decides if it explains a pair.
@@ -72,6 +80,13 @@ pub const RULES: &[Rule] = &[
                  protocol node; kiln does not query it",
         profiles: &[Profile::V10_0],
         applies: extent_size_hint,
+    },
+    Rule {
+        name: "fresh-metadata-layout",
+        reason: "imago gives a new image's L1 table a whole cluster where QEMU writes only the \
+                 entries used: the file is up to two clusters longer, the same guest data",
+        profiles: &Profile::ALL,
+        applies: fresh_metadata_layout,
     },
     Rule {
         name: "error-wording",
@@ -230,6 +245,88 @@ fn extent_size_hint(op: OpKind, k: &Output, q: &Output) -> bool {
         }
         _ => false,
     }
+}
+
+/// Largest slack a freshly written image may have over qemu-img's (two 2 MiB clusters).
+const MAX_LAYOUT_SLACK: u64 = 4 << 20;
+
+fn within_disk_size(a: u64, b: u64) -> bool {
+    let diff = a.abs_diff(b);
+    diff <= 64 << 10 || diff * 20 <= a.max(b)
+}
+
+/// Removes `key` from every object (recursively), returning the numbers removed in order.
+fn take_numbers(v: &mut Value, key: &str, out: &mut Vec<u64>) {
+    match v {
+        Value::Object(m) => {
+            if let Some(n) = m.get(key).and_then(Value::as_u64) {
+                out.push(n);
+                m.remove(key);
+            }
+            m.values_mut().for_each(|x| take_numbers(x, key, out));
+        }
+        Value::Array(a) => a.iter_mut().for_each(|x| take_numbers(x, key, out)),
+        _ => {}
+    }
+}
+
+/// The protocol (file) node lengths under `children`, removed from `v`.
+fn take_file_lengths(v: &mut Value, out: &mut Vec<u64>) {
+    if let Some(Value::Array(children)) = v.get_mut("children") {
+        for c in children {
+            if let Some(Value::Object(info)) = c.get_mut("info") {
+                if let Some(n) = info.remove("virtual-size").and_then(|n| n.as_u64()) {
+                    out.push(n);
+                }
+            }
+        }
+    }
+}
+
+/// Only for images the two tools just made: everything equal but the protocol node's length
+/// (within two of the image's clusters; raw: none), `actual-size` (within the disk-size
+/// tolerance) and the check's `image-end-offset` / the file `length` (within two of the
+/// largest clusters).
+fn fresh_metadata_layout(op: OpKind, k: &Output, q: &Output) -> bool {
+    if !matches!(
+        op,
+        OpKind::ProducedInfo | OpKind::ProducedCheck | OpKind::ProducedSize
+    ) || k.code != q.code
+        || k.stderr != q.stderr
+    {
+        return false;
+    }
+    let (Some(mut a), Some(mut b)) = (parse_json(&k.stdout), parse_json(&q.stdout)) else {
+        return false;
+    };
+    let cluster = a.get("cluster-size").and_then(Value::as_u64);
+    let (mut la, mut lb) = (Vec::new(), Vec::new());
+    let slack = match op {
+        OpKind::ProducedInfo => {
+            // Raw products have no clusters and no metadata: their lengths must be equal.
+            take_file_lengths(&mut a, &mut la);
+            take_file_lengths(&mut b, &mut lb);
+            2 * cluster.unwrap_or(0)
+        }
+        OpKind::ProducedCheck => {
+            take_numbers(&mut a, "image-end-offset", &mut la);
+            take_numbers(&mut b, "image-end-offset", &mut lb);
+            MAX_LAYOUT_SLACK
+        }
+        _ => {
+            take_numbers(&mut a, "length", &mut la);
+            take_numbers(&mut b, "length", &mut lb);
+            MAX_LAYOUT_SLACK
+        }
+    };
+    let (mut sa, mut sb) = (Vec::new(), Vec::new());
+    take_numbers(&mut a, "actual-size", &mut sa);
+    take_numbers(&mut b, "actual-size", &mut sb);
+    a == b
+        && la.len() == lb.len()
+        && la.iter().zip(&lb).all(|(x, y)| x.abs_diff(*y) <= slack)
+        && sa.len() == sb.len()
+        && sa.iter().zip(&sb).all(|(x, y)| within_disk_size(*x, *y))
 }
 
 /// Both failed the same way: same exit code, same stdout, one error line each. A check's
@@ -392,6 +489,99 @@ mod tests {
         assert_ne!(
             rule(&judge(OpKind::MapJson, &k, &q, P)),
             Some("check-detail-lines")
+        );
+    }
+
+    #[test]
+    fn fresh_metadata_layout_only_for_products_and_only_lengths() {
+        let info = |len: u64, vsize: u64, actual: u64| {
+            out(
+                &format!(
+                    "{{\"virtual-size\": {vsize}, \"cluster-size\": 65536, \"actual-size\": \
+                     {actual}, \"children\": [{{\"name\": \"file\", \"info\": \
+                     {{\"virtual-size\": {len}, \"actual-size\": {actual}}}}}]}}"
+                ),
+                "",
+                0,
+            )
+        };
+        let k = info(262144, 1 << 20, 204800);
+        let q = info(197120, 1 << 20, 200704);
+        assert_eq!(
+            rule(&judge(OpKind::ProducedInfo, &k, &q, P)),
+            Some("fresh-metadata-layout")
+        );
+        // Not for an existing image's info, not for a wrong virtual size, not beyond 2 clusters.
+        assert_eq!(judge(OpKind::InfoJson, &k, &q, P), Verdict::Divergent);
+        let wrong = info(197120, 2 << 20, 200704);
+        assert_eq!(
+            judge(OpKind::ProducedInfo, &k, &wrong, P),
+            Verdict::Divergent
+        );
+        let far = info(197120 + 3 * 65536 + 65024, 1 << 20, 200704);
+        assert_eq!(judge(OpKind::ProducedInfo, &k, &far, P), Verdict::Divergent);
+
+        let check = |end: u64, leaks: u64| {
+            out(
+                &format!(
+                    "{{\"image-end-offset\": {end}, \"leaks\": {leaks}, \"check-errors\": 0}}"
+                ),
+                "",
+                0,
+            )
+        };
+        assert_eq!(
+            rule(&judge(
+                OpKind::ProducedCheck,
+                &check(262144, 0),
+                &check(196616, 0),
+                P
+            )),
+            Some("fresh-metadata-layout")
+        );
+        assert_eq!(
+            judge(
+                OpKind::ProducedCheck,
+                &check(262144, 1),
+                &check(196616, 0),
+                P
+            ),
+            Verdict::Divergent
+        );
+        assert_eq!(
+            judge(
+                OpKind::ProducedCheck,
+                &check(9 << 20, 0),
+                &check(196616, 0),
+                P
+            ),
+            Verdict::Divergent
+        );
+        let size = |len: u64, actual: u64| {
+            out(
+                &format!("{{\"length\": {len}, \"actual-size\": {actual}}}"),
+                "",
+                0,
+            )
+        };
+        assert_eq!(
+            rule(&judge(
+                OpKind::ProducedSize,
+                &size(262144, 204800),
+                &size(196616, 200704),
+                P
+            )),
+            Some("fresh-metadata-layout")
+        );
+        // A product with far more allocated (e.g. zeroes written out) is caught.
+        assert_eq!(
+            judge(
+                OpKind::ProducedSize,
+                &size(67108864, 67108864),
+                &size(67108864, 3153920),
+                P
+            ),
+            Verdict::Divergent
         );
     }
 

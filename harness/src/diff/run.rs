@@ -12,7 +12,11 @@ use super::show::visible_diff;
 use crate::img::{self, chain, Output, Profile};
 
 /// The operations `--ops` can select.
-pub const ALL_OPS: &[&str] = &["info", "check", "map", "compare"];
+pub const ALL_OPS: &[&str] = &["info", "check", "map", "compare", "create", "convert"];
+
+/// The operations run when `--ops` is not given (create and convert write two images per
+/// operation and take longer; ask for them).
+pub const DEFAULT_OPS: &[&str] = &["info", "check", "map", "compare"];
 
 /// One compared operation.
 #[derive(Debug, Clone)]
@@ -277,6 +281,17 @@ pub fn diff_images(
                     .map(|r| format!("compare partner: {r}"))
             })
         };
+        if bad
+            .as_deref()
+            .is_none_or(|r| r.starts_with("compare partner"))
+        {
+            if ops.iter().any(|o| o == "create") {
+                findings.extend(super::produce::create_findings(qemu_img, image, i, profile));
+            }
+            if ops.iter().any(|o| o == "convert") {
+                findings.extend(super::produce::convert_findings(qemu_img, image, profile));
+            }
+        }
         for (name, kind, args, kiln) in ops_for(image, other, ops, profile) {
             let inconclusive = match &bad {
                 Some(r) if name.starts_with("compare") || !r.starts_with("compare partner") => {

@@ -121,7 +121,12 @@ pub fn open_layer(name: &str, forced: Option<&str>) -> Result<Layer, ImgError> {
 /// The image and all its backing files, top first. A backing file that refers back into the
 /// chain is an error naming the whole loop.
 pub fn resolve_chain(name: &str) -> Result<Vec<Layer>, ImgError> {
-    let mut layers = vec![open_layer(name, None)?];
+    resolve_chain_as(name, None)
+}
+
+/// [`resolve_chain`] with the top image's format given (`-f`) instead of probed.
+pub fn resolve_chain_as(name: &str, forced: Option<&str>) -> Result<Vec<Layer>, ImgError> {
+    let mut layers = vec![open_layer(name, forced)?];
     let mut seen: Vec<PathBuf> = vec![canonical(Path::new(name))?];
     while let Some(next) = layers.last().and_then(Layer::full_backing_name) {
         let Some(last) = layers.last() else { break };

@@ -52,6 +52,44 @@ pub enum ImgCommand {
         a: String,
         b: String,
     },
+    /// Create a raw or qcow2 image like `qemu-img create` (imago writes it).
+    Create {
+        /// Image format: raw or qcow2.
+        #[arg(short = 'f', default_value = "raw")]
+        fmt: String,
+        /// Backing file (qcow2 only), stored as given, opened relative to FILE's directory.
+        #[arg(short = 'b')]
+        backing: Option<String>,
+        /// Backing file format (raw or qcow2); required with -b, as in qemu-img 7.2+.
+        #[arg(short = 'F')]
+        backing_fmt: Option<String>,
+        /// Options: cluster_size, compat, lazy_refcounts, refcount_bits, extended_l2=off,
+        /// compression_type=zlib, preallocation=off, size, backing_file, backing_fmt.
+        #[arg(short = 'o', value_name = "OPTIONS")]
+        options: Vec<String>,
+        /// Do not print the "Formatting" line.
+        #[arg(short = 'q')]
+        quiet: bool,
+        file: String,
+        /// Size in bytes, or with a suffix k, M, G, T, P, E (taken from the backing file when
+        /// omitted).
+        size: Option<String>,
+    },
+    /// Convert an image (its whole backing chain, flattened) to raw or qcow2 like
+    /// `qemu-img convert`.
+    Convert {
+        /// Source format (probed when omitted).
+        #[arg(short = 'f')]
+        src_fmt: Option<String>,
+        /// Output format: raw or qcow2.
+        #[arg(short = 'O', default_value = "raw")]
+        out_fmt: String,
+        /// Quiet (kiln prints nothing on success anyway).
+        #[arg(short = 'q')]
+        quiet: bool,
+        src: String,
+        dst: String,
+    },
 }
 
 /// `--profile 7.2|10.0`; default: the installed qemu-img's, else the newest.
@@ -102,6 +140,35 @@ pub fn run(cmd: ImgCommand) -> i32 {
             a,
             b,
         } => super::compare(&a, &b, strict, profile.resolve()),
+        ImgCommand::Create {
+            fmt,
+            backing,
+            backing_fmt,
+            options,
+            quiet,
+            file,
+            size,
+        } => super::create(&super::CreateArgs {
+            fmt,
+            file,
+            size,
+            backing,
+            backing_fmt,
+            options,
+            quiet,
+        }),
+        ImgCommand::Convert {
+            src_fmt,
+            out_fmt,
+            src,
+            dst,
+            ..
+        } => super::convert(&super::ConvertArgs {
+            src_fmt,
+            out_fmt,
+            src,
+            dst,
+        }),
     };
     print!("{}", out.stdout);
     eprint!("{}", out.stderr);
