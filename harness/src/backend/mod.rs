@@ -20,8 +20,10 @@
 //! Everything a backend creates lives under the `run_dir` it is given (overlays, sockets), which
 //! the runner deletes afterwards.
 
+pub mod agent;
 pub mod console;
 pub mod fake;
+pub mod qemu;
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicBool;
@@ -294,15 +296,15 @@ pub fn choose(
     }
 }
 
-/// Constructs the backend of `kind`. The real backends register here as they land.
-pub fn construct(kind: BackendKind) -> Result<Arc<dyn Backend>, BackendError> {
-    let missing = |name: &str| BackendError {
-        backend: name.to_string(),
-        message: "this build of kiln has no such backend yet".into(),
-    };
+/// Constructs the backend of `kind`; `hardware_kvm` is `kiln doctor`'s verdict that KVM boots
+/// Linux here (QEMU then uses `-accel kvm`, kiln's VMM may boot Linux guests).
+pub fn construct(kind: BackendKind, hardware_kvm: bool) -> Result<Arc<dyn Backend>, BackendError> {
     match kind {
-        BackendKind::Qemu => Err(missing("qemu")),
-        BackendKind::Kiln => Err(missing("kiln")),
+        BackendKind::Qemu => Ok(Arc::new(qemu::QemuBackend::new(hardware_kvm)?)),
+        BackendKind::Kiln => Err(BackendError {
+            backend: "kiln".into(),
+            message: "this build of kiln has no such backend yet".into(),
+        }),
     }
 }
 

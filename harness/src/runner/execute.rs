@@ -204,11 +204,10 @@ impl Attempt<'_> {
                 ));
             }
         }
-        for (disk, spec) in plan
-            .disks
-            .iter()
-            .zip(&s.disks)
-            .filter(|(_, spec)| spec.keep)
+        for (disk, spec) in
+            plan.disks.iter().zip(&s.disks).filter(|(disk, spec)| {
+                spec.keep && (disk.overlay.exists() || result.failure.is_none())
+            })
         {
             let target = fixtures.join("disks").join(format!("{}.qcow2", spec.name));
             let moved = fs::create_dir_all(fixtures.join("disks")).and_then(|_| {
