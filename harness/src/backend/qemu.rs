@@ -383,7 +383,7 @@ fn spawn_stderr_reader(
         .name("qemu-stderr".into())
         .spawn(move || {
             for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                span.in_scope(|| tracing::warn!("qemu: {line}"));
+                span.in_scope(|| tracing::info!("qemu: {line}"));
                 let mut kept = lines.lock().unwrap_or_else(|p| p.into_inner());
                 if kept.len() == STDERR_LINES {
                     kept.remove(0);

@@ -364,6 +364,13 @@ impl Attempt<'_> {
                 );
             }
             Err(e) => {
+                // A VM stopped by Ctrl-C exits; that is the cancellation, not the guest's doing.
+                let e = match e {
+                    ReadyError::Exited(_) if cancel.load(std::sync::atomic::Ordering::SeqCst) => {
+                        ReadyError::Cancelled
+                    }
+                    other => other,
+                };
                 let (class, msg) = match e {
                     ReadyError::Timeout(what) if active.expired() => (
                         FailureClass::ReadinessTimeout,
