@@ -287,6 +287,13 @@ impl Attempt<'_> {
                 overlay: work.join(format!("{}.qcow2", d.name)),
             })
             .collect();
+        // Every bundle has a console.log, even when the VM never started.
+        let console_log = bundle.path("console.log");
+        fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&console_log)
+            .map_err(|e| format!("cannot create {}: {e}", console_log.display()))?;
         let vm_dir = work.join("vm");
         fs::create_dir_all(&vm_dir)
             .map_err(|e| format!("cannot create {}: {e}", vm_dir.display()))?;
@@ -304,7 +311,7 @@ impl Attempt<'_> {
             vcpus: s.guest.vcpus,
             disks,
             shares,
-            console_log: bundle.path("console.log"),
+            console_log,
         })
     }
 
