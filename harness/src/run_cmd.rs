@@ -124,7 +124,7 @@ pub fn run(args: RunArgs) -> u8 {
         .unwrap_or_else(|| "unknown".into());
     let (kind, why) = backend::choose(args.backend, doctor.kvm.linux_capable(), &kvm_kind);
     eprintln!("kiln: backend {kind} ({why})");
-    let backend = match backend::construct(kind, doctor.kvm.linux_capable()) {
+    let backend = match backend::construct(kind, doctor.kvm.linux_capable(), &kvm_kind) {
         Ok(b) => b,
         Err(e) => {
             eprintln!("kiln: error: {e}");

@@ -23,6 +23,7 @@
 pub mod agent;
 pub mod console;
 pub mod fake;
+pub mod kiln;
 pub mod qemu;
 
 use std::path::{Path, PathBuf};
@@ -296,15 +297,17 @@ pub fn choose(
     }
 }
 
-/// Constructs the backend of `kind`; `hardware_kvm` is `kiln doctor`'s verdict that KVM boots
-/// Linux here (QEMU then uses `-accel kvm`, kiln's VMM may boot Linux guests).
-pub fn construct(kind: BackendKind, hardware_kvm: bool) -> Result<Arc<dyn Backend>, BackendError> {
+/// Constructs the backend of `kind` for a host whose KVM is `kvm_kind`; `linux_capable` is
+/// `kiln doctor`'s verdict that it boots Linux (QEMU then uses `-accel kvm`; kiln's VMM refuses
+/// Linux kernels without it).
+pub fn construct(
+    kind: BackendKind,
+    linux_capable: bool,
+    kvm_kind: &str,
+) -> Result<Arc<dyn Backend>, BackendError> {
     match kind {
-        BackendKind::Qemu => Ok(Arc::new(qemu::QemuBackend::new(hardware_kvm)?)),
-        BackendKind::Kiln => Err(BackendError {
-            backend: "kiln".into(),
-            message: "this build of kiln has no such backend yet".into(),
-        }),
+        BackendKind::Qemu => Ok(Arc::new(qemu::QemuBackend::new(linux_capable)?)),
+        BackendKind::Kiln => Ok(Arc::new(kiln::KilnBackend::new(linux_capable, kvm_kind))),
     }
 }
 
