@@ -26,14 +26,10 @@ fn root() -> PathBuf {
 /// `Ok` when QEMU is installed and the default guest is cached or can be built here.
 fn can_run() -> Result<(), String> {
     common::qemu()?;
-    for tool in ["qemu-img"] {
-        let found = std::env::split_paths(&std::env::var_os("PATH").unwrap_or_default())
-            .any(|d| d.join(tool).is_file());
-        if !found {
-            return Err(format!(
-                "{tool} not found on PATH (apt-get install qemu-utils)"
-            ));
-        }
+    let qemu_img = std::env::split_paths(&std::env::var_os("PATH").unwrap_or_default())
+        .any(|d| d.join("qemu-img").is_file());
+    if !qemu_img {
+        return Err("qemu-img not found on PATH (apt-get install qemu-utils)".into());
     }
     match default_guest() {
         Ok(_) => Ok(()),
