@@ -140,8 +140,13 @@ pub fn run(args: RunArgs) -> u8 {
     {
         // Build (or find) it before the first scenario starts, so its build time and progress
         // lines are not mixed into a scenario's.
-        if let Err(e) = resolver() {
-            eprintln!("kiln: error: {e}");
+        match resolver() {
+            // Hash the images for provenance once here rather than inside the first scenarios.
+            Ok((kernel, initrd)) => {
+                runner::artifacts::file_id(&kernel);
+                runner::artifacts::file_id(&initrd);
+            }
+            Err(e) => eprintln!("kiln: error: {e}"),
         }
     }
     opts.default_guest = Some(resolver);

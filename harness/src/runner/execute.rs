@@ -149,7 +149,9 @@ impl Attempt<'_> {
     fn body(&self, bundle: &Bundle, run_id: &str, result: &mut RunResult) {
         let s = self.scenario;
         tracing::info!(attempt = self.attempt, file = %s.file.display(), "starting");
-        if let Err(e) = write_atomic(&bundle.path("scenario.toml"), s.to_toml().as_bytes()) {
+        // The bundle is still a staging dir (published by rename once result.json is written),
+        // so this file needs no fsync of its own.
+        if let Err(e) = fs::write(bundle.path("scenario.toml"), s.to_toml().as_bytes()) {
             result.failure = Some(fail(
                 FailureClass::InfraError,
                 format!("cannot write scenario.toml: {e}"),
