@@ -171,7 +171,10 @@ fn default_guest_resolver() -> runner::GuestResolver {
 
 /// Run options from the arguments (everything but the backend-dependent parts).
 pub fn options(args: &RunArgs) -> RunOptions {
-    let mut opts = RunOptions::new(args.artifacts.clone());
+    // Absolute, because host-side verify commands run in the scenario's directory and get
+    // bundle paths as arguments.
+    let artifacts = std::path::absolute(&args.artifacts).unwrap_or_else(|_| args.artifacts.clone());
+    let mut opts = RunOptions::new(artifacts);
     opts.jobs = args.jobs.map_or_else(
         || std::thread::available_parallelism().map_or(1, |n| n.get()),
         |j| usize::try_from(j).unwrap_or(1),
