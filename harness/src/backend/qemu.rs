@@ -382,7 +382,9 @@ fn spawn_stderr_reader(
     std::thread::Builder::new()
         .name("qemu-stderr".into())
         .spawn(move || {
-            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            // Split on bytes, so a non-UTF-8 line cannot stop the draining (QEMU would block).
+            for line in BufReader::new(stderr).split(b'\n').map_while(Result::ok) {
+                let line = String::from_utf8_lossy(&line).trim_end().to_string();
                 span.in_scope(|| tracing::info!("qemu: {line}"));
                 let mut kept = lines.lock().unwrap_or_else(|p| p.into_inner());
                 if kept.len() == STDERR_LINES {
