@@ -156,7 +156,10 @@ pub fn main() -> ExitCode {
 
 fn init_logging() {
     let filter = tracing_subscriber::EnvFilter::try_from_env("KILN_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+        // A scenario's failures are on its FAIL line and in its harness.log: not twice on stderr.
+        .unwrap_or_else(|_| {
+            tracing_subscriber::EnvFilter::new("warn,kiln_harness::runner::execute=error")
+        });
     use tracing_subscriber::layer::SubscriberExt;
     use tracing_subscriber::util::SubscriberInitExt;
     use tracing_subscriber::Layer;

@@ -12,7 +12,7 @@ use crate::backend::{self, Backend, BackendChoice};
 use crate::report::{self, LiveReporter};
 use crate::runner::select::{Filter, Partition};
 use crate::runner::{self, artifacts::write_atomic, Control, KeepPolicy, RunOptions};
-use crate::scenario::{load_corpus, Scenario};
+use crate::scenario::{load_corpus, ImageRef, Scenario};
 
 /// `kiln run` arguments.
 #[derive(Debug, Args)]
@@ -124,7 +124,7 @@ pub fn run(args: RunArgs) -> u8 {
         .unwrap_or_else(|| "unknown".into());
     let (kind, why) = backend::choose(args.backend, doctor.kvm.linux_capable(), &kvm_kind);
     eprintln!("kiln: backend {kind} ({why})");
-    let backend = match backend::construct(kind) {
+    let backend = match backend::construct(kind, doctor.kvm.linux_capable(), &kvm_kind) {
         Ok(b) => b,
         Err(e) => {
             eprintln!("kiln: error: {e}");
@@ -133,12 +133,48 @@ pub fn run(args: RunArgs) -> u8 {
     };
     let mut opts = options(&args);
     opts.provenance_base.host_kvm = kvm_kind;
+    let resolver = default_guest_resolver();
+    if scenarios
+        .iter()
+        .any(|s| matches!(s.guest.kernel, ImageRef::Default))
+    {
+        // Build (or find) it before the first scenario starts, so its build time and progress
+        // lines are not mixed into a scenario's.
+        match resolver() {
+            // Hash the images for provenance once here rather than inside the first scenarios.
+            Ok((kernel, initrd)) => {
+                runner::artifacts::file_id(&kernel);
+                runner::artifacts::file_id(&initrd);
+            }
+            Err(e) => eprintln!("kiln: error: {e}"),
+        }
+    }
+    opts.default_guest = Some(resolver);
     run_with(&args, scenarios, backend.as_ref(), opts)
+}
+
+/// Resolves the default guest once per run: the first scenario that needs it builds it into the
+/// cache (progress on stderr) while the others wait; every later call gets the cached answer.
+fn default_guest_resolver() -> runner::GuestResolver {
+    type Resolved = Result<(PathBuf, PathBuf), String>;
+    let resolved: Arc<Mutex<Option<Resolved>>> = Arc::default();
+    Arc::new(move || {
+        let mut slot = resolved.lock().unwrap_or_else(|p| p.into_inner());
+        slot.get_or_insert_with(|| {
+            crate::guest::default_guest()
+                .map(|g| (g.kernel, g.initrd))
+                .map_err(|e| format!("the default guest is not available: {e}"))
+        })
+        .clone()
+    })
 }
 
 /// Run options from the arguments (everything but the backend-dependent parts).
 pub fn options(args: &RunArgs) -> RunOptions {
-    let mut opts = RunOptions::new(args.artifacts.clone());
+    // Absolute, because host-side verify commands run in the scenario's directory and get
+    // bundle paths as arguments.
+    let artifacts = std::path::absolute(&args.artifacts).unwrap_or_else(|_| args.artifacts.clone());
+    let mut opts = RunOptions::new(artifacts);
     opts.jobs = args.jobs.map_or_else(
         || std::thread::available_parallelism().map_or(1, |n| n.get()),
         |j| usize::try_from(j).unwrap_or(1),

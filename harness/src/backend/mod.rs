@@ -20,8 +20,11 @@
 //! Everything a backend creates lives under the `run_dir` it is given (overlays, sockets), which
 //! the runner deletes afterwards.
 
+pub mod agent;
 pub mod console;
 pub mod fake;
+pub mod kiln;
+pub mod qemu;
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicBool;
@@ -294,15 +297,17 @@ pub fn choose(
     }
 }
 
-/// Constructs the backend of `kind`. The real backends register here as they land.
-pub fn construct(kind: BackendKind) -> Result<Arc<dyn Backend>, BackendError> {
-    let missing = |name: &str| BackendError {
-        backend: name.to_string(),
-        message: "this build of kiln has no such backend yet".into(),
-    };
+/// Constructs the backend of `kind` for a host whose KVM is `kvm_kind`; `linux_capable` is
+/// `kiln doctor`'s verdict that it boots Linux (QEMU then uses `-accel kvm`; kiln's VMM refuses
+/// Linux kernels without it).
+pub fn construct(
+    kind: BackendKind,
+    linux_capable: bool,
+    kvm_kind: &str,
+) -> Result<Arc<dyn Backend>, BackendError> {
     match kind {
-        BackendKind::Qemu => Err(missing("qemu")),
-        BackendKind::Kiln => Err(missing("kiln")),
+        BackendKind::Qemu => Ok(Arc::new(qemu::QemuBackend::new(linux_capable)?)),
+        BackendKind::Kiln => Ok(Arc::new(kiln::KilnBackend::new(linux_capable, kvm_kind))),
     }
 }
 

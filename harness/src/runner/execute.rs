@@ -149,7 +149,9 @@ impl Attempt<'_> {
     fn body(&self, bundle: &Bundle, run_id: &str, result: &mut RunResult) {
         let s = self.scenario;
         tracing::info!(attempt = self.attempt, file = %s.file.display(), "starting");
-        if let Err(e) = write_atomic(&bundle.path("scenario.toml"), s.to_toml().as_bytes()) {
+        // The bundle is still a staging dir (published by rename once result.json is written),
+        // so this file needs no fsync of its own.
+        if let Err(e) = fs::write(bundle.path("scenario.toml"), s.to_toml().as_bytes()) {
             result.failure = Some(fail(
                 FailureClass::InfraError,
                 format!("cannot write scenario.toml: {e}"),
@@ -204,11 +206,10 @@ impl Attempt<'_> {
                 ));
             }
         }
-        for (disk, spec) in plan
-            .disks
-            .iter()
-            .zip(&s.disks)
-            .filter(|(_, spec)| spec.keep)
+        for (disk, spec) in
+            plan.disks.iter().zip(&s.disks).filter(|(disk, spec)| {
+                spec.keep && (disk.overlay.exists() || result.failure.is_none())
+            })
         {
             let target = fixtures.join("disks").join(format!("{}.qcow2", spec.name));
             let moved = fs::create_dir_all(fixtures.join("disks")).and_then(|_| {
@@ -288,6 +289,13 @@ impl Attempt<'_> {
                 overlay: work.join(format!("{}.qcow2", d.name)),
             })
             .collect();
+        // Every bundle has a console.log, even when the VM never started.
+        let console_log = bundle.path("console.log");
+        fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&console_log)
+            .map_err(|e| format!("cannot create {}: {e}", console_log.display()))?;
         let vm_dir = work.join("vm");
         fs::create_dir_all(&vm_dir)
             .map_err(|e| format!("cannot create {}: {e}", vm_dir.display()))?;
@@ -305,7 +313,7 @@ impl Attempt<'_> {
             vcpus: s.guest.vcpus,
             disks,
             shares,
-            console_log: bundle.path("console.log"),
+            console_log,
         })
     }
 
@@ -365,6 +373,13 @@ impl Attempt<'_> {
                 );
             }
             Err(e) => {
+                // A VM stopped by Ctrl-C exits; that is the cancellation, not the guest's doing.
+                let e = match e {
+                    ReadyError::Exited(_) if cancel.load(std::sync::atomic::Ordering::SeqCst) => {
+                        ReadyError::Cancelled
+                    }
+                    other => other,
+                };
                 let (class, msg) = match e {
                     ReadyError::Timeout(what) if active.expired() => (
                         FailureClass::ReadinessTimeout,

@@ -205,7 +205,9 @@ impl Checker {
             Want::Dir => path.is_dir(),
         };
         if ok {
-            return Some(path);
+            // Absolute, so it means the same file to a backend in another directory (QEMU
+            // resolves a relative backing file against the overlay's directory).
+            return Some(std::path::absolute(&path).unwrap_or(path));
         }
         let what = match want {
             Want::File => "file",

@@ -1,0 +1,299 @@
+//! The host end of the guest agent, shared by the real backends: one client per transport
+//! (QEMU's virtio-serial chardev carries requests in sequence on one stream; kiln's vsock needs a
+//! connection per request), every read and write bounded by the caller's deadline, and an abort
+//! handle that makes a blocked request return at once when the VM is killed.
+
+use std::io::{self, Read, Write};
+use std::os::unix::net::UnixStream;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use kiln_agent_proto::client::{
+    connect_unix, connect_vsock_uds, Client, ClientError, Output, StreamTimeouts,
+};
+use kiln_agent_proto::frame::FrameError;
+use kiln_agent_proto::ExecRequest;
+
+use super::MachineError;
+
+/// A request's deadline, shared between the link and its stream.
+type SharedDeadline = Arc<Mutex<Instant>>;
+
+fn now_until(deadline: &SharedDeadline) -> Duration {
+    let at = *deadline.lock().unwrap_or_else(|p| p.into_inner());
+    at.saturating_duration_since(Instant::now())
+}
+
+/// A Unix stream whose every read and write gives up at the current request's deadline, whatever
+/// timeout the client asks for (the client bounds each read; the host bounds the whole request).
+pub struct DeadlineStream {
+    inner: UnixStream,
+    deadline: SharedDeadline,
+}
+
+impl DeadlineStream {
+    fn left(&self) -> io::Result<Duration> {
+        let left = now_until(&self.deadline);
+        if left.is_zero() {
+            return Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                "the request's deadline passed",
+            ));
+        }
+        Ok(left)
+    }
+}
+
+impl Read for DeadlineStream {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let t = self.left()?;
+        self.inner.set_read_timeout(Some(t))?;
+        self.inner.read(buf)
+    }
+}
+
+impl Write for DeadlineStream {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let t = self.left()?;
+        self.inner.set_write_timeout(Some(t))?;
+        self.inner.write(buf)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.inner.flush()
+    }
+}
+
+/// The client's per-read timeouts are ignored: the request's deadline is the tighter bound
+/// (the runner gives a step its own timeout plus a little grace).
+impl StreamTimeouts for DeadlineStream {}
+
+/// How the host reaches the agent.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AgentTransport {
+    /// A QEMU `-chardev socket` behind the virtio-serial port: one stream, requests in sequence.
+    Serial(PathBuf),
+    /// A Firecracker-style vsock Unix socket: `CONNECT <port>` per request.
+    Vsock {
+        /// The VMM's vsock Unix socket.
+        uds: PathBuf,
+        /// The agent's vsock port.
+        port: u32,
+    },
+}
+
+/// Stops every current and future request of a link; cloneable into a kill switch.
+#[derive(Clone, Default)]
+pub struct AgentAbort {
+    aborted: Arc<AtomicBool>,
+    current: Arc<Mutex<Option<UnixStream>>>,
+}
+
+impl AgentAbort {
+    /// Shuts the current stream down (a blocked read returns at once) and refuses new requests.
+    pub fn abort(&self) {
+        self.aborted.store(true, Ordering::SeqCst);
+        let current = self.current.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(stream) = current.as_ref() {
+            let _ = stream.shutdown(std::net::Shutdown::Both);
+        }
+    }
+
+    fn is_aborted(&self) -> bool {
+        self.aborted.load(Ordering::SeqCst)
+    }
+
+    fn track(&self, stream: &UnixStream) {
+        *self.current.lock().unwrap_or_else(|p| p.into_inner()) = stream.try_clone().ok();
+    }
+}
+
+/// The host end of one VM's agent.
+pub struct AgentLink {
+    transport: AgentTransport,
+    deadline: SharedDeadline,
+    shared: Option<Client<DeadlineStream>>,
+    abort: AgentAbort,
+    answered: bool,
+}
+
+impl AgentLink {
+    /// A link that connects lazily, on the first request.
+    pub fn new(transport: AgentTransport) -> AgentLink {
+        AgentLink {
+            transport,
+            deadline: Arc::new(Mutex::new(Instant::now())),
+            shared: None,
+            abort: AgentAbort::default(),
+            answered: false,
+        }
+    }
+
+    /// The handle a kill switch uses to unblock requests.
+    pub fn abort_handle(&self) -> AgentAbort {
+        self.abort.clone()
+    }
+
+    /// Whether the agent has answered a request (so it is up and can power the guest off).
+    pub fn answered(&self) -> bool {
+        self.answered
+    }
+
+    fn connect(&self) -> Result<Client<DeadlineStream>, ClientError> {
+        let left = now_until(&self.deadline).max(Duration::from_millis(1));
+        let (stream, shared) = match &self.transport {
+            AgentTransport::Serial(path) => (connect_unix(path)?, true),
+            AgentTransport::Vsock { uds, port } => (connect_vsock_uds(uds, *port, left)?, false),
+        };
+        self.abort.track(&stream);
+        let stream = DeadlineStream {
+            inner: stream,
+            deadline: self.deadline.clone(),
+        };
+        // The deadline bounds everything; the client's own 30 s I/O limit would only cut it short.
+        let client = if shared {
+            Client::new_shared(stream)
+        } else {
+            Client::new(stream)
+        };
+        Ok(client.io_timeout(None))
+    }
+
+    /// Runs one request with `deadline`, on the shared stream or a fresh connection.
+    fn request<T>(
+        &mut self,
+        what: &str,
+        deadline: Instant,
+        f: impl FnOnce(&mut Client<DeadlineStream>) -> Result<T, ClientError>,
+    ) -> Result<T, MachineError> {
+        if self.abort.is_aborted() {
+            return Err(MachineError::Gone("the VM was stopped".into()));
+        }
+        *self.deadline.lock().unwrap_or_else(|p| p.into_inner()) = deadline;
+        let mut client = match self.shared.take() {
+            Some(c) => c,
+            None => self.connect().map_err(|e| self.classify(what, e))?,
+        };
+        let answer = f(&mut client);
+        let shared = matches!(self.transport, AgentTransport::Serial(_));
+        match &answer {
+            // The agent answered (possibly with an error): the shared stream is in sync.
+            Ok(_) | Err(ClientError::Agent { .. }) if shared => self.shared = Some(client),
+            _ => {}
+        }
+        if answer.is_ok() {
+            self.answered = true;
+        }
+        answer.map_err(|e| self.classify(what, e))
+    }
+
+    fn classify(&self, what: &str, e: ClientError) -> MachineError {
+        if self.abort.is_aborted() {
+            return MachineError::Gone(format!("the VM was stopped during {what}"));
+        }
+        match e {
+            ClientError::Agent { message, .. } => MachineError::Agent(message),
+            ClientError::Frame {
+                source: FrameError::Timeout,
+                ..
+            }
+            | ClientError::NoHello { .. }
+                if now_until(&self.deadline).is_zero() =>
+            {
+                MachineError::Timeout(what.to_string())
+            }
+            ClientError::Frame {
+                source: FrameError::Closed | FrameError::Truncated { .. },
+                ..
+            } => MachineError::Gone(format!("the agent connection closed during {what}")),
+            ClientError::Connect { .. } | ClientError::VsockHandshake { .. } => {
+                MachineError::Io(e.to_string())
+            }
+            other => MachineError::Agent(other.to_string()),
+        }
+    }
+
+    /// Runs a command.
+    pub fn exec(
+        &mut self,
+        request: &ExecRequest,
+        deadline: Instant,
+    ) -> Result<Output, MachineError> {
+        let what = format!("exec {:?}", request.argv);
+        self.request(&what, deadline, |c| c.exec(request))
+    }
+
+    /// Writes a guest file.
+    pub fn put(
+        &mut self,
+        path: &str,
+        mode: u32,
+        data: &[u8],
+        deadline: Instant,
+    ) -> Result<(), MachineError> {
+        self.request(&format!("put {path}"), deadline, |c| {
+            c.put(path, mode, data)
+        })
+    }
+
+    /// Reads a guest file.
+    pub fn get(
+        &mut self,
+        path: &str,
+        max_size: u64,
+        deadline: Instant,
+    ) -> Result<Vec<u8>, MachineError> {
+        self.request(&format!("get {path}"), deadline, |c| {
+            c.get(path, max_size).map(|f| f.data)
+        })
+    }
+
+    /// Asks the agent to power the guest off.
+    pub fn poweroff(&mut self, deadline: Instant) -> Result<(), MachineError> {
+        self.request("shutdown", deadline, |c| c.shutdown(false))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_request_gives_up_at_its_deadline_and_abort_unblocks_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("agent.sock");
+        let listener = std::os::unix::net::UnixListener::bind(&path).unwrap();
+        // A peer that accepts and never answers.
+        let keep = std::thread::spawn(move || {
+            let conns: Vec<_> = listener.incoming().take(2).collect();
+            std::thread::sleep(Duration::from_secs(3));
+            drop(conns);
+        });
+        let mut link = AgentLink::new(AgentTransport::Serial(path));
+        let t = Instant::now();
+        let err = link
+            .exec(
+                &ExecRequest::new(["true"]),
+                Instant::now() + Duration::from_millis(300),
+            )
+            .unwrap_err();
+        assert!(matches!(err, MachineError::Timeout(_)), "{err:?}");
+        assert!(t.elapsed() < Duration::from_secs(2), "{:?}", t.elapsed());
+
+        let abort = link.abort_handle();
+        let stopper = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(200));
+            abort.abort();
+        });
+        let t = Instant::now();
+        let err = link
+            .get("/x", 10, Instant::now() + Duration::from_secs(60))
+            .unwrap_err();
+        assert!(matches!(err, MachineError::Gone(_)), "{err:?}");
+        assert!(t.elapsed() < Duration::from_secs(2), "{:?}", t.elapsed());
+        stopper.join().unwrap();
+        keep.join().unwrap();
+    }
+}

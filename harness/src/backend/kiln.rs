@@ -1,0 +1,409 @@
+//! The kiln backend: scenarios run on kiln's own VMM (`kiln_vmm::Vm`). Disks are copy-on-write
+//! overlays the VMM creates at the planned path (the base is never written), shares are
+//! virtio-fs (the agent tries virtiofs before 9p), the agent answers on vsock port 1024 through
+//! the VM's Firecracker-style Unix socket, and the serial console is read from the VMM's
+//! in-memory log into the harness's [`Console`].
+//!
+//! A Linux guest needs hardware KVM: under PVM the guest kernel's own instructions (`xsave`,
+//! `cmpxchg16b`, `int3`) stop the emulator, so on such a host a Linux kernel is refused at once
+//! with an infra error instead of a VM that hangs until the readiness timeout. Small
+//! bare-metal guests still run.
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use kiln_devices::virtio::block::{DiskMode, DiskSpec};
+use kiln_vmm::vm::{Vm, VmConfig, VmHandle};
+
+use super::agent::{AgentLink, AgentTransport};
+use super::*;
+
+/// How often the console is copied from the VMM's log.
+const CONSOLE_POLL: Duration = Duration::from_millis(20);
+/// The longest Unix socket path (sun_path is 108 bytes with its NUL).
+const MAX_SOCKET_PATH: usize = 107;
+/// What a Linux guest needs that this host lacks, and what to do instead.
+const NO_LINUX: &str = "this KVM cannot boot Linux guests; use --backend qemu";
+
+/// The kiln backend.
+pub struct KilnBackend {
+    linux_capable: bool,
+    kvm_kind: String,
+}
+
+fn error(message: impl Into<String>) -> BackendError {
+    BackendError {
+        backend: "kiln".into(),
+        message: message.into(),
+    }
+}
+
+impl KilnBackend {
+    /// A backend for a host whose KVM is `kvm_kind`; `linux_capable` says whether it boots Linux.
+    pub fn new(linux_capable: bool, kvm_kind: &str) -> KilnBackend {
+        KilnBackend {
+            linux_capable,
+            kvm_kind: kvm_kind.to_string(),
+        }
+    }
+}
+
+/// Whether `kernel` is a Linux bzImage (the "HdrS" setup header magic at 0x202).
+fn is_bzimage(kernel: &Path) -> std::io::Result<bool> {
+    use std::io::{Read, Seek, SeekFrom};
+    let mut f = std::fs::File::open(kernel)?;
+    let mut magic = [0u8; 4];
+    f.seek(SeekFrom::Start(0x202))?;
+    match f.read_exact(&mut magic) {
+        Ok(()) => Ok(&magic == b"HdrS"),
+        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => Ok(false),
+        Err(e) => Err(e),
+    }
+}
+
+/// Refuses a base whose header contradicts its declared format (as `qemu-img -F` would).
+fn check_format(disk: &PlannedDisk) -> Result<(), BackendError> {
+    use std::io::Read;
+    let mut magic = [0u8; 4];
+    let read = std::fs::File::open(&disk.base).and_then(|mut f| f.read(&mut magic));
+    let n = read.map_err(|e| {
+        error(format!(
+            "disk `{}`: cannot read {}: {e}",
+            disk.name,
+            disk.base.display()
+        ))
+    })?;
+    let is_qcow2 = n == 4 && &magic == b"QFI\xfb";
+    match disk.format {
+        DiskFormat::Qcow2 if !is_qcow2 => Err(error(format!(
+            "disk `{}`: {} is declared qcow2 but has no qcow2 header",
+            disk.name,
+            disk.base.display()
+        ))),
+        DiskFormat::Raw if is_qcow2 => Err(error(format!(
+            "disk `{}`: {} is declared raw but is a qcow2 image",
+            disk.name,
+            disk.base.display()
+        ))),
+        _ => Ok(()),
+    }
+}
+
+/// The VMM configuration for `plan`: overlays at the planned paths, virtio-fs shares, a vsock
+/// socket in `run_dir`, the console kept in memory (the harness copies it).
+pub fn vm_config(plan: &RunPlan, run_dir: &Path) -> VmConfig {
+    let mut config = VmConfig::new(&plan.kernel)
+        .memory_mib(plan.memory_mib)
+        .vcpus(plan.vcpus)
+        .vsock(run_dir.join("vsock.sock"))
+        .cmdline(format!("quiet {}", plan.cmdline).trim_end());
+    if let Some(initrd) = &plan.initrd {
+        config = config.initrd(initrd);
+    }
+    for disk in &plan.disks {
+        config = config.disk(DiskSpec {
+            path: disk.base.clone(),
+            mode: DiskMode::KeptOverlay(disk.overlay.clone()),
+        });
+    }
+    for share in &plan.shares {
+        config = config.share(&share.tag, &share.host_dir, share.readonly);
+    }
+    config
+}
+
+impl Backend for KilnBackend {
+    fn kind(&self) -> BackendKind {
+        BackendKind::Kiln
+    }
+
+    fn name(&self) -> &str {
+        "kiln"
+    }
+
+    fn version(&self) -> String {
+        format!(
+            "kiln-vmm {}, {} KVM",
+            env!("CARGO_PKG_VERSION"),
+            self.kvm_kind
+        )
+    }
+
+    fn boot(&self, plan: &RunPlan, run_dir: &Path) -> Result<Box<dyn Machine>, BackendError> {
+        if !self.linux_capable {
+            let linux = is_bzimage(&plan.kernel)
+                .map_err(|e| error(format!("cannot read {}: {e}", plan.kernel.display())))?;
+            if linux {
+                return Err(error(format!("{} KVM: {NO_LINUX}", self.kvm_kind)));
+            }
+        }
+        for disk in &plan.disks {
+            check_format(disk)?;
+        }
+        let config = vm_config(plan, run_dir);
+        if let Some(uds) = config.vsock.as_ref() {
+            if uds.as_os_str().len() > MAX_SOCKET_PATH {
+                return Err(error(format!(
+                    "socket path {} is longer than {MAX_SOCKET_PATH} bytes: set TMPDIR to a shorter directory",
+                    uds.display()
+                )));
+            }
+        }
+        let uds = config.vsock.clone().unwrap_or_default();
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&plan.console_log)
+            .map_err(|e| error(format!("cannot open {}: {e}", plan.console_log.display())))?;
+        let console = Console::new(Some(log));
+        let handle = Vm::start(config).map_err(|e| error(e.to_string()))?;
+        let log = handle.console();
+        let vm = Arc::new(Mutex::new(handle));
+        let mut machine = KilnMachine {
+            vm: vm.clone(),
+            console: console.clone(),
+            agent: AgentLink::new(AgentTransport::Vsock {
+                uds: uds.clone(),
+                port: kiln_agent_proto::VSOCK_PORT,
+            }),
+            poller: None,
+            uds,
+        };
+        let poller = std::thread::Builder::new()
+            .name("kiln-console".into())
+            .spawn(move || copy_console(&log, &vm, &console))
+            .map_err(|e| error(format!("cannot start the console thread: {e}")))?;
+        machine.poller = Some(poller);
+        Ok(Box::new(machine))
+    }
+}
+
+type SharedVm = Arc<Mutex<VmHandle>>;
+
+fn lock(vm: &SharedVm) -> std::sync::MutexGuard<'_, VmHandle> {
+    vm.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Copies new console bytes until the VM has ended, then closes the console.
+fn copy_console(log: &kiln_devices::console::ConsoleLog, vm: &SharedVm, console: &Console) {
+    let mut copied = 0usize;
+    loop {
+        let ended = lock(vm).exit_reason().is_some();
+        let bytes = log.bytes();
+        if let Some(new) = bytes.get(copied..).filter(|b| !b.is_empty()) {
+            console.push(new);
+            copied = bytes.len();
+        }
+        if ended {
+            break;
+        }
+        std::thread::sleep(CONSOLE_POLL);
+    }
+    console.close();
+}
+
+/// One VM on kiln's VMM.
+struct KilnMachine {
+    vm: SharedVm,
+    console: Console,
+    agent: AgentLink,
+    poller: Option<JoinHandle<()>>,
+    uds: PathBuf,
+}
+
+impl KilnMachine {
+    fn ended(&self) -> Option<String> {
+        lock(&self.vm).exit_reason().map(|r| format!("{r:?}"))
+    }
+
+    fn check<T>(&self, r: Result<T, MachineError>) -> Result<T, MachineError> {
+        match (r, self.ended()) {
+            (Err(_), Some(reason)) => Err(MachineError::Gone(format!("the VM ended: {reason}"))),
+            (r, _) => r,
+        }
+    }
+
+    fn wait_exit(&self, until: Instant) -> bool {
+        while self.ended().is_none() {
+            if Instant::now() >= until {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        true
+    }
+}
+
+impl Machine for KilnMachine {
+    fn console(&self) -> &Console {
+        &self.console
+    }
+
+    fn exec(&mut self, request: &ExecRequest, deadline: Instant) -> Result<Output, MachineError> {
+        let r = self.agent.exec(request, deadline);
+        self.check(r)
+    }
+
+    fn put(
+        &mut self,
+        path: &str,
+        mode: u32,
+        data: &[u8],
+        deadline: Instant,
+    ) -> Result<(), MachineError> {
+        let r = self.agent.put(path, mode, data, deadline);
+        self.check(r)
+    }
+
+    fn get(
+        &mut self,
+        path: &str,
+        max_size: u64,
+        deadline: Instant,
+    ) -> Result<Vec<u8>, MachineError> {
+        let r = self.agent.get(path, max_size, deadline);
+        self.check(r)
+    }
+
+    /// Powers off through the agent when it is up (sync first); otherwise the VMM stops the VM,
+    /// which closes and keeps the overlays either way.
+    fn shutdown(&mut self, timeout: Duration) -> Result<(), MachineError> {
+        let deadline = Instant::now() + timeout;
+        if self.ended().is_some() {
+            return Ok(());
+        }
+        if !self.agent.answered() {
+            self.kill();
+            return Ok(());
+        }
+        self.agent.poweroff(deadline)?;
+        if self.wait_exit(deadline) {
+            Ok(())
+        } else {
+            Err(MachineError::Timeout(format!(
+                "the guest did not power off within {timeout:?}"
+            )))
+        }
+    }
+
+    fn kill(&mut self) {
+        self.agent.abort_handle().abort();
+        lock(&self.vm).kill();
+        if let Some(poller) = self.poller.take() {
+            let _ = poller.join();
+        }
+        self.console.close();
+    }
+
+    fn kill_switch(&self) -> KillSwitch {
+        let vm = self.vm.clone();
+        let abort = self.agent.abort_handle();
+        Arc::new(move || {
+            abort.abort();
+            lock(&vm).kill();
+        })
+    }
+}
+
+impl Drop for KilnMachine {
+    fn drop(&mut self) {
+        self.kill();
+        let _ = std::fs::remove_file(&self.uds);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use kiln_devices::console::ConsoleOutput;
+
+    fn plan(dir: &Path) -> RunPlan {
+        RunPlan {
+            scenario_id: "s".into(),
+            run_id: "r".into(),
+            kernel: dir.join("bzImage"),
+            initrd: Some(dir.join("initrd.gz")),
+            cmdline: "kiln.share=output:/mnt/output".into(),
+            memory_mib: 256,
+            vcpus: 2,
+            disks: vec![PlannedDisk {
+                name: "scratch".into(),
+                base: dir.join("base.img"),
+                format: DiskFormat::Raw,
+                overlay: dir.join("scratch.qcow2"),
+            }],
+            shares: vec![PlannedShare {
+                tag: "output".into(),
+                host_dir: dir.join("shares/output"),
+                mount: "/mnt/output".into(),
+                readonly: false,
+            }],
+            console_log: dir.join("console.log"),
+        }
+    }
+
+    #[test]
+    fn a_plan_maps_to_the_vm_config_it_needs() {
+        let dir = Path::new("/run/x");
+        let c = vm_config(&plan(dir), &dir.join("vm"));
+        assert_eq!(c.kernel, dir.join("bzImage"));
+        assert_eq!(c.initrd.as_deref(), Some(dir.join("initrd.gz").as_path()));
+        assert_eq!(
+            c.cmdline.as_deref(),
+            Some("quiet kiln.share=output:/mnt/output")
+        );
+        assert_eq!((c.memory_mib, c.vcpus), (256, 2));
+        assert_eq!(
+            c.disks,
+            [DiskSpec {
+                path: dir.join("base.img"),
+                mode: DiskMode::KeptOverlay(dir.join("scratch.qcow2")),
+            }]
+        );
+        assert_eq!(c.shares.len(), 1);
+        assert_eq!(
+            (c.shares[0].tag.as_str(), c.shares[0].read_only),
+            ("output", false)
+        );
+        assert_eq!(c.shares[0].dir, dir.join("shares/output"));
+        assert_eq!(
+            c.vsock.as_deref(),
+            Some(dir.join("vm/vsock.sock").as_path())
+        );
+        assert_eq!(c.console, ConsoleOutput::None);
+    }
+
+    #[test]
+    fn a_linux_kernel_is_refused_at_once_without_hardware_kvm() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = plan(dir.path());
+        let mut bz = vec![0u8; 0x300];
+        bz[0x202..0x206].copy_from_slice(b"HdrS");
+        std::fs::write(&p.kernel, &bz).unwrap();
+        let backend = KilnBackend::new(false, "pvm");
+        let t = Instant::now();
+        let err = backend.boot(&p, dir.path()).err().unwrap();
+        assert_eq!(
+            err.to_string(),
+            "kiln: pvm KVM: this KVM cannot boot Linux guests; use --backend qemu"
+        );
+        assert!(t.elapsed() < Duration::from_secs(1));
+    }
+
+    #[test]
+    fn a_base_that_contradicts_its_declared_format_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut p = plan(dir.path());
+        std::fs::write(&p.disks[0].base, vec![0u8; 4096]).unwrap();
+        p.disks[0].format = DiskFormat::Qcow2;
+        let err = check_format(&p.disks[0]).unwrap_err().to_string();
+        assert!(
+            err.contains("is declared qcow2 but has no qcow2 header"),
+            "{err}"
+        );
+        p.disks[0].format = DiskFormat::Raw;
+        assert!(check_format(&p.disks[0]).is_ok());
+    }
+}
