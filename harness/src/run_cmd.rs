@@ -155,7 +155,7 @@ pub fn run(args: RunArgs) -> u8 {
 
 /// Resolves the default guest once per run: the first scenario that needs it builds it into the
 /// cache (progress on stderr) while the others wait; every later call gets the cached answer.
-fn default_guest_resolver() -> runner::GuestResolver {
+pub(crate) fn default_guest_resolver() -> runner::GuestResolver {
     type Resolved = Result<(PathBuf, PathBuf), String>;
     let resolved: Arc<Mutex<Option<Resolved>>> = Arc::default();
     Arc::new(move || {

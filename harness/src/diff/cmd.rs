@@ -12,6 +12,8 @@ use crate::img::Profile;
 pub enum DiffCommand {
     /// Run kiln img and qemu-img on images and report every divergence.
     Img(DiffImgArgs),
+    /// Run scenarios on kiln's VMM and on QEMU and compare every fact of the two runs.
+    Run(super::runs::cmd::DiffRunArgs),
 }
 
 /// Arguments of `kiln diff img`.
@@ -52,6 +54,7 @@ pub struct DiffImgArgs {
 pub fn run(cmd: DiffCommand) -> i32 {
     match cmd {
         DiffCommand::Img(a) => diff_img(a),
+        DiffCommand::Run(a) => i32::from(super::runs::cmd::run(a)),
     }
 }
 

@@ -1,4 +1,5 @@
-//! `kiln diff img`: kiln's `img` answers against qemu-img's, per version profile.
+//! `kiln diff img`: kiln's `img` answers against qemu-img's, per version profile; `kiln diff
+//! run` ([`runs`]): each scenario on kiln's VMM and on QEMU, compared fact by fact.
 
 pub mod cmd;
 pub mod generate;
@@ -6,6 +7,7 @@ pub mod produce;
 pub mod profile;
 pub mod rules;
 pub mod run;
+pub mod runs;
 pub mod show;
 
 use std::path::{Path, PathBuf};

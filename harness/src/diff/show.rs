@@ -19,6 +19,16 @@ pub fn visible(line: &str) -> String {
 /// Longest-common-subsequence line diff of `a` (kiln) against `b` (qemu-img); at most
 /// `limit` changed lines are shown.
 pub fn line_diff(a: &str, b: &str, limit: usize) -> String {
+    labeled_line_diff(a, b, limit, ("kiln", "qemu-img"))
+}
+
+/// [`line_diff`] with the two sides named `labels` (`-` lines are the first side's).
+pub fn labeled_line_diff(a: &str, b: &str, limit: usize, labels: (&str, &str)) -> String {
+    let width = labels.0.chars().count().max(labels.1.chars().count());
+    let (la, lb) = (
+        format!("{:<width$}", labels.0),
+        format!("{:<width$}", labels.1),
+    );
     let a: Vec<&str> = a.split_inclusive('\n').collect();
     let b: Vec<&str> = b.split_inclusive('\n').collect();
     let strip = |l: &str| l.strip_suffix('\n').map(str::to_owned);
@@ -51,11 +61,11 @@ pub fn line_diff(a: &str, b: &str, limit: usize) -> String {
             i += 1;
             j += 1;
         } else if j < b.len() && (i == a.len() || lcs[i][j + 1] >= lcs[i + 1][j]) {
-            out.push_str(&format!("    + qemu-img {}\n", show(b[j])));
+            out.push_str(&format!("    + {lb} {}\n", show(b[j])));
             j += 1;
             shown += 1;
         } else {
-            out.push_str(&format!("    - kiln     {}\n", show(a[i])));
+            out.push_str(&format!("    - {la} {}\n", show(a[i])));
             i += 1;
             shown += 1;
         }

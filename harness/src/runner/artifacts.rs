@@ -110,6 +110,12 @@ pub struct StepResult {
     /// Why it failed.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub message: Option<String>,
+    /// A command's standard output (lossy UTF-8), for `kiln diff run` and readers of the bundle.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stdout: Option<String>,
+    /// A command's standard error (lossy UTF-8).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stderr: Option<String>,
 }
 
 /// One file expectation's outcome.

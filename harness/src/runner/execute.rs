@@ -461,6 +461,8 @@ impl Attempt<'_> {
                 exit_code: None,
                 signal: None,
                 message: None,
+                stdout: None,
+                stderr: None,
             };
             let outcome: Result<(), Failure> = match &step.action {
                 StepAction::Run(run) => {
@@ -485,6 +487,8 @@ impl Attempt<'_> {
                         Ok(o) => {
                             record.exit_code = o.code;
                             record.signal = o.signal;
+                            record.stdout = Some(String::from_utf8_lossy(&o.stdout).into_owned());
+                            record.stderr = Some(String::from_utf8_lossy(&o.stderr).into_owned());
                             check_output(run, &o, step.timeout)
                                 .map_err(|(class, m)| fail(class, m, Some(index)))
                         }
@@ -664,6 +668,8 @@ fn skipped(s: &Scenario, from: usize) -> Vec<StepResult> {
             exit_code: None,
             signal: None,
             message: None,
+            stdout: None,
+            stderr: None,
         })
         .collect()
 }

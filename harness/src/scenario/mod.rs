@@ -63,6 +63,41 @@ pub struct Scenario {
     pub steps: Vec<Step>,
     /// What must hold afterwards.
     pub expect: Expect,
+    /// What `kiln diff run` tolerates between backends.
+    #[serde(skip_serializing_if = "DiffRules::is_empty")]
+    pub diff: DiffRules,
+}
+
+/// `[diff]`: differences between the two backends' runs that `kiln diff run` tolerates, each
+/// reported with its rule and reason, never silently.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct DiffRules {
+    /// Regexes whose matches are masked in both sides' step outputs before comparing.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub ignore: Vec<IgnoreRule>,
+    /// Steps (indices) whose exit code and outputs may differ.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub ignore_steps: Vec<usize>,
+    /// Why: the reason reported for `ignore_steps` and for rules without their own.
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub reason: String,
+}
+
+impl DiffRules {
+    /// No rules at all.
+    pub fn is_empty(&self) -> bool {
+        self.ignore.is_empty() && self.ignore_steps.is_empty() && self.reason.is_empty()
+    }
+}
+
+/// One `[diff] ignore` rule.
+#[derive(Debug, Clone, Serialize)]
+pub struct IgnoreRule {
+    /// Matches are masked in step stdout and stderr on both sides.
+    pub regex: Pattern,
+    /// Why the masked text may differ.
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub reason: String,
 }
 
 /// A concrete backend.

@@ -27,6 +27,37 @@ pub struct RawScenario {
     #[serde(default)]
     pub expect: RawExpect,
     pub backends: Option<Spanned<Vec<BackendName>>>,
+    pub diff: Option<RawDiff>,
+}
+
+/// `[diff]`: what `kiln diff run` tolerates between the two backends' runs.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawDiff {
+    #[serde(default)]
+    pub ignore: Vec<Spanned<RawIgnore>>,
+    #[serde(default)]
+    pub ignore_steps: Vec<Spanned<RawStepRef>>,
+    pub reason: Option<String>,
+}
+
+/// One `[diff] ignore` entry: a regex, or `{ regex = "...", reason = "..." }`.
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+pub enum RawIgnore {
+    Regex(String),
+    Rule {
+        regex: String,
+        reason: Option<String>,
+    },
+}
+
+/// A step named by its index (from 0) or its name.
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+pub enum RawStepRef {
+    Index(i64),
+    Name(String),
 }
 
 /// A defaults/profile file (`kiln.toml` or `defaults.toml` in the corpus directory).

@@ -161,12 +161,16 @@ impl Checker {
             },
         };
         let step_defaults = d.map(|(r, s)| (&r.steps, s));
-        let steps = raw
+        let steps: Vec<Step> = raw
             .steps
             .iter()
             .enumerate()
             .filter_map(|(i, s)| self.step(src, i, s, step_defaults))
             .collect();
+        let diff = match &raw.diff {
+            Some(d) => self.diff(src, d, &steps),
+            None => DiffRules::default(),
+        };
         let files = raw
             .expect
             .files
@@ -186,8 +190,68 @@ impl Checker {
             readiness,
             steps,
             expect: Expect { files },
+            diff,
         };
         Some((scenario, id_pos))
+    }
+
+    /// `[diff]`: compiles the ignore regexes and resolves `ignore_steps` to step indices.
+    fn diff(&mut self, src: &SourceFile, raw: &RawDiff, steps: &[Step]) -> DiffRules {
+        let mut rules = DiffRules {
+            reason: raw.reason.clone().unwrap_or_default(),
+            ..DiffRules::default()
+        };
+        for (i, entry) in raw.ignore.iter().enumerate() {
+            let field = format!("diff.ignore[{i}]");
+            let (regex, reason) = match entry.get_ref() {
+                RawIgnore::Regex(r) => (r, None),
+                RawIgnore::Rule { regex, reason } => (regex, reason.as_ref()),
+            };
+            let spanned = Spanned::new(entry.span(), regex.clone());
+            if regex.is_empty() {
+                self.err(
+                    src,
+                    entry.span(),
+                    &field,
+                    "empty regex: it would match everywhere and hide every output".into(),
+                );
+                continue;
+            }
+            if let Some(p) = self.regex(src, &spanned, &field) {
+                rules.ignore.push(IgnoreRule {
+                    regex: p,
+                    reason: reason.cloned().unwrap_or_default(),
+                });
+            }
+        }
+        for (i, entry) in raw.ignore_steps.iter().enumerate() {
+            let field = format!("diff.ignore_steps[{i}]");
+            let index = match entry.get_ref() {
+                RawStepRef::Index(n) => usize::try_from(*n).ok().filter(|n| *n < steps.len()),
+                RawStepRef::Name(name) => steps.iter().position(|s| &s.name == name),
+            };
+            match index {
+                Some(n) if !rules.ignore_steps.contains(&n) => rules.ignore_steps.push(n),
+                Some(n) => self.err(
+                    src,
+                    entry.span(),
+                    &field,
+                    format!("step {n} is listed twice"),
+                ),
+                None => {
+                    let what = match entry.get_ref() {
+                        RawStepRef::Index(n) => format!("no step {n}"),
+                        RawStepRef::Name(name) => format!("no step named {name:?}"),
+                    };
+                    let msg = format!(
+                        "{what}: name a step by its index (0 to {}) or its name",
+                        steps.len().saturating_sub(1)
+                    );
+                    self.err(src, entry.span(), &field, msg);
+                }
+            }
+        }
+        rules
     }
 
     /// Resolves a host path against the file that named it and checks it exists as `want`.

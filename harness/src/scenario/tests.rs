@@ -266,3 +266,42 @@ fn command_only_fields_on_other_steps_are_rejected() {
         ["D/a.toml:2:1: steps[0].exit_code: `exit_code` applies only to `run` and `shell` steps"]
     );
 }
+
+#[test]
+fn diff_rules_resolve_to_regexes_and_step_indices() {
+    let text = "id = \"a\"\n[[steps]]\nname = \"clock\"\nrun = [\"date\"]\n[[steps]]\nrun = [\"true\"]\n\
+                [diff]\nignore = ['\\d\\d:\\d\\d', { regex = 'pid \\d+', reason = \"pids differ\" }]\n\
+                ignore_steps = [\"clock\", 1]\nreason = \"wall clock\"\n";
+    let (_dir, result) = corpus(&[("a.toml", text)]);
+    let s = &result.expect("valid")[0];
+    assert_eq!(s.diff.ignore.len(), 2);
+    assert_eq!(s.diff.ignore[1].reason, "pids differ");
+    assert_eq!(s.diff.ignore_steps, [0, 1]);
+    assert_eq!(s.diff.reason, "wall clock");
+    // The "as run" copy parses again with the same rules.
+    let again = s.to_toml();
+    let (_dir, result) = corpus(&[("a.toml", &again)]);
+    assert_eq!(
+        result.expect("as-run copy valid")[0].diff.ignore_steps,
+        [0, 1]
+    );
+}
+
+#[test]
+fn diff_rule_errors_name_place_and_field() {
+    let text = "id = \"a\"\n[[steps]]\nrun = [\"true\"]\n[diff]\nignore = [\"(\", \"\"]\n\
+                ignore_steps = [3, \"nope\"]\n";
+    let e = errors(&[("a.toml", text)]);
+    assert_eq!(
+        e,
+        [
+            "D/a.toml:5:11: diff.ignore[0]: invalid regex \"(\": unclosed group",
+            "D/a.toml:5:16: diff.ignore[1]: empty regex: it would match everywhere and hide every output",
+            "D/a.toml:6:17: diff.ignore_steps[0]: no step 3: name a step by its index (0 to 0) or its name",
+            "D/a.toml:6:20: diff.ignore_steps[1]: no step named \"nope\": name a step by its index (0 to 0) or its name",
+        ]
+    );
+    let e = errors(&[("a.toml", "id = \"a\"\n[diff]\nignor = []\n")]);
+    assert_eq!(e.len(), 1);
+    assert!(e[0].starts_with("D/a.toml:3:1: "), "{}", e[0]);
+}
