@@ -186,6 +186,14 @@ impl Attempt<'_> {
         result.provenance.disks = plan.disks.iter().map(|d| file_id(&d.base)).collect();
         let driven = self.drive(&plan, work.path(), bundle, result);
         result.failure = driven.failure;
+        if let Some(gone) = self.vanished_share(&plan) {
+            // A share's host dir deleted under a running VM is the host's doing, not the
+            // guest's: the step that tripped over it (if any) failed as a consequence, so
+            // the class is infra-error and the failing step, if any, is kept for the summary.
+            tracing::error!("{gone}");
+            let step = result.failure.as_ref().and_then(|f| f.step);
+            result.failure = Some(fail(FailureClass::InfraError, gone, step));
+        }
         result.ready = driven.ready;
         result.steps = driven.steps;
         result.console_tail = driven.console_tail;
@@ -193,10 +201,12 @@ impl Attempt<'_> {
         let t = Instant::now();
         let fixtures = bundle.path("fixtures");
         let mut copy_error = None;
+        // A vanished share has nothing to copy; its failure is already recorded.
         for share in plan.shares.iter().filter(|p| {
-            s.shares
-                .iter()
-                .any(|sh| sh.tag == p.tag && sh.host.is_none())
+            p.host_dir.is_dir()
+                && s.shares
+                    .iter()
+                    .any(|sh| sh.tag == p.tag && sh.host.is_none())
         }) {
             if let Err(e) = copy_tree(&share.host_dir, &fixtures.join(&share.tag)) {
                 copy_error.get_or_insert(format!(
@@ -243,6 +253,27 @@ impl Attempt<'_> {
             let kept = work.keep();
             tracing::info!("--debug: kept the work dir {}", kept.display());
         }
+    }
+
+    /// The first share whose host dir no longer exists after the VM phases, as a message; none
+    /// after Ctrl-C (the share may be gone because the run was torn down). The guest only sees a
+    /// symptom: QEMU's 9p server keeps an fd on the exported dir (`-fsdev local`) and resolves
+    /// every request against it, so after the dir is deleted QEMU keeps running, creating files
+    /// fails with ENOENT, and a dir re-created at the same path stays invisible to the guest.
+    fn vanished_share(&self, plan: &RunPlan) -> Option<String> {
+        if self.control.cancelled() {
+            return None;
+        }
+        plan.shares
+            .iter()
+            .find(|share| !share.host_dir.is_dir())
+            .map(|share| {
+                format!(
+                    "share `{}`: host dir {} was deleted while the VM ran",
+                    share.tag,
+                    share.host_dir.display()
+                )
+            })
     }
 
     /// Turns the scenario into a backend plan: images resolved, overlay and share paths chosen.

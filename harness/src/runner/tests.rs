@@ -463,3 +463,72 @@ fn an_unwritable_artifacts_dir_is_an_infra_error_not_a_crash() {
     assert_eq!(one(&summary).class(), Some(FailureClass::InfraError));
     assert_eq!(backend.booted(), 0);
 }
+
+/// A guest whose command finds its share gone, as a 9p or virtio-fs guest does when the host
+/// dir is deleted under it: creating a file there fails, so the command exits non-zero.
+fn share_deleter(tag: &'static str) -> FakeGuest {
+    FakeGuest::ready().with_exec(move |_, view| {
+        let Some(share) = view.plan.shares.iter().find(|s| s.tag == tag) else {
+            return FakeExec::exit(2, "no such share");
+        };
+        if fs::remove_dir_all(&share.host_dir).is_err() {
+            return FakeExec::exit(2, "could not delete the share");
+        }
+        match fs::write(share.host_dir.join("out.bin"), b"x") {
+            Ok(()) => FakeExec::exit(0, ""),
+            Err(_) => FakeExec::exit(1, "cannot create out.bin: No such file or directory"),
+        }
+    })
+}
+
+#[test]
+fn a_share_dir_deleted_mid_run_is_an_infra_error_and_the_others_pass() {
+    let mut env = env();
+    env.opts.jobs = 2;
+    fs::create_dir_all(env.dir.path().join("corpus/input")).expect("mkdir");
+    let scenarios = env.scenarios(&[
+        (
+            "a.toml",
+            "id = \"del-output\"\n[[steps]]\nrun = [\"gen\"]\n",
+        ),
+        (
+            "b.toml",
+            "id = \"del-host\"\n[[shares]]\ntag = \"in\"\nhost = \"input\"\n\
+             [[steps]]\nrun = [\"gen\"]\n",
+        ),
+        ("c.toml", "id = \"untouched\"\n[[steps]]\nrun = [\"gen\"]\n"),
+    ]);
+    let backend = FakeBackend::new(BackendKind::Qemu, |plan| match plan.scenario_id.as_str() {
+        "del-output" => share_deleter("output"),
+        "del-host" => share_deleter("in"),
+        _ => FakeGuest::ready(),
+    });
+    let summary = env.run(&backend, &scenarios);
+    assert_eq!(summary.exit_code(), 1);
+    let by_id = |id: &str| {
+        summary
+            .outcomes
+            .iter()
+            .find(|o| o.result.scenario == id)
+            .map(|o| o.result.clone())
+            .unwrap_or_else(|| panic!("{id} not reported"))
+    };
+    for (id, tag) in [("del-output", "output"), ("del-host", "in")] {
+        let r = by_id(id);
+        let f = r.failure.clone().expect("failed");
+        assert_eq!(f.class, FailureClass::InfraError, "{id}: {f:?}");
+        assert_eq!(f.step, Some(0), "{id}: the step that tripped over it");
+        assert!(
+            f.message.starts_with(&format!("share `{tag}`: host dir "))
+                && f.message.ends_with(" was deleted while the VM ran"),
+            "{id}: {}",
+            f.message
+        );
+        let dir = bundle(&r);
+        assert!(dir.join("result.json").is_file(), "{id}: bundle written");
+        let text = fs::read_to_string(dir.join("failure-summary.txt")).expect("summary");
+        assert!(text.contains("infra-error: share"), "{text}");
+        no_work_dirs_left(id);
+    }
+    assert!(by_id("untouched").passed());
+}
