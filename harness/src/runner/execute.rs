@@ -135,11 +135,14 @@ impl Attempt<'_> {
         match bundle.finish(&result, self.opts.keep) {
             Ok(dir) => result.bundle = dir,
             Err(e) => {
-                let msg = format!("cannot write the bundle: {e}");
+                // The run's own failure, if any, stays its class (it is what happened first);
+                // the reports still say that no bundle exists.
+                let msg = format!("bundle not written: {e}");
                 tracing::error!(scenario = %self.scenario.id, "{msg}");
-                if result.failure.is_none() {
-                    result.verdict = Verdict::Fail;
-                    result.failure = Some(fail(FailureClass::InfraError, msg, None));
+                result.verdict = Verdict::Fail;
+                match result.failure.as_mut() {
+                    Some(f) => f.message = format!("{} ({msg})", f.message),
+                    None => result.failure = Some(fail(FailureClass::InfraError, msg, None)),
                 }
             }
         }
@@ -208,11 +211,13 @@ impl Attempt<'_> {
                     .iter()
                     .any(|sh| sh.tag == p.tag && sh.host.is_none())
         }) {
-            if let Err(e) = copy_tree(&share.host_dir, &fixtures.join(&share.tag)) {
+            let target = fixtures.join(&share.tag);
+            if let Err(e) = copy_tree(&share.host_dir, &target) {
                 copy_error.get_or_insert(format!(
-                    "cannot copy share `{}` from {}: {e}",
+                    "cannot copy share `{}` from {} to {}: {e}",
                     share.tag,
-                    share.host_dir.display()
+                    share.host_dir.display(),
+                    target.display()
                 ));
             }
         }

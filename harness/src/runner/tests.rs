@@ -532,3 +532,91 @@ fn a_share_dir_deleted_mid_run_is_an_infra_error_and_the_others_pass() {
     }
     assert!(by_id("untouched").passed());
 }
+
+/// A tmpfs of `size` mounted at `dir`, unmounted on drop (also when the test panics).
+struct Tmpfs(PathBuf);
+
+impl Tmpfs {
+    /// Mounts one, or says why not (not root, no CAP_SYS_ADMIN, no `mount`).
+    fn mount(dir: &std::path::Path, size: &str) -> Result<Tmpfs, String> {
+        fs::create_dir_all(dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+        let out = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(dir)
+            .output()
+            .map_err(|e| format!("cannot run mount: {e}"))?;
+        if !out.status.success() {
+            return Err(String::from_utf8_lossy(&out.stderr).trim().to_string());
+        }
+        Ok(Tmpfs(dir.to_path_buf()))
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        // Lazy, so a file some thread still holds open cannot keep the mount alive.
+        let _ = std::process::Command::new("umount")
+            .arg("-l")
+            .arg(&self.0)
+            .status();
+    }
+}
+
+#[test]
+fn a_full_artifacts_disk_is_an_infra_error_without_a_half_written_bundle() {
+    let mut env = env();
+    let artifacts = env.dir.path().join("small-disk");
+    let _mount = match Tmpfs::mount(&artifacts, "64k") {
+        Ok(m) => m,
+        Err(why) => {
+            eprintln!("skipped: cannot mount a 64 KiB tmpfs for the artifacts dir: {why}");
+            return;
+        }
+    };
+    env.opts.artifacts = artifacts.clone();
+    let scenarios = env.scenarios(&[
+        (
+            "a.toml",
+            "id = \"fills-disk\"\n[[steps]]\nrun = [\"gen\"]\n",
+        ),
+        ("b.toml", "id = \"after-it\"\n[[steps]]\nrun = [\"gen\"]\n"),
+    ]);
+    let backend = FakeBackend::new(BackendKind::Qemu, |plan| {
+        let big = plan.scenario_id == "fills-disk";
+        FakeGuest::ready().with_exec(move |_, view| {
+            let out = &view.plan.shares[0].host_dir;
+            let size = if big { 256 * 1024 } else { 16 };
+            match fs::write(out.join("data.bin"), vec![7u8; size]) {
+                Ok(()) => FakeExec::exit(0, ""),
+                Err(_) => FakeExec::exit(1, ""),
+            }
+        })
+    });
+    let summary = env.run(&backend, &scenarios);
+    assert_eq!(summary.exit_code(), 1);
+    assert_eq!(summary.outcomes.len(), 2, "both scenarios reported");
+    let full = &summary.outcomes[0].result;
+    assert_eq!(full.scenario, "fills-disk");
+    let f = full.failure.clone().expect("failed");
+    assert_eq!(f.class, FailureClass::InfraError, "{f:?}");
+    assert!(
+        f.message.contains("cannot copy share `output`")
+            && f.message.contains("No space left on device"),
+        "{}",
+        f.message
+    );
+    assert!(
+        full.bundle.is_none(),
+        "no bundle claimed: {:?}",
+        full.bundle
+    );
+    let left: Vec<_> = fs::read_dir(artifacts.join("fills-disk"))
+        .map(|d| d.filter_map(|e| e.ok()).map(|e| e.file_name()).collect())
+        .unwrap_or_default();
+    assert!(left.is_empty(), "no partial or half bundle left: {left:?}");
+    no_work_dirs_left("fills-disk");
+    // The partial bundle was removed, so the disk had room again for the next scenario.
+    let next = &summary.outcomes[1].result;
+    assert!(next.passed(), "{:?}", next.failure);
+    assert!(bundle(next).join("result.json").is_file());
+}
