@@ -212,7 +212,7 @@ pub fn run_with(
     let handler_control = control.clone();
     let handler = ctrlc::set_handler(move || {
         if handler_control.interrupt() {
-            eprintln!("kiln: interrupted again: killed every VM; exiting");
+            eprintln!("kiln: interrupted again: killed every VM, removed work dirs; exiting");
             std::process::exit(130);
         }
         eprintln!(

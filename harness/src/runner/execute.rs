@@ -177,6 +177,9 @@ impl Attempt<'_> {
                 return;
             }
         };
+        // --debug keeps work dirs on purpose, even when a second Ctrl-C ends the run.
+        let _work_registered =
+            (!self.opts.debug).then(|| self.control.register_work_dir(work.path()));
         let plan = match self.plan(run_id, work.path(), bundle) {
             Ok(p) => p,
             Err(msg) => {
@@ -261,7 +264,7 @@ impl Attempt<'_> {
     }
 
     /// The first share whose host dir no longer exists after the VM phases, as a message; none
-    /// after Ctrl-C (the share may be gone because the run was torn down). The guest only sees a
+    /// after Ctrl-C, whose second press removes the output shares itself. The guest only sees a
     /// symptom: QEMU's 9p server keeps an fd on the exported dir (`-fsdev local`) and resolves
     /// every request against it, so after the dir is deleted QEMU keeps running, creating files
     /// fails with ENOENT, and a dir re-created at the same path stays invisible to the guest.

@@ -533,6 +533,81 @@ fn a_share_dir_deleted_mid_run_is_an_infra_error_and_the_others_pass() {
     assert!(by_id("untouched").passed());
 }
 
+#[test]
+fn a_second_ctrl_c_removes_the_work_dirs_of_stuck_scenarios() {
+    let mut env = env();
+    env.opts.jobs = 2;
+    let scenarios = env.scenarios(&[
+        ("a.toml", "id = \"stuck-a\"\n[[steps]]\nrun = [\"x\"]\n"),
+        ("b.toml", "id = \"stuck-b\"\n[[steps]]\nrun = [\"x\"]\n"),
+    ]);
+    // A step the kill switch cannot interrupt, as when a backend's teardown hangs: only the
+    // second Ctrl-C, not the runner's own teardown, can clean up before the process exits.
+    let entered = Arc::new(AtomicUsize::new(0));
+    let seen = entered.clone();
+    let backend = FakeBackend::new(BackendKind::Qemu, move |_| {
+        let seen = seen.clone();
+        FakeGuest::ready().with_exec(move |_, _| {
+            seen.fetch_add(1, Ordering::SeqCst);
+            std::thread::sleep(Duration::from_millis(1500));
+            FakeExec::exit(0, "")
+        })
+    });
+    let work_dirs = |id: &str| -> Vec<PathBuf> {
+        let prefix = format!("kiln-{id}-");
+        fs::read_dir(std::env::temp_dir())
+            .expect("ls tmp")
+            .filter_map(|e| e.ok())
+            .filter(|e| e.file_name().to_string_lossy().starts_with(&prefix))
+            .map(|e| e.path())
+            .collect()
+    };
+    let control = Control::new();
+    let interrupter = control.clone();
+    let checker = std::thread::spawn(move || {
+        let t = Instant::now();
+        while entered.load(Ordering::SeqCst) < 2 && t.elapsed() < Duration::from_secs(5) {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        let before = [work_dirs("stuck-a"), work_dirs("stuck-b")];
+        let first = interrupter.interrupt();
+        let t = Instant::now();
+        let second = interrupter.interrupt();
+        let after = [work_dirs("stuck-a"), work_dirs("stuck-b")];
+        (before, first, second, after, t.elapsed())
+    });
+    let summary = run(&scenarios, &backend, &env.opts, &control, &|_| {});
+    let (before, first, second, after, took) = checker.join().expect("checker");
+    assert!(
+        before.iter().all(|d| d.len() == 1),
+        "each scenario had its work dir: {before:?}"
+    );
+    assert!(!first && second, "the second Ctrl-C asks to exit");
+    assert!(
+        after.iter().all(Vec::is_empty),
+        "work dirs left after the second Ctrl-C: {after:?}"
+    );
+    assert!(took < ABORT_CLEANUP_LIMIT, "{took:?}");
+    assert_eq!(summary.exit_code(), 130);
+    assert_eq!(backend.live(), 0);
+}
+
+#[test]
+fn the_second_ctrl_c_removes_only_registered_work_dirs() {
+    let control = Control::new();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let kept = tempfile::tempdir().expect("tempdir");
+    let _registered = control.register_work_dir(dir.path());
+    {
+        let _finished = control.register_work_dir(kept.path());
+    }
+    assert!(!control.interrupt());
+    assert!(dir.path().is_dir(), "the first Ctrl-C removes nothing");
+    assert!(control.interrupt());
+    assert!(!dir.path().exists());
+    assert!(kept.path().is_dir(), "an unregistered dir is not touched");
+}
+
 /// A tmpfs of `size` mounted at `dir`, unmounted on drop (also when the test panics).
 struct Tmpfs(PathBuf);
 
