@@ -534,6 +534,47 @@ fn a_share_dir_deleted_mid_run_is_an_infra_error_and_the_others_pass() {
 }
 
 #[test]
+fn panics_in_boot_and_exec_are_infra_errors_and_the_others_finish() {
+    let mut env = env();
+    env.opts.jobs = 2;
+    let scenarios = env.scenarios(&[
+        ("a.toml", "id = \"boot-panic\"\n[[steps]]\nrun = [\"x\"]\n"),
+        ("b.toml", "id = \"exec-panic\"\n[[steps]]\nrun = [\"x\"]\n"),
+        ("c.toml", "id = \"fine-1\"\n[[steps]]\nrun = [\"x\"]\n"),
+        ("d.toml", "id = \"fine-2\"\n[[steps]]\nrun = [\"x\"]\n"),
+    ]);
+    let backend = FakeBackend::new(BackendKind::Qemu, |plan| match plan.scenario_id.as_str() {
+        "boot-panic" => FakeGuest {
+            boot_panic: true,
+            ..FakeGuest::ready()
+        },
+        "exec-panic" => FakeGuest::ready().with_exec(|_, _| FakeExec::HarnessPanic),
+        _ => FakeGuest::ready(),
+    });
+    let summary = env.run(&backend, &scenarios);
+    assert_eq!(summary.exit_code(), 1);
+    assert_eq!(summary.outcomes.len(), 4);
+    assert!(summary.not_run.is_empty());
+    for o in &summary.outcomes {
+        let r = &o.result;
+        if r.scenario.starts_with("fine") {
+            assert!(r.passed(), "{}: {:?}", r.scenario, r.failure);
+        } else {
+            assert_eq!(r.class(), Some(FailureClass::InfraError), "{}", r.scenario);
+            let message = r.failure.as_ref().map_or("", |f| f.message.as_str());
+            assert!(
+                message.starts_with("harness panicked: fake backend: scripted"),
+                "{message}"
+            );
+            assert!(bundle(r).join("result.json").is_file());
+        }
+        no_work_dirs_left(&r.scenario);
+    }
+    // The exec panic happened with a VM running: it was killed while unwinding.
+    assert_eq!(backend.booted(), 3);
+}
+
+#[test]
 fn a_second_ctrl_c_removes_the_work_dirs_of_stuck_scenarios() {
     let mut env = env();
     env.opts.jobs = 2;
