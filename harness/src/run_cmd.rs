@@ -290,6 +290,19 @@ mod tests {
     }
 
     #[test]
+    fn a_bad_corpus_exits_2_before_a_backend_is_chosen() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        std::fs::write(dir.path().join("a.toml"), "id = \"a\"\nstesp = []\n").expect("write");
+        std::fs::write(dir.path().join("b.toml"), "id = \"a\"\n").expect("write");
+        let corpus = dir.path().to_str().unwrap_or_default();
+        assert_eq!(check(&[dir.path().to_path_buf()]), 2);
+        // `run` returns before probing KVM or constructing a backend, so nothing can boot.
+        let a = args(&[corpus, "--backend", "qemu"]);
+        assert!(select(&a).is_err());
+        assert_eq!(run(a), 2);
+    }
+
+    #[test]
     fn a_run_writes_json_and_junit_and_returns_the_exit_code() {
         let dir = tempfile::tempdir().expect("tempdir");
         let corpus = dir.path().join("c");
