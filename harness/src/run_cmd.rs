@@ -212,7 +212,7 @@ pub fn run_with(
     let handler_control = control.clone();
     let handler = ctrlc::set_handler(move || {
         if handler_control.interrupt() {
-            eprintln!("kiln: interrupted again: killed every VM; exiting");
+            eprintln!("kiln: interrupted again: killed every VM, removed work dirs; exiting");
             std::process::exit(130);
         }
         eprintln!(
@@ -287,6 +287,19 @@ mod tests {
         assert_eq!(err, ["--filter \"nope\" matches no scenario id"]);
         let picked = select(&args(&[&root, "--filter", "^cow-disk$"])).expect("selected");
         assert_eq!(picked.len(), 1);
+    }
+
+    #[test]
+    fn a_bad_corpus_exits_2_before_a_backend_is_chosen() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        std::fs::write(dir.path().join("a.toml"), "id = \"a\"\nstesp = []\n").expect("write");
+        std::fs::write(dir.path().join("b.toml"), "id = \"a\"\n").expect("write");
+        let corpus = dir.path().to_str().unwrap_or_default();
+        assert_eq!(check(&[dir.path().to_path_buf()]), 2);
+        // `run` returns before probing KVM or constructing a backend, so nothing can boot.
+        let a = args(&[corpus, "--backend", "qemu"]);
+        assert!(select(&a).is_err());
+        assert_eq!(run(a), 2);
     }
 
     #[test]

@@ -54,6 +54,8 @@ pub struct FakeGuest {
     pub boot_lines: Vec<(Duration, String)>,
     /// When set, `boot` fails with this message.
     pub boot_error: Option<String>,
+    /// When set, `boot` panics (tests the worker's catch_unwind before a VM exists).
+    pub boot_panic: bool,
     /// Answers exec requests.
     pub exec: ExecHandler,
 }
@@ -70,6 +72,7 @@ impl FakeGuest {
                 ),
             ],
             boot_error: None,
+            boot_panic: false,
             exec: Box::new(|_, _| FakeExec::exit(0, "")),
         }
     }
@@ -135,6 +138,9 @@ impl Backend for FakeBackend {
 
     fn boot(&self, plan: &RunPlan, run_dir: &Path) -> Result<Box<dyn Machine>, BackendError> {
         let guest = (self.script)(plan);
+        if guest.boot_panic {
+            panic!("fake backend: scripted panic in boot");
+        }
         if let Some(message) = guest.boot_error {
             return Err(BackendError {
                 backend: "fake".into(),

@@ -286,35 +286,65 @@ impl Bundle {
     }
 
     /// Writes the result files, renames the bundle into place and points `latest` at it; or, by
-    /// `keep`, removes it. Returns the final directory when kept.
-    pub fn finish(self, result: &RunResult, keep: KeepPolicy) -> io::Result<Option<PathBuf>> {
+    /// `keep`, removes it. Returns the final directory when kept. When a file cannot be written
+    /// (a full disk, say) the staging dir is removed rather than published: a bundle without its
+    /// result.json must not look complete, and a full disk must not stay full of partial bundles
+    /// for the scenarios still to run. The error names the file.
+    pub fn finish(self, result: &RunResult, keep: KeepPolicy) -> Result<Option<PathBuf>, String> {
         let kept = match keep {
             KeepPolicy::Always => true,
             KeepPolicy::Failed => !result.passed(),
             KeepPolicy::Never => false,
         };
         if !kept {
-            fs::remove_dir_all(&self.staging)?;
+            fs::remove_dir_all(&self.staging)
+                .map_err(|e| format!("cannot remove {}: {e}", self.staging.display()))?;
             return Ok(None);
         }
-        let mut record = result.clone();
-        record.bundle = Some(self.dir.clone());
-        let json = serde_json::to_vec_pretty(&record).map_err(io::Error::other)?;
-        write_atomic(&self.path("result.json"), &json)?;
-        if !result.passed() {
-            write_atomic(
-                &self.path("failure-summary.txt"),
-                result.failure_summary().as_bytes(),
-            )?;
+        if let Err(e) = self.publish(result) {
+            self.discard();
+            return Err(e);
         }
-        fs::rename(&self.staging, &self.dir)?;
-        update_latest(&self.dir)?;
+        if let Err(e) = update_latest(&self.dir) {
+            // The bundle itself is complete; only the convenience link is stale.
+            tracing::warn!(
+                "cannot update the latest link next to {}: {e}",
+                self.dir.display()
+            );
+        }
         Ok(Some(self.dir))
     }
 
+    /// result.json, failure-summary.txt, then the rename that makes the bundle visible.
+    fn publish(&self, result: &RunResult) -> Result<(), String> {
+        let write = |name: &str, data: &[u8]| {
+            let path = self.path(name);
+            write_atomic(&path, data).map_err(|e| format!("cannot write {}: {e}", path.display()))
+        };
+        let mut record = result.clone();
+        record.bundle = Some(self.dir.clone());
+        let json = serde_json::to_vec_pretty(&record)
+            .map_err(|e| format!("cannot serialize result.json: {e}"))?;
+        write("result.json", &json)?;
+        if !result.passed() {
+            write("failure-summary.txt", result.failure_summary().as_bytes())?;
+        }
+        fs::rename(&self.staging, &self.dir).map_err(|e| {
+            format!(
+                "cannot rename {} to {}: {e}",
+                self.staging.display(),
+                self.dir.display()
+            )
+        })
+    }
+
     /// Removes a bundle that cannot be finished.
-    pub fn discard(self) {
-        let _ = fs::remove_dir_all(&self.staging);
+    pub fn discard(&self) {
+        if let Err(e) = fs::remove_dir_all(&self.staging) {
+            if e.kind() != io::ErrorKind::NotFound {
+                tracing::warn!("cannot remove {}: {e}", self.staging.display());
+            }
+        }
     }
 }
 
@@ -405,6 +435,40 @@ mod tests {
         write_atomic(&p, b"two").expect("write");
         assert_eq!(fs::read(&p).expect("read"), b"two");
         assert_eq!(fs::read_dir(dir.path()).expect("ls").count(), 1);
+    }
+
+    #[test]
+    fn a_bundle_that_cannot_be_written_is_removed_not_published() {
+        let root = tempfile::tempdir().expect("tempdir");
+        let bundle = Bundle::create(root.path(), "s", "r1").expect("create");
+        fs::write(bundle.path("console.log"), b"boot\n").expect("console");
+        // A directory where result.json goes: its atomic rename fails, as a write on a full
+        // disk would.
+        fs::create_dir(bundle.path("result.json")).expect("mkdir");
+        let (staging, dir) = (bundle.staging.clone(), bundle.dir.clone());
+        let result = RunResult {
+            scenario: "s".into(),
+            run_id: "r1".into(),
+            attempt: 1,
+            verdict: Verdict::Pass,
+            failure: None,
+            started_at: String::new(),
+            ready: Vec::new(),
+            steps: Vec::new(),
+            expectations: Vec::new(),
+            phases: Phases::default(),
+            provenance: Provenance::default(),
+            bundle: None,
+            console_tail: Vec::new(),
+        };
+        let err = bundle
+            .finish(&result, KeepPolicy::Always)
+            .expect_err("cannot finish");
+        let want = format!("cannot write {}/result.json: ", staging.display());
+        assert!(err.starts_with(&want), "{err}");
+        assert!(!dir.exists(), "not renamed into place");
+        assert!(!staging.exists(), "staging removed");
+        assert!(!root.path().join("s/latest").exists());
     }
 
     #[test]

@@ -135,11 +135,14 @@ impl Attempt<'_> {
         match bundle.finish(&result, self.opts.keep) {
             Ok(dir) => result.bundle = dir,
             Err(e) => {
-                let msg = format!("cannot write the bundle: {e}");
+                // The run's own failure, if any, stays its class (it is what happened first);
+                // the reports still say that no bundle exists.
+                let msg = format!("bundle not written: {e}");
                 tracing::error!(scenario = %self.scenario.id, "{msg}");
-                if result.failure.is_none() {
-                    result.verdict = Verdict::Fail;
-                    result.failure = Some(fail(FailureClass::InfraError, msg, None));
+                result.verdict = Verdict::Fail;
+                match result.failure.as_mut() {
+                    Some(f) => f.message = format!("{} ({msg})", f.message),
+                    None => result.failure = Some(fail(FailureClass::InfraError, msg, None)),
                 }
             }
         }
@@ -174,6 +177,9 @@ impl Attempt<'_> {
                 return;
             }
         };
+        // --debug keeps work dirs on purpose, even when a second Ctrl-C ends the run.
+        let _work_registered =
+            (!self.opts.debug).then(|| self.control.register_work_dir(work.path()));
         let plan = match self.plan(run_id, work.path(), bundle) {
             Ok(p) => p,
             Err(msg) => {
@@ -186,6 +192,14 @@ impl Attempt<'_> {
         result.provenance.disks = plan.disks.iter().map(|d| file_id(&d.base)).collect();
         let driven = self.drive(&plan, work.path(), bundle, result);
         result.failure = driven.failure;
+        if let Some(gone) = self.vanished_share(&plan) {
+            // A share's host dir deleted under a running VM is the host's doing, not the
+            // guest's: the step that tripped over it (if any) failed as a consequence, so
+            // the class is infra-error and the failing step, if any, is kept for the summary.
+            tracing::error!("{gone}");
+            let step = result.failure.as_ref().and_then(|f| f.step);
+            result.failure = Some(fail(FailureClass::InfraError, gone, step));
+        }
         result.ready = driven.ready;
         result.steps = driven.steps;
         result.console_tail = driven.console_tail;
@@ -193,16 +207,20 @@ impl Attempt<'_> {
         let t = Instant::now();
         let fixtures = bundle.path("fixtures");
         let mut copy_error = None;
+        // A vanished share has nothing to copy; its failure is already recorded.
         for share in plan.shares.iter().filter(|p| {
-            s.shares
-                .iter()
-                .any(|sh| sh.tag == p.tag && sh.host.is_none())
+            p.host_dir.is_dir()
+                && s.shares
+                    .iter()
+                    .any(|sh| sh.tag == p.tag && sh.host.is_none())
         }) {
-            if let Err(e) = copy_tree(&share.host_dir, &fixtures.join(&share.tag)) {
+            let target = fixtures.join(&share.tag);
+            if let Err(e) = copy_tree(&share.host_dir, &target) {
                 copy_error.get_or_insert(format!(
-                    "cannot copy share `{}` from {}: {e}",
+                    "cannot copy share `{}` from {} to {}: {e}",
                     share.tag,
-                    share.host_dir.display()
+                    share.host_dir.display(),
+                    target.display()
                 ));
             }
         }
@@ -243,6 +261,27 @@ impl Attempt<'_> {
             let kept = work.keep();
             tracing::info!("--debug: kept the work dir {}", kept.display());
         }
+    }
+
+    /// The first share whose host dir no longer exists after the VM phases, as a message; none
+    /// after Ctrl-C, whose second press removes the output shares itself. The guest only sees a
+    /// symptom: QEMU's 9p server keeps an fd on the exported dir (`-fsdev local`) and resolves
+    /// every request against it, so after the dir is deleted QEMU keeps running, creating files
+    /// fails with ENOENT, and a dir re-created at the same path stays invisible to the guest.
+    fn vanished_share(&self, plan: &RunPlan) -> Option<String> {
+        if self.control.cancelled() {
+            return None;
+        }
+        plan.shares
+            .iter()
+            .find(|share| !share.host_dir.is_dir())
+            .map(|share| {
+                format!(
+                    "share `{}`: host dir {} was deleted while the VM ran",
+                    share.tag,
+                    share.host_dir.display()
+                )
+            })
     }
 
     /// Turns the scenario into a backend plan: images resolved, overlay and share paths chosen.

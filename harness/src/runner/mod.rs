@@ -1,6 +1,7 @@
 //! `kiln run`: N job slots (threads), each scenario in its own VM and temp dir, retries,
 //! fail-fast, a global-timeout watchdog and Ctrl-C handling (first: stop scheduling and tear
-//! down running VMs; second: kill everything and exit at once).
+//! down running VMs; second: kill everything, remove the running scenarios' work dirs and exit
+//! at once).
 
 pub mod artifacts;
 mod execute;
@@ -10,7 +11,7 @@ pub mod tracelog;
 
 use std::collections::{BTreeMap, VecDeque};
 use std::panic::{catch_unwind, AssertUnwindSafe};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -137,14 +138,30 @@ struct ActiveRun {
     expired: Arc<AtomicBool>,
 }
 
-/// Cancellation and the registry of running VMs, shared with the Ctrl-C handler and the
-/// global-timeout watchdog.
+/// How long the second Ctrl-C spends removing work dirs before the process exits anyway.
+pub const ABORT_CLEANUP_LIMIT: Duration = Duration::from_secs(3);
+
+/// Cancellation and the registries of running VMs and their work dirs, shared with the Ctrl-C
+/// handler and the global-timeout watchdog.
 #[derive(Default)]
 pub struct Control {
     cancel: CancelFlag,
     interrupts: AtomicUsize,
     next: AtomicU64,
     active: Mutex<BTreeMap<u64, ActiveRun>>,
+    work_dirs: Mutex<BTreeMap<u64, PathBuf>>,
+}
+
+/// Unregisters a work dir when dropped (its owner removes it itself then).
+pub struct WorkDirGuard<'a> {
+    control: &'a Control,
+    key: u64,
+}
+
+impl Drop for WorkDirGuard<'_> {
+    fn drop(&mut self) {
+        self.control.work_dirs().remove(&self.key);
+    }
 }
 
 /// Unregisters a running VM when dropped.
@@ -177,6 +194,18 @@ impl Control {
         self.active.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    fn work_dirs(&self) -> std::sync::MutexGuard<'_, BTreeMap<u64, PathBuf>> {
+        self.work_dirs.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Registers a running scenario's work dir, which the second Ctrl-C removes: the process
+    /// exits then without unwinding, so the `TempDir` owning it never gets to.
+    pub fn register_work_dir(&self, dir: &Path) -> WorkDirGuard<'_> {
+        let key = self.next.fetch_add(1, Ordering::SeqCst);
+        self.work_dirs().insert(key, dir.to_path_buf());
+        WorkDirGuard { control: self, key }
+    }
+
     /// The cancellation flag.
     pub fn cancel_flag(&self) -> CancelFlag {
         self.cancel.clone()
@@ -207,12 +236,20 @@ impl Control {
     }
 
     /// Ctrl-C: the first stops scheduling and stops running VMs (their scenarios then tear down
-    /// and write bundles); later ones return `true`, meaning "exit now".
+    /// and write bundles); a later one kills every VM again, removes the running scenarios' work
+    /// dirs (overlays, sockets, output shares; at most [`ABORT_CLEANUP_LIMIT`]) and returns
+    /// `true`, meaning "exit now".
     pub fn interrupt(&self) -> bool {
         let n = self.interrupts.fetch_add(1, Ordering::SeqCst);
         self.cancel.store(true, Ordering::SeqCst);
+        // Kill first, so no VM writes into a work dir while it is being removed.
         self.kill_all();
-        n > 0
+        if n == 0 {
+            return false;
+        }
+        let dirs: Vec<PathBuf> = self.work_dirs().values().cloned().collect();
+        remove_dirs_within(dirs, ABORT_CLEANUP_LIMIT);
+        true
     }
 
     /// Kills every running VM.
@@ -236,6 +273,38 @@ impl Control {
             tracing::warn!("scenario deadline passed: stopping its VM");
             kill();
         }
+    }
+}
+
+/// Removes `dirs` (best effort) on a helper thread and waits for it at most `limit`: a removal
+/// stuck on a hung filesystem must not keep the second Ctrl-C from exiting.
+fn remove_dirs_within(dirs: Vec<PathBuf>, limit: Duration) {
+    if dirs.is_empty() {
+        return;
+    }
+    let (done, wait) = std::sync::mpsc::channel();
+    let spawned = std::thread::Builder::new()
+        .name("kiln-abort-cleanup".into())
+        .spawn(move || {
+            for dir in dirs {
+                if let Err(e) = std::fs::remove_dir_all(&dir) {
+                    if e.kind() != std::io::ErrorKind::NotFound {
+                        tracing::warn!("cannot remove {}: {e}", dir.display());
+                    }
+                }
+            }
+            let _ = done.send(());
+        });
+    match spawned {
+        Ok(_) => {
+            if wait.recv_timeout(limit).is_err() {
+                tracing::warn!(
+                    "work dirs not removed within {}; exiting anyway",
+                    humantime::format_duration(limit)
+                );
+            }
+        }
+        Err(e) => tracing::warn!("cannot start the cleanup thread: {e}"),
     }
 }
 

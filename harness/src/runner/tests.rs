@@ -463,3 +463,276 @@ fn an_unwritable_artifacts_dir_is_an_infra_error_not_a_crash() {
     assert_eq!(one(&summary).class(), Some(FailureClass::InfraError));
     assert_eq!(backend.booted(), 0);
 }
+
+/// A guest whose command finds its share gone, as a 9p or virtio-fs guest does when the host
+/// dir is deleted under it: creating a file there fails, so the command exits non-zero.
+fn share_deleter(tag: &'static str) -> FakeGuest {
+    FakeGuest::ready().with_exec(move |_, view| {
+        let Some(share) = view.plan.shares.iter().find(|s| s.tag == tag) else {
+            return FakeExec::exit(2, "no such share");
+        };
+        if fs::remove_dir_all(&share.host_dir).is_err() {
+            return FakeExec::exit(2, "could not delete the share");
+        }
+        match fs::write(share.host_dir.join("out.bin"), b"x") {
+            Ok(()) => FakeExec::exit(0, ""),
+            Err(_) => FakeExec::exit(1, "cannot create out.bin: No such file or directory"),
+        }
+    })
+}
+
+#[test]
+fn a_share_dir_deleted_mid_run_is_an_infra_error_and_the_others_pass() {
+    let mut env = env();
+    env.opts.jobs = 2;
+    fs::create_dir_all(env.dir.path().join("corpus/input")).expect("mkdir");
+    let scenarios = env.scenarios(&[
+        (
+            "a.toml",
+            "id = \"del-output\"\n[[steps]]\nrun = [\"gen\"]\n",
+        ),
+        (
+            "b.toml",
+            "id = \"del-host\"\n[[shares]]\ntag = \"in\"\nhost = \"input\"\n\
+             [[steps]]\nrun = [\"gen\"]\n",
+        ),
+        ("c.toml", "id = \"untouched\"\n[[steps]]\nrun = [\"gen\"]\n"),
+    ]);
+    let backend = FakeBackend::new(BackendKind::Qemu, |plan| match plan.scenario_id.as_str() {
+        "del-output" => share_deleter("output"),
+        "del-host" => share_deleter("in"),
+        _ => FakeGuest::ready(),
+    });
+    let summary = env.run(&backend, &scenarios);
+    assert_eq!(summary.exit_code(), 1);
+    let by_id = |id: &str| {
+        summary
+            .outcomes
+            .iter()
+            .find(|o| o.result.scenario == id)
+            .map(|o| o.result.clone())
+            .unwrap_or_else(|| panic!("{id} not reported"))
+    };
+    for (id, tag) in [("del-output", "output"), ("del-host", "in")] {
+        let r = by_id(id);
+        let f = r.failure.clone().expect("failed");
+        assert_eq!(f.class, FailureClass::InfraError, "{id}: {f:?}");
+        assert_eq!(f.step, Some(0), "{id}: the step that tripped over it");
+        assert!(
+            f.message.starts_with(&format!("share `{tag}`: host dir "))
+                && f.message.ends_with(" was deleted while the VM ran"),
+            "{id}: {}",
+            f.message
+        );
+        let dir = bundle(&r);
+        assert!(dir.join("result.json").is_file(), "{id}: bundle written");
+        let text = fs::read_to_string(dir.join("failure-summary.txt")).expect("summary");
+        assert!(text.contains("infra-error: share"), "{text}");
+        no_work_dirs_left(id);
+    }
+    assert!(by_id("untouched").passed());
+}
+
+#[test]
+fn panics_in_boot_and_exec_are_infra_errors_and_the_others_finish() {
+    let mut env = env();
+    env.opts.jobs = 2;
+    let scenarios = env.scenarios(&[
+        ("a.toml", "id = \"boot-panic\"\n[[steps]]\nrun = [\"x\"]\n"),
+        ("b.toml", "id = \"exec-panic\"\n[[steps]]\nrun = [\"x\"]\n"),
+        ("c.toml", "id = \"fine-1\"\n[[steps]]\nrun = [\"x\"]\n"),
+        ("d.toml", "id = \"fine-2\"\n[[steps]]\nrun = [\"x\"]\n"),
+    ]);
+    let backend = FakeBackend::new(BackendKind::Qemu, |plan| match plan.scenario_id.as_str() {
+        "boot-panic" => FakeGuest {
+            boot_panic: true,
+            ..FakeGuest::ready()
+        },
+        "exec-panic" => FakeGuest::ready().with_exec(|_, _| FakeExec::HarnessPanic),
+        _ => FakeGuest::ready(),
+    });
+    let summary = env.run(&backend, &scenarios);
+    assert_eq!(summary.exit_code(), 1);
+    assert_eq!(summary.outcomes.len(), 4);
+    assert!(summary.not_run.is_empty());
+    for o in &summary.outcomes {
+        let r = &o.result;
+        if r.scenario.starts_with("fine") {
+            assert!(r.passed(), "{}: {:?}", r.scenario, r.failure);
+        } else {
+            assert_eq!(r.class(), Some(FailureClass::InfraError), "{}", r.scenario);
+            let message = r.failure.as_ref().map_or("", |f| f.message.as_str());
+            assert!(
+                message.starts_with("harness panicked: fake backend: scripted"),
+                "{message}"
+            );
+            assert!(bundle(r).join("result.json").is_file());
+        }
+        no_work_dirs_left(&r.scenario);
+    }
+    // The exec panic happened with a VM running: it was killed while unwinding.
+    assert_eq!(backend.booted(), 3);
+}
+
+#[test]
+fn a_second_ctrl_c_removes_the_work_dirs_of_stuck_scenarios() {
+    let mut env = env();
+    env.opts.jobs = 2;
+    let scenarios = env.scenarios(&[
+        ("a.toml", "id = \"stuck-a\"\n[[steps]]\nrun = [\"x\"]\n"),
+        ("b.toml", "id = \"stuck-b\"\n[[steps]]\nrun = [\"x\"]\n"),
+    ]);
+    // A step the kill switch cannot interrupt, as when a backend's teardown hangs: only the
+    // second Ctrl-C, not the runner's own teardown, can clean up before the process exits.
+    let entered = Arc::new(AtomicUsize::new(0));
+    let seen = entered.clone();
+    let backend = FakeBackend::new(BackendKind::Qemu, move |_| {
+        let seen = seen.clone();
+        FakeGuest::ready().with_exec(move |_, _| {
+            seen.fetch_add(1, Ordering::SeqCst);
+            std::thread::sleep(Duration::from_millis(1500));
+            FakeExec::exit(0, "")
+        })
+    });
+    let work_dirs = |id: &str| -> Vec<PathBuf> {
+        let prefix = format!("kiln-{id}-");
+        fs::read_dir(std::env::temp_dir())
+            .expect("ls tmp")
+            .filter_map(|e| e.ok())
+            .filter(|e| e.file_name().to_string_lossy().starts_with(&prefix))
+            .map(|e| e.path())
+            .collect()
+    };
+    let control = Control::new();
+    let interrupter = control.clone();
+    let checker = std::thread::spawn(move || {
+        let t = Instant::now();
+        while entered.load(Ordering::SeqCst) < 2 && t.elapsed() < Duration::from_secs(5) {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        let before = [work_dirs("stuck-a"), work_dirs("stuck-b")];
+        let first = interrupter.interrupt();
+        let t = Instant::now();
+        let second = interrupter.interrupt();
+        let after = [work_dirs("stuck-a"), work_dirs("stuck-b")];
+        (before, first, second, after, t.elapsed())
+    });
+    let summary = run(&scenarios, &backend, &env.opts, &control, &|_| {});
+    let (before, first, second, after, took) = checker.join().expect("checker");
+    assert!(
+        before.iter().all(|d| d.len() == 1),
+        "each scenario had its work dir: {before:?}"
+    );
+    assert!(!first && second, "the second Ctrl-C asks to exit");
+    assert!(
+        after.iter().all(Vec::is_empty),
+        "work dirs left after the second Ctrl-C: {after:?}"
+    );
+    assert!(took < ABORT_CLEANUP_LIMIT, "{took:?}");
+    assert_eq!(summary.exit_code(), 130);
+    assert_eq!(backend.live(), 0);
+}
+
+#[test]
+fn the_second_ctrl_c_removes_only_registered_work_dirs() {
+    let control = Control::new();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let kept = tempfile::tempdir().expect("tempdir");
+    let _registered = control.register_work_dir(dir.path());
+    {
+        let _finished = control.register_work_dir(kept.path());
+    }
+    assert!(!control.interrupt());
+    assert!(dir.path().is_dir(), "the first Ctrl-C removes nothing");
+    assert!(control.interrupt());
+    assert!(!dir.path().exists());
+    assert!(kept.path().is_dir(), "an unregistered dir is not touched");
+}
+
+/// A tmpfs of `size` mounted at `dir`, unmounted on drop (also when the test panics).
+struct Tmpfs(PathBuf);
+
+impl Tmpfs {
+    /// Mounts one, or says why not (not root, no CAP_SYS_ADMIN, no `mount`).
+    fn mount(dir: &std::path::Path, size: &str) -> Result<Tmpfs, String> {
+        fs::create_dir_all(dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+        let out = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(dir)
+            .output()
+            .map_err(|e| format!("cannot run mount: {e}"))?;
+        if !out.status.success() {
+            return Err(String::from_utf8_lossy(&out.stderr).trim().to_string());
+        }
+        Ok(Tmpfs(dir.to_path_buf()))
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        // Lazy, so a file some thread still holds open cannot keep the mount alive.
+        let _ = std::process::Command::new("umount")
+            .arg("-l")
+            .arg(&self.0)
+            .status();
+    }
+}
+
+#[test]
+fn a_full_artifacts_disk_is_an_infra_error_without_a_half_written_bundle() {
+    let mut env = env();
+    let artifacts = env.dir.path().join("small-disk");
+    let _mount = match Tmpfs::mount(&artifacts, "64k") {
+        Ok(m) => m,
+        Err(why) => {
+            eprintln!("skipped: cannot mount a 64 KiB tmpfs for the artifacts dir: {why}");
+            return;
+        }
+    };
+    env.opts.artifacts = artifacts.clone();
+    let scenarios = env.scenarios(&[
+        (
+            "a.toml",
+            "id = \"fills-disk\"\n[[steps]]\nrun = [\"gen\"]\n",
+        ),
+        ("b.toml", "id = \"after-it\"\n[[steps]]\nrun = [\"gen\"]\n"),
+    ]);
+    let backend = FakeBackend::new(BackendKind::Qemu, |plan| {
+        let big = plan.scenario_id == "fills-disk";
+        FakeGuest::ready().with_exec(move |_, view| {
+            let out = &view.plan.shares[0].host_dir;
+            let size = if big { 256 * 1024 } else { 16 };
+            match fs::write(out.join("data.bin"), vec![7u8; size]) {
+                Ok(()) => FakeExec::exit(0, ""),
+                Err(_) => FakeExec::exit(1, ""),
+            }
+        })
+    });
+    let summary = env.run(&backend, &scenarios);
+    assert_eq!(summary.exit_code(), 1);
+    assert_eq!(summary.outcomes.len(), 2, "both scenarios reported");
+    let full = &summary.outcomes[0].result;
+    assert_eq!(full.scenario, "fills-disk");
+    let f = full.failure.clone().expect("failed");
+    assert_eq!(f.class, FailureClass::InfraError, "{f:?}");
+    assert!(
+        f.message.contains("cannot copy share `output`")
+            && f.message.contains("No space left on device"),
+        "{}",
+        f.message
+    );
+    assert!(
+        full.bundle.is_none(),
+        "no bundle claimed: {:?}",
+        full.bundle
+    );
+    let left: Vec<_> = fs::read_dir(artifacts.join("fills-disk"))
+        .map(|d| d.filter_map(|e| e.ok()).map(|e| e.file_name()).collect())
+        .unwrap_or_default();
+    assert!(left.is_empty(), "no partial or half bundle left: {left:?}");
+    no_work_dirs_left("fills-disk");
+    // The partial bundle was removed, so the disk had room again for the next scenario.
+    let next = &summary.outcomes[1].result;
+    assert!(next.passed(), "{:?}", next.failure);
+    assert!(bundle(next).join("result.json").is_file());
+}
