@@ -139,12 +139,22 @@ put_dec:
 
 /* put_ascii: print the %rcx (at most 8) bytes at %rsi, bytes outside 0x20..0x7e as '.'. */
 put_ascii:
-    push %rax
     push %rcx
-    push %rsi
     cmp $8, %rcx
     jbe 1f
     mov $8, %ecx
+1:  call put_text
+    pop %rcx
+    ret
+
+/* put_text: print the %rcx (at most 256) bytes at %rsi, bytes outside 0x20..0x7e as '.'. */
+put_text:
+    push %rax
+    push %rcx
+    push %rsi
+    cmp $256, %rcx
+    jbe 1f
+    mov $256, %ecx
 1:  test %rcx, %rcx
     jz 4f
 2:  movzbl (%rsi), %eax

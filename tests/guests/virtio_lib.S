@@ -91,31 +91,6 @@ vio_fail:
     mov $1, %eax
     EXIT
 
-/* put_text: print the %rcx (at most 256) bytes at %rsi, bytes outside 0x20..0x7e as '.'. */
-put_text:
-    push %rax
-    push %rcx
-    push %rsi
-    cmp $256, %rcx
-    jbe 1f
-    mov $256, %ecx
-1:  test %rcx, %rcx
-    jz 4f
-2:  movzbl (%rsi), %eax
-    cmp $0x20, %al
-    jb 3f
-    cmp $0x7e, %al
-    jbe 5f
-3:  mov $'.', %al
-5:  call putc
-    inc %rsi
-    dec %rcx
-    jnz 2b
-4:  pop %rsi
-    pop %rcx
-    pop %rax
-    ret
-
 /* mem_zero: zero %rcx bytes (a multiple of 8) at %rdi. */
 mem_zero:
     push %rcx
