@@ -309,17 +309,41 @@ fn dsdt(virtio: &[VirtioMmioSlot]) -> Vec<u8> {
     );
     dsdt.append_slice(&to_bytes(&s5));
 
-    let devices: Vec<Vec<u8>> = virtio
-        .iter()
-        .enumerate()
-        .map(|(index, slot)| virtio_device(index, slot))
+    let devices: Vec<Vec<u8>> = std::iter::once(com1_device())
+        .chain(
+            virtio
+                .iter()
+                .enumerate()
+                .map(|(index, slot)| virtio_device(index, slot)),
+        )
         .collect();
-    if !devices.is_empty() {
-        let device_amls: Vec<RawAml> = devices.into_iter().map(RawAml).collect();
-        let children: Vec<&dyn Aml> = device_amls.iter().map(|d| d as &dyn Aml).collect();
-        dsdt.append_slice(&to_bytes(&aml::Scope::new("\\_SB_".into(), children)));
-    }
+    let device_amls: Vec<RawAml> = devices.into_iter().map(RawAml).collect();
+    let children: Vec<&dyn Aml> = device_amls.iter().map(|d| d as &dyn Aml).collect();
+    dsdt.append_slice(&to_bytes(&aml::Scope::new("\\_SB_".into(), children)));
     dsdt.as_slice().to_vec()
+}
+
+/// `Device (COM1)`: `_HID PNP0501` (a 16550-compatible UART) with its I/O ports and IRQ 4.
+///
+/// A hardware-reduced ACPI guest has no legacy PIC (Linux installs `null_legacy_pic`), so it
+/// maps no ISA IRQs to IOAPIC pins by itself: a UART known only by its legacy port gets no
+/// usable interrupt, and everything written through the tty layer (all of user space) waits
+/// forever for a THR-empty interrupt, while the kernel console, which polls, still works.
+/// Announcing the UART with its interrupt in `_CRS` makes the guest's PNP driver
+/// (8250_pnp) register GSI 4 with the IOAPIC, as Firecracker and Cloud Hypervisor do.
+fn com1_device() -> Vec<u8> {
+    let port = layout::COM1_PORT;
+    let io = aml::IO::new(port, port, 1, 8);
+    let irq = aml::Interrupt::new(true, true, false, false, layout::COM1_IRQ);
+    let crs = aml::ResourceTemplate::new(vec![&io, &irq]);
+    let hid = aml::Name::new("_HID".into(), &aml::EISAName::new("PNP0501"));
+    let uid = aml::Name::new("_UID".into(), &aml::ZERO);
+    let ddn = aml::Name::new("_DDN".into(), &"COM1");
+    let crs = aml::Name::new("_CRS".into(), &crs);
+    to_bytes(&aml::Device::new(
+        "COM1".into(),
+        vec![&hid, &uid, &ddn, &crs],
+    ))
 }
 
 /// Already-encoded AML, so devices built one by one can go into a single `Scope`.
@@ -767,6 +791,20 @@ mod tests {
             assert!(dsdt.contains(&format!("0x{:08X},", slot.gsi)), "{dsdt}");
         }
         assert!(dsdt.contains("Memory32Fixed (ReadWrite"), "{dsdt}");
+        // COM1 with its ports and IRQ 4: without it a hardware-reduced Linux guest maps no
+        // interrupt for the UART and user-space console output is lost.
+        let com1 = dsdt
+            .split("Device (COM1)")
+            .nth(1)
+            .unwrap_or_else(|| panic!("no COM1 device:\n{dsdt}"));
+        let com1 = &com1[..com1.find("Device (").unwrap_or(com1.len())];
+        assert!(com1.contains("EisaId (\"PNP0501\")"), "{com1}");
+        assert!(
+            com1.contains("IO (Decode16,\n") || com1.contains("IO (Decode16,"),
+            "{com1}"
+        );
+        assert!(com1.contains("0x03F8,"), "{com1}");
+        assert!(com1.contains("0x00000004,"), "{com1}");
         assert!(
             dsdt.contains("Interrupt (ResourceConsumer, Edge, ActiveHigh, Exclusive"),
             "{dsdt}"
