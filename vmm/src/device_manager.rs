@@ -2,8 +2,7 @@
 //! queue notifications through ioeventfds, interrupts through irqfds, device work on the event
 //! loop. Also produces what the guest needs to find them: ACPI slots and cmdline entries.
 
-use std::collections::BTreeMap;
-use std::os::fd::RawFd;
+use std::os::fd::AsRawFd;
 use std::sync::{Arc, Mutex};
 
 use event_manager::{EventOps, Events, MutEventSubscriber};
@@ -16,6 +15,7 @@ use vmm_sys_util::eventfd::EventFd;
 
 use crate::arch::x86_64::acpi::VirtioMmioSlot;
 use crate::event_loop::Subscriber;
+use crate::host_fds::HostFdWatch;
 use crate::layout::{VIRTIO_IRQ_BASE, VIRTIO_IRQ_MAX, VIRTIO_MMIO_SIZE, VIRTIO_MMIO_START};
 
 /// Offset of the QueueNotify register in a virtio-mmio window.
@@ -42,8 +42,8 @@ pub enum DeviceError {
         /// The OS error.
         source: kvm_ioctls::Error,
     },
-    /// An eventfd could not be created.
-    #[error("cannot create an eventfd for virtio device {index}: {source}")]
+    /// An eventfd or epoll fd could not be created.
+    #[error("cannot create an eventfd or epoll fd for virtio device {index}: {source}")]
     EventFd {
         /// Slot index.
         index: usize,
@@ -124,11 +124,13 @@ impl DeviceManager {
                 })?;
             queue_evts.push(e);
         }
+        let host_fds =
+            HostFdWatch::new().map_err(|source| DeviceError::EventFd { index, source })?;
         mmio.insert(transport.clone(), slot.base, slot.size)?;
         self.subscribers.push(Arc::new(Mutex::new(VirtioSubscriber {
             transport,
             queue_evts,
-            host_fds: BTreeMap::new(),
+            host_fds,
         })));
         self.slots.push(slot);
         Ok(slot)
@@ -169,50 +171,38 @@ pub fn cmdline_entries(slots: &[VirtioMmioSlot]) -> Vec<String> {
 struct VirtioSubscriber {
     transport: Arc<Mutex<MmioTransport>>,
     queue_evts: Vec<EventFd>,
-    host_fds: BTreeMap<RawFd, EventSet>,
+    /// The device's host fds, behind one epoll fd the event loop watches (see [`HostFdWatch`]).
+    host_fds: HostFdWatch,
 }
 
 impl VirtioSubscriber {
     /// Brings the watched host fds in line with what the device asks for now.
-    fn sync_host_fds(&mut self, ops: &mut EventOps) {
-        let wanted: BTreeMap<RawFd, EventSet> = {
+    fn sync_host_fds(&mut self) {
+        let wanted = {
             let t = self.transport.lock().unwrap_or_else(|e| e.into_inner());
-            t.device().host_fds().into_iter().collect()
+            t.device().host_fds()
         };
-        for (&fd, &set) in &self.host_fds {
-            if !wanted.contains_key(&fd) {
-                let _ = ops.remove(Events::with_data_raw(fd, HOST_FD_DATA, set));
-            }
-        }
-        for (&fd, &set) in &wanted {
-            // A device may close an fd and get the same number back for a new socket; epoll
-            // forgot the old one, so a failed modify means "add it again".
-            let ev = Events::with_data_raw(fd, HOST_FD_DATA, set);
-            let known = self.host_fds.contains_key(&fd) && ops.modify(ev).is_ok();
-            if !known {
-                if let Err(e) = ops.add(ev) {
-                    tracing::warn!("cannot watch device fd {fd}: {e:?}");
-                }
-            }
-        }
-        self.host_fds = wanted;
+        self.host_fds.sync(wanted);
     }
 }
 
 impl MutEventSubscriber for VirtioSubscriber {
-    fn process(&mut self, events: Events, ops: &mut EventOps) {
+    fn process(&mut self, events: Events, _ops: &mut EventOps) {
         let data = events.data();
         if data == HOST_FD_DATA {
-            let mut t = self.transport.lock().unwrap_or_else(|e| e.into_inner());
-            t.device_mut()
-                .process_host_event(events.fd(), events.event_set());
+            for (fd, set) in self.host_fds.ready() {
+                let mut t = self.transport.lock().unwrap_or_else(|e| e.into_inner());
+                // An fd the device closed while handling an earlier one is not found there
+                // and ignored.
+                t.device_mut().process_host_event(fd, set);
+            }
         } else if let Some(evt) = self.queue_evts.get(data as usize) {
             // Drain the counter first so a notify that lands during processing re-arms it.
             let _ = evt.read();
             let mut t = self.transport.lock().unwrap_or_else(|e| e.into_inner());
             t.notify(data as usize);
         }
-        self.sync_host_fds(ops);
+        self.sync_host_fds();
     }
 
     fn init(&mut self, ops: &mut EventOps) {
@@ -221,7 +211,11 @@ impl MutEventSubscriber for VirtioSubscriber {
                 tracing::error!("cannot watch queue {i} notifications: {e:?}");
             }
         }
-        self.sync_host_fds(ops);
+        let host = Events::with_data_raw(self.host_fds.as_raw_fd(), HOST_FD_DATA, EventSet::IN);
+        if let Err(e) = ops.add(host) {
+            tracing::error!("cannot watch the device's host fds: {e:?}");
+        }
+        self.sync_host_fds();
     }
 }
 

@@ -14,6 +14,7 @@ pub mod boot;
 pub mod device_manager;
 pub mod event_loop;
 pub mod exit;
+pub mod host_fds;
 pub mod kvm;
 pub mod layout;
 pub mod memory;
