@@ -241,6 +241,22 @@ impl Machine for KilnMachine {
         &self.console
     }
 
+    fn wait_ready(
+        &mut self,
+        spec: &Readiness,
+        deadline: Instant,
+        cancel: &AtomicBool,
+    ) -> Result<ReadyReport, ReadyError> {
+        // The VMM knows why the VM ended (reset, power-off, triple fault, KVM error): say it.
+        wait_ready_on_console(&self.console, spec, deadline, cancel).map_err(|e| match e {
+            ReadyError::Exited(why) => match self.ended() {
+                Some(reason) => ReadyError::Exited(format!("{why} (exit: {reason})")),
+                None => ReadyError::Exited(why),
+            },
+            e => e,
+        })
+    }
+
     fn exec(&mut self, request: &ExecRequest, deadline: Instant) -> Result<Output, MachineError> {
         let r = self.agent.exec(request, deadline);
         self.check(r)
