@@ -50,6 +50,60 @@ enum Command {
     /// Differential checks against the reference tools.
     #[command(subcommand)]
     Diff(crate::diff::cmd::DiffCommand),
+    /// Run a command inside an L1 Linux under QEMU TCG whose /dev/kvm is a real (nested SVM)
+    /// KVM: the proving ground for Linux through kiln's VMM on hosts without hardware KVM.
+    #[command(
+        after_help = "Example:\n  kiln nested --out target/nested -- kiln run scenarios/ --backend kiln\n\n\
+        Exit code: the command's; 3 when L1 cannot run it (no QEMU, no SVM, no /dev/kvm)."
+    )]
+    Nested(NestedArgs),
+}
+
+#[derive(Debug, Args)]
+struct NestedArgs {
+    /// A host directory the command may write to, shared back at the same path (repeatable).
+    #[arg(long, value_name = "DIR")]
+    out: Vec<PathBuf>,
+    /// L1 memory in MiB.
+    #[arg(long, default_value_t = 8192, value_name = "MIB")]
+    memory: u32,
+    /// L1 vCPUs.
+    #[arg(long, default_value_t = 2, value_name = "N")]
+    cpus: u32,
+    /// Kill L1 after this many seconds.
+    #[arg(long, default_value_t = 3600, value_name = "SECS")]
+    timeout: u64,
+    /// The QEMU binary that runs L1.
+    #[arg(long, default_value = "qemu-system-x86_64", value_name = "PATH")]
+    qemu: String,
+    /// The command to run in L1 (in the host's root file system, from the current directory).
+    #[arg(required = true, last = true, value_name = "COMMAND")]
+    command: Vec<String>,
+}
+
+/// `kiln nested`'s exit code when L1 could not run the command at all.
+const NESTED_UNAVAILABLE: i32 = 3;
+
+fn nested(args: NestedArgs) -> i32 {
+    let absolute = |p: PathBuf| std::path::absolute(&p).unwrap_or(p);
+    let cfg = crate::nested::NestedConfig {
+        command: args.command,
+        cwd: std::env::current_dir().unwrap_or_else(|_| PathBuf::from("/")),
+        out: args.out.into_iter().map(absolute).collect(),
+        env: crate::nested::inherited_env(),
+        memory_mib: args.memory,
+        cpus: args.cpus,
+        timeout: Duration::from_secs(args.timeout),
+        qemu: args.qemu,
+    };
+    let progress = |line: &str| eprintln!("kiln: nested: {line}");
+    match crate::nested::run(&cfg, &progress) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("kiln: nested: {e}");
+            NESTED_UNAVAILABLE
+        }
+    }
 }
 
 #[derive(Debug, Subcommand)]
@@ -150,6 +204,7 @@ pub fn main() -> ExitCode {
         Command::Guest(command) => crate::guest::cli::run(command),
         Command::Img(cmd) => crate::img::cmd::run(cmd),
         Command::Diff(cmd) => crate::diff::cmd::run(cmd),
+        Command::Nested(args) => nested(args),
     };
     ExitCode::from(code.clamp(0, 255) as u8)
 }

@@ -7,6 +7,7 @@ pub mod diff;
 pub mod doctor;
 pub mod guest;
 pub mod img;
+pub mod nested;
 pub mod report;
 pub mod run_cmd;
 pub mod runner;

@@ -14,9 +14,18 @@ use super::{run_tool, GuestError, KernelParts, Progress};
 /// The default package: Debian's generic kernel (the cloud kernel has no 9p modules).
 pub const DEFAULT_PACKAGE: &str = "linux-image-amd64";
 
-/// Fetch (or take) the package, unpack it and pick out kernel and modules.
+/// Fetch (or take) the package, unpack it and pick out kernel and the guest's modules.
 pub fn kernel_from_deb(
     requested: Option<&str>,
+    progress: &Progress,
+) -> Result<KernelParts, GuestError> {
+    kernel_with_modules(requested, GUEST_MODULES, progress)
+}
+
+/// [`kernel_from_deb`] with another module list (`wanted` and their dependencies).
+pub fn kernel_with_modules(
+    requested: Option<&str>,
+    wanted: &[&str],
     progress: &Progress,
 ) -> Result<KernelParts, GuestError> {
     let requested = requested.unwrap_or(DEFAULT_PACKAGE);
@@ -76,7 +85,7 @@ pub fn kernel_from_deb(
             GuestError::Invalid(format!("{package} {version}: has no lib/modules/{release}"))
         })?;
     let modules = ModuleTree::open(&modules_dir)?
-        .resolve(GUEST_MODULES)
+        .resolve(wanted)
         .map_err(|e| GuestError::Invalid(format!("{package} {version}: {e}")))?;
     Ok(KernelParts {
         image: kernel,
