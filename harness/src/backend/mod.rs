@@ -131,8 +131,9 @@ pub struct ReadyReport {
 /// Why readiness failed.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ReadyError {
-    /// A marker (or the record) did not appear in time; names which.
-    Timeout(String),
+    /// A marker (or the record) did not appear in time: names which, and the marker's own
+    /// timeout when that (not the readiness timeout) ran out.
+    Timeout(String, Option<Duration>),
     /// The guest kernel panicked.
     Panic(String),
     /// The VM exited before it was ready.
@@ -199,12 +200,13 @@ pub fn wait_ready_on_console(
     deadline: Instant,
     cancel: &AtomicBool,
 ) -> Result<ReadyReport, ReadyError> {
-    let fail = |what: &str, wait: ConsoleWait| match wait {
+    let fail_within = |what: &str, wait: ConsoleWait, own: Option<Duration>| match wait {
         ConsoleWait::Panic(line) => ReadyError::Panic(line),
         ConsoleWait::Closed => ReadyError::Exited(format!("the VM exited before {what}")),
         ConsoleWait::Cancelled => ReadyError::Cancelled,
-        _ => ReadyError::Timeout(what.to_string()),
+        _ => ReadyError::Timeout(what.to_string(), own),
     };
+    let fail = |what: &str, wait: ConsoleWait| fail_within(what, wait, None);
     let mut report = ReadyReport {
         record: None,
         markers: Vec::new(),
@@ -226,6 +228,8 @@ pub fn wait_ready_on_console(
             for (i, m) in markers.iter().enumerate() {
                 let own = m.timeout.map(|t| Instant::now() + t);
                 let until = own.map_or(deadline, |o| o.min(deadline));
+                // Which timeout ends this wait, for the message when it runs out.
+                let own_timeout = m.timeout.filter(|_| own.is_some_and(|o| o < deadline));
                 let what = format!(
                     "marker {}/{} /{}/{}",
                     i + 1,
@@ -242,7 +246,7 @@ pub fn wait_ready_on_console(
                         report.markers.push((line.text, line.at));
                         from = index + 1;
                     }
-                    other => return Err(fail(&what, other)),
+                    other => return Err(fail_within(&what, other, own_timeout)),
                 }
             }
         }

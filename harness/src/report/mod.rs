@@ -110,6 +110,11 @@ impl LiveReporter {
     }
 }
 
+/// "1 scenario", "3 scenarios".
+fn plural(n: usize, noun: &str) -> String {
+    format!("{n} {noun}{}", if n == 1 { "" } else { "s" })
+}
+
 /// The final summary: counts, then each failure with its class and bundle.
 pub fn summary_text(summary: &RunSummary, backend: &str) -> String {
     let passed = summary.outcomes.iter().filter(|o| o.passed()).count();
@@ -120,11 +125,15 @@ pub fn summary_text(summary: &RunSummary, backend: &str) -> String {
         .filter(|o| o.passed() && !o.retries.is_empty())
         .count();
     let mut out = format!(
-        "{:-<60}\n  Summary [{:>8.3}s] {} scenarios run on {backend}: {passed} passed{}, {failed} failed",
+        "{:-<60}\n  Summary [{:>8.3}s] {} run on {backend}: {passed} passed{}, {failed} failed",
         "",
         summary.elapsed.as_secs_f64(),
-        summary.outcomes.len(),
-        if flaky > 0 { format!(" ({flaky} flaky)") } else { String::new() },
+        plural(summary.outcomes.len(), "scenario"),
+        if flaky > 0 {
+            format!(" ({flaky} flaky)")
+        } else {
+            String::new()
+        },
     );
     if !summary.not_run.is_empty() {
         out += &format!(", {} not run", summary.not_run.len());

@@ -420,19 +420,25 @@ impl Attempt<'_> {
                     other => other,
                 };
                 let (class, msg) = match e {
-                    ReadyError::Timeout(what) if active.expired() => (
+                    ReadyError::Timeout(what, _) if active.expired() => (
                         FailureClass::ReadinessTimeout,
                         format!(
                             "scenario timeout of {} exceeded waiting for {what}",
                             humantime::format_duration(s.timeout)
                         ),
                     ),
-                    ReadyError::Timeout(what) => (
+                    ReadyError::Timeout(what, own) => (
                         FailureClass::ReadinessTimeout,
-                        format!(
-                            "no {what} within {}",
-                            humantime::format_duration(s.readiness.timeout)
-                        ),
+                        match own {
+                            Some(own) => format!(
+                                "{what} did not appear within its own timeout of {}",
+                                humantime::format_duration(own)
+                            ),
+                            None => format!(
+                                "{what} did not appear within the readiness timeout of {}",
+                                humantime::format_duration(s.readiness.timeout)
+                            ),
+                        },
                     ),
                     ReadyError::Panic(line) => (
                         FailureClass::GuestPanic,

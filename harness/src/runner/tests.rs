@@ -173,11 +173,31 @@ fn a_guest_that_never_gets_ready_is_a_readiness_timeout() {
         ..FakeGuest::ready()
     });
     assert_eq!(r.class(), Some(FailureClass::ReadinessTimeout));
+    assert_eq!(
+        r.failure.as_ref().map(|f| f.message.as_str()),
+        Some("the agent's KILN_READY record did not appear within the readiness timeout of 200ms")
+    );
     assert!(r
         .steps
         .iter()
         .all(|s| s.status == artifacts::StepStatus::Skipped));
     assert!(t < Duration::from_secs(3), "{t:?}");
+}
+
+#[test]
+fn a_sequence_marker_past_its_own_timeout_names_that_timeout() {
+    let s = "id = \"x\"\n[readiness]\ntimeout = 60\n\
+             sequence = [{ marker = 'booting' }, { marker = 'never', timeout = 0.2 }]\n";
+    let (r, t) = class_of(s, || FakeGuest {
+        boot_lines: vec![(Duration::ZERO, "booting".into())],
+        ..FakeGuest::ready()
+    });
+    assert_eq!(r.class(), Some(FailureClass::ReadinessTimeout));
+    assert_eq!(
+        r.failure.as_ref().map(|f| f.message.as_str()),
+        Some("marker 2/2 /never/ after /booting/ did not appear within its own timeout of 200ms")
+    );
+    assert!(t < Duration::from_secs(10), "{t:?}");
 }
 
 #[test]
@@ -735,4 +755,17 @@ fn a_full_artifacts_disk_is_an_infra_error_without_a_half_written_bundle() {
     let next = &summary.outcomes[1].result;
     assert!(next.passed(), "{:?}", next.failure);
     assert!(bundle(next).join("result.json").is_file());
+}
+
+#[test]
+fn the_summary_counts_one_scenario_in_the_singular() {
+    let env = env();
+    let scenarios = env.scenarios(&[("s.toml", "id = \"x\"\n")]);
+    let backend = FakeBackend::new(BackendKind::Qemu, |_| FakeGuest::ready());
+    let summary = env.run(&backend, &scenarios);
+    let text = crate::report::summary_text(&summary, "fake");
+    assert!(
+        text.contains("] 1 scenario run on fake: 1 passed, 0 failed"),
+        "{text}"
+    );
 }
