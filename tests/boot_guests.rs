@@ -328,31 +328,47 @@ fn triple_fault_is_reported() {
     );
 }
 
-/// Boots a real Linux kernel to a console marker: needs hardware KVM (a Linux guest is far too
-/// slow under kvm_pvm's instruction emulation) and a kernel in `KILN_TEST_KERNEL`.
+/// Boots a real Linux kernel to a console marker: needs a KVM that boots Linux (hardware, or
+/// the nested stage's L1; a Linux guest is far too slow under kvm_pvm's instruction emulation).
+/// The kernel is `KILN_TEST_KERNEL` (with `KILN_TEST_INITRD`) or else the default guest's.
 #[test]
 fn linux_boots_to_marker() {
     or_skip!(common::hardware_kvm());
-    let Some(kernel) = std::env::var_os("KILN_TEST_KERNEL") else {
-        skip!("KILN_TEST_KERNEL is not set (path of a bzImage or vmlinux to boot)");
+    let (kernel, initrd) = match std::env::var_os("KILN_TEST_KERNEL") {
+        Some(kernel) => (
+            PathBuf::from(kernel),
+            std::env::var_os("KILN_TEST_INITRD").map(PathBuf::from),
+        ),
+        None => {
+            let guest = kiln::harness::guest::default_guest()
+                .unwrap_or_else(|e| panic!("the default guest cannot be built: {e}"));
+            (guest.kernel, Some(guest.initrd))
+        }
     };
     let marker = std::env::var("KILN_TEST_MARKER").unwrap_or_else(|_| "Linux version".into());
-    let mut cfg = VmConfig::new(PathBuf::from(kernel))
+    let mut cfg = VmConfig::new(kernel)
         .cmdline("console=ttyS0")
         .memory_mib(256)
         .vcpus(1);
-    if let Some(initrd) = std::env::var_os("KILN_TEST_INITRD") {
-        cfg = cfg.initrd(PathBuf::from(initrd));
+    if let Some(initrd) = initrd {
+        cfg = cfg.initrd(initrd);
     }
-    // Without a root file system the kernel panics and, with kiln's `panic=-1 reboot=k`, resets:
-    // any end is fine as long as the marker was printed first.
-    let boot = boot(cfg, Duration::from_secs(60));
+    // Any end (a panic without a root file system resets with kiln's `panic=-1 reboot=k`) is
+    // fine as long as the marker was printed first; once it is, the VM is stopped.
+    let started = Instant::now();
+    let mut vm = Vm::start(cfg).unwrap_or_else(|e| panic!("Vm::start failed: {e}"));
+    while !vm.console().text().contains(&marker)
+        && vm.exit_reason().is_none()
+        && started.elapsed() < Duration::from_secs(120)
+    {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let text = vm.console().text();
+    let exit = vm.kill();
     assert!(
-        boot.text.contains(&marker),
-        "marker {marker:?} not on the console (exit {:?} after {:?}):\n{}",
-        boot.exit,
-        boot.elapsed,
-        boot.text
+        text.contains(&marker),
+        "marker {marker:?} not on the console (exit {exit:?} after {:?}):\n{text}",
+        started.elapsed(),
     );
 }
 
@@ -612,4 +628,47 @@ fn qemu_reference_triple_fault_and_smp() {
         assert_eq!(run.text, format!("cpus={cpus}\n"));
         assert_eq!(run.status, Some(0));
     }
+}
+
+#[test]
+fn cli_boot_of_a_linux_kernel_fails_at_once_on_a_kvm_that_cannot_boot_linux() {
+    if kiln::vmm::kvm::probe().linux_capable() {
+        skip!("this host's KVM boots Linux: a bzImage would really boot here");
+    }
+    let dir = tempfile::tempdir().expect("tempdir");
+    let kernel = dir.path().join("bzImage");
+    let mut image = vec![0u8; 4096];
+    image[0x202..0x206].copy_from_slice(b"HdrS");
+    fs::write(&kernel, image).expect("write kernel");
+    let started = Instant::now();
+    let output = kiln(&[
+        "boot",
+        "--kernel",
+        kernel.to_str().expect("utf-8"),
+        "--timeout",
+        "30",
+    ]);
+    assert_eq!(output.status.code(), Some(1), "{}", describe(&output));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("is a Linux kernel") && stderr.contains("cannot boot Linux guests"),
+        "{stderr}"
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "{:?}",
+        started.elapsed()
+    );
+}
+
+#[test]
+fn cli_boot_refuses_a_timeout_too_large_for_a_duration() {
+    let output = kiln(&["boot", "--kernel", "/nonexistent", "--timeout", "2e19"]);
+    assert_eq!(output.status.code(), Some(2), "{}", describe(&output));
+    assert!(
+        String::from_utf8_lossy(&output.stderr)
+            .contains("--timeout 20000000000000000000: too large"),
+        "{}",
+        describe(&output)
+    );
 }

@@ -238,6 +238,28 @@ fn boot(args: BootArgs) -> i32 {
         );
         return 2;
     }
+    let Ok(timeout) = Duration::try_from_secs_f64(args.timeout) else {
+        eprintln!(
+            "kiln: error: --timeout {}: too large (at most {} seconds)",
+            args.timeout,
+            u64::MAX
+        );
+        return 2;
+    };
+    // Say at once what `kiln doctor` knows instead of letting a Linux kernel spin to the timeout.
+    if kiln_vmm::boot::is_bzimage(&args.kernel).unwrap_or(false) {
+        let probe = kiln_vmm::kvm::probe();
+        if !probe.linux_capable() {
+            eprintln!(
+                "kiln: error: --kernel {} is a Linux kernel, and this host's KVM ({}) cannot boot \
+                 Linux guests (see `kiln doctor`); use `kiln nested -- kiln boot …` or \
+                 `kiln run --backend qemu`",
+                args.kernel.display(),
+                probe.kind
+            );
+            return 1;
+        }
+    }
     let mut config = VmConfig::new(&args.kernel)
         .memory_mib(args.memory)
         .vcpus(args.vcpus)
@@ -261,7 +283,7 @@ fn boot(args: BootArgs) -> i32 {
         }
     };
     let exit = if args.timeout > 0.0 {
-        vm.wait(Duration::from_secs_f64(args.timeout))
+        vm.wait(timeout)
     } else {
         vm.wait_forever()
     };

@@ -95,6 +95,19 @@ pub enum KvmKind {
     Unavailable,
 }
 
+impl std::fmt::Display for KvmKind {
+    /// The lowercase name, as in `kiln doctor --json`.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::Hardware => "hardware",
+            Self::Nested => "nested",
+            Self::Pvm => "pvm",
+            Self::Unknown => "unknown",
+            Self::Unavailable => "unavailable",
+        })
+    }
+}
+
 impl KvmKind {
     /// What this kind of KVM means for kiln, in plain words.
     pub fn consequence(self) -> &'static str {

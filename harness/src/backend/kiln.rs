@@ -50,19 +50,6 @@ impl KilnBackend {
     }
 }
 
-/// Whether `kernel` is a Linux bzImage (the "HdrS" setup header magic at 0x202).
-fn is_bzimage(kernel: &Path) -> std::io::Result<bool> {
-    use std::io::{Read, Seek, SeekFrom};
-    let mut f = std::fs::File::open(kernel)?;
-    let mut magic = [0u8; 4];
-    f.seek(SeekFrom::Start(0x202))?;
-    match f.read_exact(&mut magic) {
-        Ok(()) => Ok(&magic == b"HdrS"),
-        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => Ok(false),
-        Err(e) => Err(e),
-    }
-}
-
 /// Refuses a base whose header contradicts its declared format (as `qemu-img -F` would).
 fn check_format(disk: &PlannedDisk) -> Result<(), BackendError> {
     use std::io::Read;
@@ -133,7 +120,7 @@ impl Backend for KilnBackend {
 
     fn boot(&self, plan: &RunPlan, run_dir: &Path) -> Result<Box<dyn Machine>, BackendError> {
         if !self.linux_capable {
-            let linux = is_bzimage(&plan.kernel)
+            let linux = kiln_vmm::boot::is_bzimage(&plan.kernel)
                 .map_err(|e| error(format!("cannot read {}: {e}", plan.kernel.display())))?;
             if linux {
                 return Err(error(format!("{} KVM: {NO_LINUX}", self.kvm_kind)));
@@ -171,9 +158,15 @@ impl Backend for KilnBackend {
             poller: None,
             uds,
         };
+        let abort = machine.agent.abort_handle();
         let poller = std::thread::Builder::new()
             .name("kiln-console".into())
-            .spawn(move || copy_console(&log, &vm, &console))
+            .spawn(move || {
+                copy_console(&log, &vm, &console);
+                // The guest is gone (reset after a panic, power-off, triple fault): a request
+                // waiting for its answer gets none, so end it now instead of at its deadline.
+                abort.abort();
+            })
             .map_err(|e| error(format!("cannot start the console thread: {e}")))?;
         machine.poller = Some(poller);
         Ok(Box::new(machine))

@@ -156,6 +156,18 @@ impl LoadedKernel {
     }
 }
 
+/// Whether the file at `path` is a Linux bzImage (the `HdrS` setup header magic), the format
+/// every distribution kernel ships in. Linux needs a KVM that runs guest kernels natively.
+pub fn is_bzimage(path: &Path) -> std::io::Result<bool> {
+    use std::io::Read;
+    let mut head = [0u8; BZIMAGE_MAGIC_OFFSET + 4];
+    match std::fs::File::open(path)?.read_exact(&mut head) {
+        Ok(()) => Ok(&head[BZIMAGE_MAGIC_OFFSET..] == BZIMAGE_MAGIC),
+        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => Ok(false),
+        Err(e) => Err(e),
+    }
+}
+
 /// Detects the kernel format from its first bytes.
 pub fn detect_format(path: &Path, head: &[u8]) -> Result<KernelFormat, BootError> {
     if head.starts_with(b"\x7fELF") {
