@@ -170,6 +170,15 @@ pub fn kvm_usable() -> Result<(), String> {
 /// `Ok` when /dev/kvm is hardware-assisted KVM (VMX or SVM, not the PVM software fallback),
 /// which a Linux guest needs to boot in reasonable time; otherwise why not.
 pub fn hardware_kvm() -> Result<(), String> {
+    let found = linux_capable_kvm();
+    // The nested stage sets this: there a missing KVM is a failure, never a skip.
+    if let (Err(reason), Some(_)) = (&found, std::env::var_os("KILN_REQUIRE_LINUX_KVM")) {
+        panic!("KILN_REQUIRE_LINUX_KVM is set but this KVM cannot boot Linux: {reason}");
+    }
+    found
+}
+
+fn linux_capable_kvm() -> Result<(), String> {
     kvm_usable()?;
     let cpuinfo = fs::read_to_string("/proc/cpuinfo")
         .map_err(|e| format!("cannot read /proc/cpuinfo: {e}"))?;

@@ -1,0 +1,178 @@
+//! Linux through kiln's own VMM, with the default guest (Debian's kernel, kiln-agent as /init):
+//! user-space output on the serial console (the agent's `KILN_READY` record goes through the
+//! tty layer and the UART's interrupt, unlike the polling kernel console), host-initiated vsock
+//! connections to the agent with data both ways, 1 and 2 vCPUs, and the expected failures of
+//! `tests/scenarios/expected-fail` on `--backend kiln`.
+//!
+//! These need a KVM that boots Linux. On kiln's CI machines (PVM) they skip on the host and run
+//! in the nested stage (`kiln nested`, an L1 with a nested SVM KVM), where they must pass.
+
+#[macro_use]
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use kiln::vmm::{ExitReason, Vm, VmConfig, VmHandle};
+use kiln_agent_proto::client::Client;
+use kiln_agent_proto::message::ExecRequest;
+
+/// Generous: under nested TCG the default guest takes tens of seconds to its record.
+const READY_TIMEOUT: Duration = Duration::from_secs(240);
+
+fn default_guest() -> kiln::harness::guest::GuestImage {
+    kiln::harness::guest::default_guest()
+        .unwrap_or_else(|e| panic!("the default guest cannot be built: {e}"))
+}
+
+/// Waits for `needle` on the console; panics with the console when it does not come.
+fn wait_console(vm: &VmHandle, needle: &str, timeout: Duration) -> String {
+    let until = Instant::now() + timeout;
+    loop {
+        let text = vm.console().text();
+        // Whole lines only: the last one may still be arriving.
+        let mut lines = text.split_inclusive('\n').filter(|l| l.ends_with('\n'));
+        if let Some(line) = lines.find(|l| l.contains(needle)) {
+            return line.trim_end().to_string();
+        }
+        if let Some(reason) = vm.exit_reason() {
+            panic!("the VM ended ({reason:?}) before {needle:?}; console:\n{text}");
+        }
+        if Instant::now() >= until {
+            panic!("no {needle:?} on the console within {timeout:?}; console:\n{text}");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn boot_default_guest(vcpus: u8, uds: &Path) -> VmHandle {
+    let guest = default_guest();
+    let config = VmConfig::new(&guest.kernel)
+        .initrd(&guest.initrd)
+        .memory_mib(256)
+        .vcpus(vcpus)
+        .vsock(uds)
+        .cmdline("quiet");
+    Vm::start(config).unwrap_or_else(|e| panic!("cannot start the default guest: {e}"))
+}
+
+#[test]
+fn the_default_guest_gets_ready_and_its_agent_answers_host_connections_with_1_and_2_vcpus() {
+    or_skip!(common::hardware_kvm());
+    for vcpus in [1u8, 2] {
+        let dir = tempfile::tempdir().unwrap();
+        let uds = dir.path().join("vsock.sock");
+        let mut vm = boot_default_guest(vcpus, &uds);
+        let record = wait_console(&vm, "KILN_READY", READY_TIMEOUT);
+        assert!(record.contains("transport=vsock:1024"), "{record}");
+
+        // Several host-initiated connections, one after the other: each closes, and the next
+        // socket gets the same fd number (which once went unwatched).
+        for round in 0..3 {
+            let stream = vm
+                .vsock_connect(1024, Duration::from_secs(60))
+                .unwrap_or_else(|e| {
+                    panic!(
+                        "{vcpus} vCPU(s), connection {round}: CONNECT 1024: {e}; console:\n{}",
+                        vm.console().text()
+                    )
+                });
+            let mut client = Client::new(stream);
+            let mut request = ExecRequest::new(["sh", "-c", "nproc; cat"]);
+            request.stdin = format!("ping {round}").into_bytes();
+            let out = client.exec(&request).expect("exec through the agent");
+            assert!(out.success(), "{out:?}");
+            assert_eq!(
+                String::from_utf8_lossy(&out.stdout),
+                format!("{vcpus}\nping {round}"),
+                "{out:?}"
+            );
+        }
+        let mut client = Client::new(vm.vsock_connect(1024, Duration::from_secs(60)).unwrap());
+        client.shutdown(false).expect("agent shutdown");
+        let exit = vm.wait(Duration::from_secs(120));
+        assert!(
+            matches!(exit, ExitReason::Shutdown | ExitReason::Reset),
+            "{vcpus} vCPU(s): {exit:?}"
+        );
+    }
+}
+
+#[test]
+fn user_space_output_reaches_the_serial_console() {
+    or_skip!(common::hardware_kvm());
+    let dir = tempfile::tempdir().unwrap();
+    let uds = dir.path().join("vsock.sock");
+    let mut vm = boot_default_guest(1, &uds);
+    wait_console(&vm, "KILN_READY", READY_TIMEOUT);
+    let mut client = Client::new(vm.vsock_connect(1024, Duration::from_secs(60)).unwrap());
+    // Written by a user-space process to the console device, through the tty layer.
+    let out = client
+        .exec(&ExecRequest::new([
+            "sh",
+            "-c",
+            "echo written-by-user-space > /dev/ttyS0",
+        ]))
+        .expect("exec");
+    assert!(out.success(), "{out:?}");
+    wait_console(&vm, "written-by-user-space", Duration::from_secs(60));
+    vm.kill();
+}
+
+fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+#[test]
+fn each_expected_failure_fails_with_its_class_on_the_kiln_backend() {
+    or_skip!(common::hardware_kvm());
+    default_guest();
+    let tmp = tempfile::tempdir().unwrap();
+    let corpus = root().join("tests/scenarios/expected-fail");
+    let out = Command::new(env!("CARGO_BIN_EXE_kiln"))
+        .arg("run")
+        .arg(&corpus)
+        .args(["--backend", "kiln", "--jobs", "1", "--artifacts"])
+        .arg(tmp.path())
+        .env("KILN_LOG", "warn")
+        .stdin(Stdio::null())
+        .output()
+        .expect("run kiln");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    let mut checked = 0;
+    for entry in std::fs::read_dir(&corpus).unwrap() {
+        let path = entry.unwrap().path();
+        if path.extension() != Some("toml".as_ref()) || path.ends_with("kiln.toml") {
+            continue;
+        }
+        let text = std::fs::read_to_string(&path).unwrap();
+        let id = text
+            .lines()
+            .find_map(|l| l.strip_prefix("id = \""))
+            .and_then(|l| l.strip_suffix('"'))
+            .unwrap_or_else(|| panic!("{}: no id", path.display()));
+        let expected = text
+            .lines()
+            .find_map(|l| l.strip_prefix("# expected: "))
+            .and_then(|l| l.split_whitespace().next())
+            .unwrap_or_else(|| panic!("{id}: no `# expected: CLASS` line"));
+        let result = tmp.path().join(id).join("latest/result.json");
+        let result: serde_json::Value = serde_json::from_slice(
+            &std::fs::read(&result)
+                .unwrap_or_else(|e| panic!("{id}: {}: {e}\n{stderr}", result.display())),
+        )
+        .unwrap();
+        assert_eq!(result["provenance"]["backend"], "kiln", "{id}");
+        assert_eq!(result["verdict"], "fail", "{id}: {result}");
+        assert_eq!(result["failure"]["class"], expected, "{id}: {result}");
+        if expected == "guest-panic" {
+            // Seen when the guest resets after its panic, not at the step's two-minute timeout.
+            let total = result["phases"]["total_ms"].as_f64().unwrap_or(f64::MAX);
+            assert!(total < 100_000.0, "{id}: guest panic took {total} ms");
+        }
+        checked += 1;
+    }
+    assert!(checked >= 6, "only {checked} expected failures");
+}
