@@ -142,23 +142,9 @@ fn each_expected_failure_fails_with_its_class_on_the_kiln_backend() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{stderr}");
     let mut checked = 0;
-    for entry in std::fs::read_dir(&corpus).unwrap() {
-        let path = entry.unwrap().path();
-        if path.extension() != Some("toml".as_ref()) || path.ends_with("kiln.toml") {
-            continue;
-        }
-        let text = std::fs::read_to_string(&path).unwrap();
-        let id = text
-            .lines()
-            .find_map(|l| l.strip_prefix("id = \""))
-            .and_then(|l| l.strip_suffix('"'))
-            .unwrap_or_else(|| panic!("{}: no id", path.display()));
-        let expected = text
-            .lines()
-            .find_map(|l| l.strip_prefix("# expected: "))
-            .and_then(|l| l.split_whitespace().next())
-            .unwrap_or_else(|| panic!("{id}: no `# expected: CLASS` line"));
-        let result = tmp.path().join(id).join("latest/result.json");
+    for (id, expected) in common::corpus(&corpus) {
+        let expected = expected.unwrap_or_else(|| panic!("{id}: no `# expected: CLASS` line"));
+        let result = tmp.path().join(&id).join("latest/result.json");
         let result: serde_json::Value = serde_json::from_slice(
             &std::fs::read(&result)
                 .unwrap_or_else(|e| panic!("{id}: {}: {e}\n{stderr}", result.display())),

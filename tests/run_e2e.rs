@@ -72,32 +72,6 @@ fn describe(out: &Output) -> String {
     )
 }
 
-/// The scenario ids of a corpus directory, with the class named on an `# expected: CLASS` line.
-fn corpus(dir: &Path) -> Vec<(String, Option<String>)> {
-    let mut out = Vec::new();
-    for entry in fs::read_dir(dir).unwrap() {
-        let path = entry.unwrap().path();
-        if path.extension() != Some("toml".as_ref()) || path.ends_with("kiln.toml") {
-            continue;
-        }
-        let text = fs::read_to_string(&path).unwrap();
-        let id = text
-            .lines()
-            .find_map(|l| l.strip_prefix("id = \""))
-            .and_then(|l| l.strip_suffix('"'))
-            .unwrap_or_else(|| panic!("{}: no id line", path.display()))
-            .to_string();
-        let expected = text
-            .lines()
-            .find_map(|l| l.strip_prefix("# expected: "))
-            .and_then(|l| l.split_whitespace().next())
-            .map(str::to_string);
-        out.push((id, expected));
-    }
-    out.sort();
-    out
-}
-
 /// The latest bundle of `id`, checked to hold what every bundle holds.
 fn bundle(artifacts: &Path, id: &str) -> (PathBuf, Value) {
     let dir = artifacts.join(id).join("latest");
@@ -144,7 +118,7 @@ fn the_corpus_passes_and_each_expected_failure_fails_with_its_class() {
         output(kiln_run(&root().join("scenarios"), Path::new("pass"), &[]).current_dir(tmp.path()));
     eprintln!("scenarios/ at --jobs 2: {:?}", started.elapsed());
     assert_eq!(out.status.code(), Some(0), "{}", describe(&out));
-    let ids = corpus(&root().join("scenarios"));
+    let ids = common::corpus(&root().join("scenarios"));
     assert!(ids.len() >= 3, "{ids:?}");
     for (id, _) in &ids {
         let (dir, result) = bundle(&artifacts, id);
@@ -187,7 +161,7 @@ fn the_corpus_passes_and_each_expected_failure_fails_with_its_class() {
     let out = output(&mut kiln_run(&xfail_dir, &artifacts, &[]));
     eprintln!("expected-fail/ at --jobs 2: {:?}", started.elapsed());
     assert_eq!(out.status.code(), Some(1), "{}", describe(&out));
-    let ids = corpus(&xfail_dir);
+    let ids = common::corpus(&xfail_dir);
     for (id, expected) in &ids {
         let expected = expected
             .as_deref()

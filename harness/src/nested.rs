@@ -213,7 +213,7 @@ mount -t devtmpfs dev /newroot/dev
 mkdir -p /newroot/dev/pts /newroot/dev/shm
 mount -t devpts devpts /newroot/dev/pts
 mount -t tmpfs shm /newroot/dev/shm
-mount -t tmpfs tmp /newroot/tmp
+# /tmp stays the overlay's (writable, in memory): a checkout under the host's /tmp must be seen.
 mount -t tmpfs run /newroot/run
 i=0
 for out in $outs; do

@@ -205,3 +205,29 @@ pub fn qemu() -> Result<PathBuf, String> {
             "qemu-system-x86_64 not found on PATH (apt-get install qemu-system-x86)".into()
         })
 }
+
+/// The scenario ids of a corpus directory, with the class named on an `# expected: CLASS` line.
+pub fn corpus(dir: &Path) -> Vec<(String, Option<String>)> {
+    let mut out = Vec::new();
+    for entry in fs::read_dir(dir).unwrap() {
+        let path = entry.unwrap().path();
+        if path.extension() != Some("toml".as_ref()) || path.ends_with("kiln.toml") {
+            continue;
+        }
+        let text = fs::read_to_string(&path).unwrap();
+        let id = text
+            .lines()
+            .find_map(|l| l.strip_prefix("id = \""))
+            .and_then(|l| l.strip_suffix('"'))
+            .unwrap_or_else(|| panic!("{}: no id line", path.display()))
+            .to_string();
+        let expected = text
+            .lines()
+            .find_map(|l| l.strip_prefix("# expected: "))
+            .and_then(|l| l.split_whitespace().next())
+            .map(str::to_string);
+        out.push((id, expected));
+    }
+    out.sort();
+    out
+}
