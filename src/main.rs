@@ -1,5 +1,5 @@
-//! The `kiln` binary: everything lives in kiln-harness; this only hands over control.
+//! The `kiln` binary: everything lives in kiln-cli; this only hands over control.
 
 fn main() -> std::process::ExitCode {
-    kiln_harness::cli::main()
+    kiln_cli::main()
 }

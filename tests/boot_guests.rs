@@ -340,7 +340,7 @@ fn linux_boots_to_marker() {
             std::env::var_os("KILN_TEST_INITRD").map(PathBuf::from),
         ),
         None => {
-            let guest = kiln::harness::guest::default_guest()
+            let guest = kiln::guest::default_guest()
                 .unwrap_or_else(|e| panic!("the default guest cannot be built: {e}"));
             (guest.kernel, Some(guest.initrd))
         }

@@ -8,17 +8,17 @@ mod common;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
-use kiln::harness::diff::runs::report::{Overall, ScenarioDiff};
-use kiln::harness::diff::runs::{cmd::compare_bundles, QemuImg};
-use kiln::harness::guest::{default_guest, GuestError};
-use kiln::harness::scenario::load_corpus;
+use kiln::diff::scenarios::report::{Overall, ScenarioDiff};
+use kiln::diff::scenarios::{compare_bundles, QemuImg};
+use kiln::guest::{default_guest, GuestError};
+use kiln::scenario::load_corpus;
 
 fn root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
 }
 
 fn linux_capable_kvm() -> bool {
-    kiln::harness::doctor::report().kvm.linux_capable()
+    kiln::backends::doctor::report().kvm.linux_capable()
 }
 
 /// `Ok` when QEMU, qemu-img and the default guest are available.

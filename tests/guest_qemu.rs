@@ -11,7 +11,7 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use common::qemu::{qemu_binary, Qemu, QemuGuest};
-use kiln::harness::guest::{default_guest, GuestError};
+use kiln::guest::{default_guest, GuestError};
 use kiln_agent_proto::client::{connect_unix, Client};
 use kiln_agent_proto::{ExecRequest, ReadyRecord, Transport, SERIAL_PORT_NAME};
 

@@ -21,8 +21,8 @@ use kiln_agent_proto::message::ExecRequest;
 /// Generous: under nested TCG the default guest takes tens of seconds to its record.
 const READY_TIMEOUT: Duration = Duration::from_secs(240);
 
-fn default_guest() -> kiln::harness::guest::GuestImage {
-    kiln::harness::guest::default_guest()
+fn default_guest() -> kiln::guest::GuestImage {
+    kiln::guest::default_guest()
         .unwrap_or_else(|e| panic!("the default guest cannot be built: {e}"))
 }
 

@@ -13,7 +13,7 @@ use std::process::{Child, Command, Output, Stdio};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use kiln::harness::guest::{default_guest, GuestError};
+use kiln::guest::{default_guest, GuestError};
 use serde_json::Value;
 
 /// One `kiln run` at a time: each already runs two VMs.

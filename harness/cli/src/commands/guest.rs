@@ -1,0 +1,113 @@
+//! `kiln guest build|list|path`.
+
+use std::path::PathBuf;
+
+use clap::{Args, Subcommand};
+
+use kiln_guest_build::{build, stderr_progress, Cache, GuestError, KernelFrom, DEFAULT_ALIAS};
+
+/// `kiln guest …`
+#[derive(Debug, Subcommand)]
+pub enum GuestCommand {
+    /// Build a guest (kernel + initramfs with kiln-agent) into the cache.
+    Build(BuildArgs),
+    /// List cached guests.
+    List,
+    /// Print the cache directory of a guest (alias, or hash prefix; default: the default guest).
+    Path {
+        /// Alias or hash prefix.
+        name: Option<String>,
+    },
+}
+
+/// Where `kiln guest build` takes the kernel from (one of; default `--from-deb`).
+#[derive(Debug, Args)]
+#[group(multiple = false)]
+pub struct BuildArgs {
+    /// A Debian/Ubuntu kernel package name or .deb file [default: linux-image-amd64].
+    #[arg(long, value_name = "PACKAGE|FILE.deb", num_args = 0..=1, default_missing_value = "")]
+    from_deb: Option<String>,
+    /// The running host's kernel and modules.
+    #[arg(long)]
+    from_host: bool,
+    /// Kernel source directory or tarball, built with guest/kernel/kiln.config (minutes).
+    #[arg(long, value_name = "DIR|TARBALL")]
+    from_source: Option<PathBuf>,
+    /// Also name the result (e.g. `default`, which `kiln run` uses).
+    #[arg(long, value_name = "NAME")]
+    alias: Option<String>,
+}
+
+impl BuildArgs {
+    fn source(&self) -> KernelFrom {
+        if self.from_host {
+            KernelFrom::Host
+        } else if let Some(dir) = &self.from_source {
+            KernelFrom::Source(dir.clone())
+        } else {
+            KernelFrom::Deb(self.from_deb.clone().filter(|p| !p.is_empty()))
+        }
+    }
+}
+
+/// Run a `kiln guest` command; returns the exit code.
+pub fn run(command: GuestCommand) -> i32 {
+    match execute(command) {
+        Ok(()) => 0,
+        Err(e) => {
+            eprintln!("kiln: error: {e}");
+            1
+        }
+    }
+}
+
+fn execute(command: GuestCommand) -> Result<(), GuestError> {
+    let cache = Cache::default_location()?;
+    match command {
+        GuestCommand::Build(args) => {
+            let from = args.source();
+            let _lock = cache.lock()?;
+            let image = build(&cache, &from, &stderr_progress)?;
+            // The default package is what `kiln run` would build: name it the default too.
+            let alias = args
+                .alias
+                .or_else(|| (from == KernelFrom::default()).then(|| DEFAULT_ALIAS.to_owned()));
+            if let Some(alias) = alias {
+                cache.set_alias(&alias, &image.manifest.name)?;
+            }
+            println!("{}", image.dir.display());
+        }
+        GuestCommand::List => {
+            let aliases = cache.aliases();
+            for image in cache.list() {
+                let names: Vec<_> = aliases
+                    .iter()
+                    .filter(|(_, entry)| *entry == image.manifest.name)
+                    .map(|(alias, _)| alias.as_str())
+                    .collect();
+                println!(
+                    "{}  {:<24} {:<40} {}",
+                    image.manifest.name,
+                    image.manifest.kernel_release.as_deref().unwrap_or("?"),
+                    describe(&image.manifest.source),
+                    names.join(",")
+                );
+            }
+        }
+        GuestCommand::Path { name } => {
+            let image = cache.find(name.as_deref().unwrap_or(DEFAULT_ALIAS))?;
+            println!("{}", image.dir.display());
+        }
+    }
+    Ok(())
+}
+
+fn describe(source: &kiln_guest_build::Source) -> String {
+    match source {
+        kiln_guest_build::Source::Deb {
+            package, version, ..
+        } => format!("deb {package} {version}"),
+        kiln_guest_build::Source::Host { release } => format!("host {release}"),
+        kiln_guest_build::Source::KernelSource { path, .. } => format!("source {path}"),
+    }
+}

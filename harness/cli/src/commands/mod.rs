@@ -1,0 +1,7 @@
+//! One module per `kiln` subcommand that has more than a few lines of glue.
+
+pub mod diff_img;
+pub mod diff_run;
+pub mod guest;
+pub mod img;
+pub mod run;

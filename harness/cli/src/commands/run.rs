@@ -1,0 +1,345 @@
+//! `kiln run` and `kiln scenario check`: corpus loading, selection, backend choice, Ctrl-C,
+//! and the output layer (live lines, summary, `--json`, `--junit`). Exit codes: 0 all passed,
+//! 1 some failed, 2 usage or configuration error (nothing booted), 130 interrupted.
+
+use std::io::BufRead;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+
+use clap::Args;
+
+use kiln_backends::{self as backend, Backend};
+
+use crate::args::{BackendArg, KeepArg};
+use kiln_runner::report::{self, LiveReporter};
+use kiln_runner::select::{Filter, Partition};
+use kiln_runner::{self as runner, artifacts::write_atomic, Control, RunOptions};
+use kiln_scenario::{load_corpus, ImageRef, Scenario};
+
+/// `kiln run` arguments.
+#[derive(Debug, Args)]
+pub struct RunArgs {
+    /// Scenario files or directories.
+    #[arg(required = true, value_name = "PATH")]
+    pub paths: Vec<PathBuf>,
+    /// Scenarios run at once (default: the number of CPUs).
+    #[arg(long, short = 'j', value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
+    pub jobs: Option<u64>,
+    /// Backend: kiln's VMM, QEMU, or auto (kiln with hardware KVM, else QEMU).
+    #[arg(long, value_enum, default_value_t = BackendArg::Auto)]
+    pub backend: BackendArg,
+    /// Run only scenarios whose id is ID or matches REGEX (repeatable).
+    #[arg(long, value_name = "ID|REGEX")]
+    pub filter: Vec<Filter>,
+    /// Run one shard: hash:I/N (by a stable hash of the id) or count:I/N (round-robin).
+    #[arg(long, value_name = "hash:I/N|count:I/N")]
+    pub partition: Option<Partition>,
+    /// Where bundles go: <DIR>/<scenario-id>/<run-id>/.
+    #[arg(long, value_name = "DIR", default_value = "kiln-artifacts")]
+    pub artifacts: PathBuf,
+    /// Which bundles to keep.
+    #[arg(long, value_enum, default_value_t = KeepArg::Always)]
+    pub keep_artifacts: KeepArg,
+    /// Keep each run's work dir (overlays, sockets) and pause before tearing down a failed VM.
+    #[arg(long)]
+    pub debug: bool,
+    /// Pause before every teardown until Enter is pressed.
+    #[arg(long)]
+    pub pause_before_teardown: bool,
+    /// Print one JSON document with every result on stdout.
+    #[arg(long)]
+    pub json: bool,
+    /// Write JUnit XML to FILE.
+    #[arg(long, value_name = "FILE")]
+    pub junit: Option<PathBuf>,
+    /// Stop starting scenarios after the first failure.
+    #[arg(long)]
+    pub fail_fast: bool,
+    /// Run a failed scenario up to N more times.
+    #[arg(long, value_name = "N", default_value_t = 0)]
+    pub retries: u32,
+}
+
+fn print_errors(errors: &[impl std::fmt::Display]) {
+    for e in errors {
+        eprintln!("kiln: error: {e}");
+    }
+}
+
+/// `kiln scenario check PATH...`.
+pub fn check(paths: &[PathBuf]) -> u8 {
+    match load_corpus(paths) {
+        Ok(scenarios) => {
+            println!("ok: {} scenarios valid", scenarios.len());
+            0
+        }
+        Err(errors) => {
+            print_errors(&errors);
+            eprintln!("kiln: {} error(s); nothing was run", errors.len());
+            2
+        }
+    }
+}
+
+/// Loads and selects the scenarios `args` ask for.
+pub fn select(args: &RunArgs) -> Result<Vec<Scenario>, Vec<String>> {
+    let corpus = load_corpus(&args.paths)
+        .map_err(|errs| errs.iter().map(ToString::to_string).collect::<Vec<_>>())?;
+    let unmatched: Vec<String> = args
+        .filter
+        .iter()
+        .filter(|f| !corpus.iter().any(|s| f.matches(&s.id)))
+        .map(|f| format!("--filter {:?} matches no scenario id", f.as_str()))
+        .collect();
+    if !unmatched.is_empty() {
+        return Err(unmatched);
+    }
+    let mut selected: Vec<Scenario> = corpus
+        .into_iter()
+        .filter(|s| args.filter.is_empty() || args.filter.iter().any(|f| f.matches(&s.id)))
+        .collect();
+    if let Some(partition) = args.partition {
+        let ids: Vec<&str> = selected.iter().map(|s| s.id.as_str()).collect();
+        let keep: Vec<String> = partition
+            .select(&ids)
+            .into_iter()
+            .map(str::to_string)
+            .collect();
+        selected.retain(|s| keep.contains(&s.id));
+    }
+    Ok(selected)
+}
+
+/// `kiln run`.
+pub fn run(args: RunArgs) -> u8 {
+    let scenarios = match select(&args) {
+        Ok(s) => s,
+        Err(errors) => {
+            print_errors(&errors);
+            return 2;
+        }
+    };
+    let doctor = kiln_backends::doctor::report();
+    let kvm_kind = serde_json::to_value(doctor.kvm.kind)
+        .ok()
+        .and_then(|v| v.as_str().map(str::to_string))
+        .unwrap_or_else(|| "unknown".into());
+    let (kind, why) = backend::choose(args.backend.into(), doctor.kvm.linux_capable(), &kvm_kind);
+    eprintln!("kiln: backend {kind} ({why})");
+    let backend = match backend::construct(kind, doctor.kvm.linux_capable(), &kvm_kind) {
+        Ok(b) => b,
+        Err(e) => {
+            eprintln!("kiln: error: {e}");
+            return 2;
+        }
+    };
+    let mut opts = options(&args);
+    opts.provenance_base.host_kvm = kvm_kind;
+    let resolver = default_guest_resolver();
+    if scenarios
+        .iter()
+        .any(|s| matches!(s.guest.kernel, ImageRef::Default))
+    {
+        // Build (or find) it before the first scenario starts, so its build time and progress
+        // lines are not mixed into a scenario's.
+        match resolver() {
+            // Hash the images for provenance once here rather than inside the first scenarios.
+            Ok((kernel, initrd)) => {
+                runner::artifacts::file_id(&kernel);
+                runner::artifacts::file_id(&initrd);
+            }
+            Err(e) => eprintln!("kiln: error: {e}"),
+        }
+    }
+    opts.default_guest = Some(resolver);
+    run_with(&args, scenarios, backend.as_ref(), opts)
+}
+
+/// Resolves the default guest once per run: the first scenario that needs it builds it into the
+/// cache (progress on stderr) while the others wait; every later call gets the cached answer.
+pub(crate) fn default_guest_resolver() -> runner::GuestResolver {
+    type Resolved = Result<(PathBuf, PathBuf), String>;
+    let resolved: Arc<Mutex<Option<Resolved>>> = Arc::default();
+    Arc::new(move || {
+        let mut slot = resolved.lock().unwrap_or_else(|p| p.into_inner());
+        slot.get_or_insert_with(|| {
+            kiln_guest_build::default_guest()
+                .map(|g| (g.kernel, g.initrd))
+                .map_err(|e| format!("the default guest is not available: {e}"))
+        })
+        .clone()
+    })
+}
+
+/// Run options from the arguments (everything but the backend-dependent parts).
+pub fn options(args: &RunArgs) -> RunOptions {
+    // Absolute, because host-side verify commands run in the scenario's directory and get
+    // bundle paths as arguments.
+    let artifacts = std::path::absolute(&args.artifacts).unwrap_or_else(|_| args.artifacts.clone());
+    let mut opts = RunOptions::new(artifacts);
+    opts.jobs = args.jobs.map_or_else(
+        || std::thread::available_parallelism().map_or(1, |n| n.get()),
+        |j| usize::try_from(j).unwrap_or(1),
+    );
+    opts.keep = args.keep_artifacts.into();
+    opts.debug = args.debug;
+    opts.pause_before_teardown = args.pause_before_teardown;
+    opts.fail_fast = args.fail_fast;
+    opts.retries = args.retries;
+    let prompt = Arc::new(Mutex::new(()));
+    opts.pause = Some(Arc::new(move |what: &str| {
+        let _one_at_a_time = prompt.lock().unwrap_or_else(|p| p.into_inner());
+        eprintln!("kiln: paused: {what}\nkiln: press Enter to tear down");
+        let mut line = String::new();
+        let _ = std::io::stdin().lock().read_line(&mut line);
+    }));
+    opts
+}
+
+/// Runs the selected scenarios on `backend` and writes the reports; returns the exit code.
+pub fn run_with(
+    args: &RunArgs,
+    scenarios: Vec<Scenario>,
+    backend: &dyn Backend,
+    opts: RunOptions,
+) -> u8 {
+    let (runnable, skipped): (Vec<Scenario>, Vec<Scenario>) = scenarios
+        .into_iter()
+        .partition(|s| s.allows(backend.kind()));
+    for s in &skipped {
+        let on: Vec<String> = s.backends.iter().map(ToString::to_string).collect();
+        eprintln!("{:>6} {}: runs only on {}", "SKIP", s.id, on.join(", "));
+    }
+    let control = Control::new();
+    let handler_control = control.clone();
+    let handler = ctrlc::set_handler(move || {
+        if handler_control.interrupt() {
+            eprintln!("kiln: interrupted again: killed every VM, removed work dirs; exiting");
+            std::process::exit(130);
+        }
+        eprintln!(
+            "kiln: interrupted: tearing down running scenarios (Ctrl-C again to exit at once)"
+        );
+    });
+    if let Err(e) = handler {
+        tracing::warn!("no Ctrl-C handler: {e}");
+    }
+    let reporter = LiveReporter::new(runnable.len(), report::progress_wanted() && !args.json);
+    let summary = runner::run(&runnable, backend, &opts, &control, &|e| {
+        reporter.on_event(e)
+    });
+    reporter.finish();
+    let code = summary.exit_code();
+    eprint!("{}", report::summary_text(&summary, backend.name()));
+    if let Some(path) = &args.junit {
+        let written = report::junit::to_xml(&summary)
+            .and_then(|xml| write_atomic(path, xml.as_bytes()).map_err(|e| e.to_string()));
+        if let Err(e) = written {
+            eprintln!("kiln: error: --junit {}: {e}", path.display());
+        }
+    }
+    if args.json {
+        println!("{}", report::json_document(&summary, backend.name(), code));
+    }
+    code
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+    use kiln_backends::fake::{FakeBackend, FakeExec, FakeGuest};
+    use kiln_scenario::BackendKind;
+
+    #[derive(Parser)]
+    struct Wrapper {
+        #[command(flatten)]
+        args: RunArgs,
+    }
+
+    fn args(argv: &[&str]) -> RunArgs {
+        let mut full = vec!["kiln-run"];
+        full.extend_from_slice(argv);
+        Wrapper::parse_from(full).args
+    }
+
+    #[test]
+    fn the_example_corpora_are_valid() {
+        let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..");
+        assert_eq!(check(&[root.join("scenarios")]), 0);
+        let xfail = load_corpus(&[root.join("tests/scenarios/expected-fail")]).expect("valid");
+        assert_eq!(xfail.len(), 6);
+    }
+
+    #[test]
+    fn usage_errors_are_caught_before_anything_runs() {
+        let bad = |argv: &[&str]| {
+            Wrapper::try_parse_from(argv)
+                .map(|_| ())
+                .unwrap_err()
+                .exit_code()
+        };
+        assert_eq!(bad(&["k", "x", "--partition", "hash:3/2"]), 2);
+        assert_eq!(bad(&["k", "x", "--partition", "count:0/2"]), 2);
+        assert_eq!(bad(&["k", "x", "--jobs", "0"]), 2);
+        assert_eq!(bad(&["k", "x", "--filter", "("]), 2);
+        let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../scenarios");
+        let root = root.display().to_string();
+        let err = select(&args(&[&root, "--filter", "nope"])).expect_err("no match");
+        assert_eq!(err, ["--filter \"nope\" matches no scenario id"]);
+        let picked = select(&args(&[&root, "--filter", "^cow-disk$"])).expect("selected");
+        assert_eq!(picked.len(), 1);
+    }
+
+    #[test]
+    fn a_bad_corpus_exits_2_before_a_backend_is_chosen() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        std::fs::write(dir.path().join("a.toml"), "id = \"a\"\nstesp = []\n").expect("write");
+        std::fs::write(dir.path().join("b.toml"), "id = \"a\"\n").expect("write");
+        let corpus = dir.path().to_str().unwrap_or_default();
+        assert_eq!(check(&[dir.path().to_path_buf()]), 2);
+        // `run` returns before probing KVM or constructing a backend, so nothing can boot.
+        let a = args(&[corpus, "--backend", "qemu"]);
+        assert!(select(&a).is_err());
+        assert_eq!(run(a), 2);
+    }
+
+    #[test]
+    fn a_run_writes_json_and_junit_and_returns_the_exit_code() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let corpus = dir.path().join("c");
+        std::fs::create_dir_all(&corpus).expect("mkdir");
+        std::fs::write(dir.path().join("k"), b"k").expect("kernel");
+        for (id, cmd) in [("ok", "true"), ("bad", "false"), ("only-kiln", "true")] {
+            let extra = if id == "only-kiln" {
+                "backends = [\"kiln\"]\n"
+            } else {
+                ""
+            };
+            let text = format!(
+                "id = \"{id}\"\n{extra}[guest]\nkernel = \"../k\"\n[[steps]]\nrun = [\"{cmd}\"]\n"
+            );
+            std::fs::write(corpus.join(format!("{id}.toml")), text).expect("write");
+        }
+        let junit = dir.path().join("out.xml");
+        let a = args(&[
+            corpus.to_str().unwrap_or_default(),
+            "--artifacts",
+            dir.path().join("art").to_str().unwrap_or_default(),
+            "--junit",
+            junit.to_str().unwrap_or_default(),
+            "--jobs",
+            "2",
+        ]);
+        let scenarios = select(&a).expect("valid");
+        let backend = FakeBackend::new(BackendKind::Qemu, |_| {
+            FakeGuest::ready()
+                .with_exec(|req, _| FakeExec::exit(i32::from(req.argv[0] == "false"), ""))
+        });
+        let code = run_with(&a, scenarios, &backend, options(&a));
+        assert_eq!(code, 1);
+        let xml = std::fs::read_to_string(&junit).expect("junit written");
+        let report = quick_junit::Report::deserialize_from_str(&xml).expect("junit parses");
+        assert_eq!((report.tests, report.failures), (2, 1));
+    }
+}

@@ -1,0 +1,338 @@
+//! The `kiln` command line: all of kiln's clap code, and the commands that glue the library
+//! crates (scenario, runner, backends, img, diff, guest-build, vmm) together.
+
+pub mod args;
+pub mod bench;
+pub mod commands;
+pub mod nested;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand};
+use kiln_devices::virtio::block::DiskSpec;
+use kiln_vmm::{ConsoleOutput, ExitReason, ShareConfig, Vm, VmConfig};
+
+use crate::commands::guest::GuestCommand;
+use kiln_backends::doctor;
+
+/// kiln: a microVM test harness with its own embedded VMM.
+#[derive(Debug, Parser)]
+#[command(
+    name = "kiln",
+    version,
+    about = "kiln: a microVM test harness with its own embedded VMM"
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Boot a kernel in a throwaway VM and print its serial console.
+    Boot(BootArgs),
+    /// Measure kiln against QEMU.
+    #[command(subcommand)]
+    Bench(bench::BenchCommand),
+    /// Run scenarios, each in its own throwaway VM.
+    Run(crate::commands::run::RunArgs),
+    /// Work with scenario files.
+    #[command(subcommand)]
+    Scenario(ScenarioCommand),
+    /// Report what this host can run: KVM kind, capabilities, QEMU tools.
+    Doctor {
+        /// Machine-readable JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Build, list and locate guest images (kernel + initramfs with kiln-agent).
+    #[command(subcommand)]
+    Guest(GuestCommand),
+    /// Disk images: info, check, map, compare — answers shaped like qemu-img's.
+    #[command(subcommand)]
+    Img(crate::commands::img::ImgCommand),
+    /// Differential checks against the reference tools.
+    #[command(subcommand)]
+    Diff(crate::commands::diff_img::DiffCommand),
+    /// Run a command inside an L1 Linux under QEMU TCG whose /dev/kvm is a real (nested SVM)
+    /// KVM: the proving ground for Linux through kiln's VMM on hosts without hardware KVM.
+    #[command(
+        after_help = "Example:\n  kiln nested --out target/nested -- kiln run scenarios/ --backend kiln\n\n\
+        Exit code: the command's; 3 when L1 cannot run it (no QEMU, no SVM, no /dev/kvm)."
+    )]
+    Nested(NestedArgs),
+}
+
+#[derive(Debug, Args)]
+struct NestedArgs {
+    /// A host directory the command may write to, shared back at the same path (repeatable).
+    #[arg(long, value_name = "DIR")]
+    out: Vec<PathBuf>,
+    /// L1 memory in MiB.
+    #[arg(long, default_value_t = 8192, value_name = "MIB")]
+    memory: u32,
+    /// L1 vCPUs.
+    #[arg(long, default_value_t = 2, value_name = "N")]
+    cpus: u32,
+    /// Kill L1 after this many seconds.
+    #[arg(long, default_value_t = 3600, value_name = "SECS")]
+    timeout: u64,
+    /// The QEMU binary that runs L1.
+    #[arg(long, default_value = "qemu-system-x86_64", value_name = "PATH")]
+    qemu: String,
+    /// The command to run in L1 (in the host's root file system, from the current directory).
+    #[arg(required = true, last = true, value_name = "COMMAND")]
+    command: Vec<String>,
+}
+
+/// `kiln nested`'s exit code when L1 could not run the command at all.
+const NESTED_UNAVAILABLE: i32 = 3;
+
+fn nested(args: NestedArgs) -> i32 {
+    let absolute = |p: PathBuf| std::path::absolute(&p).unwrap_or(p);
+    let cfg = crate::nested::NestedConfig {
+        command: args.command,
+        cwd: std::env::current_dir().unwrap_or_else(|_| PathBuf::from("/")),
+        out: args.out.into_iter().map(absolute).collect(),
+        env: crate::nested::inherited_env(),
+        memory_mib: args.memory,
+        cpus: args.cpus,
+        timeout: Duration::from_secs(args.timeout),
+        qemu: args.qemu,
+    };
+    let progress = |line: &str| eprintln!("kiln: nested: {line}");
+    match crate::nested::run(&cfg, &progress) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("kiln: nested: {e}");
+            NESTED_UNAVAILABLE
+        }
+    }
+}
+
+#[derive(Debug, Subcommand)]
+enum ScenarioCommand {
+    /// Validate scenario files without booting anything (exit 0 valid, 2 errors).
+    Check {
+        /// Scenario files or directories.
+        #[arg(required = true, value_name = "PATH")]
+        paths: Vec<PathBuf>,
+    },
+}
+
+#[derive(Debug, Args)]
+struct BootArgs {
+    /// Kernel: ELF vmlinux (PVH note → PVH entry, else 64-bit entry) or bzImage.
+    #[arg(long, value_name = "PATH")]
+    kernel: PathBuf,
+    /// Initrd / initramfs, placed at the top of low memory.
+    #[arg(long, value_name = "PATH")]
+    initrd: Option<PathBuf>,
+    /// Extra kernel command line, appended to kiln's defaults.
+    #[arg(long, value_name = "STR", allow_hyphen_values = true)]
+    cmdline: Option<String>,
+    /// Guest memory in MiB.
+    #[arg(long, value_name = "MIB", default_value_t = 128)]
+    memory: u64,
+    /// Number of vCPUs.
+    #[arg(long, value_name = "N", default_value_t = 1, value_parser = clap::value_parser!(u8).range(1..))]
+    vcpus: u8,
+    /// Kill the VM after this many seconds (exit code 124). 0 means no limit.
+    #[arg(long, value_name = "SECS", default_value_t = 0.0)]
+    timeout: f64,
+    /// Write the console to FILE instead of stdout.
+    #[arg(long, value_name = "FILE")]
+    console: Option<PathBuf>,
+    /// Print console lines matching REGEX, with their time since start, to stderr.
+    #[arg(long, value_name = "REGEX")]
+    marker: Vec<String>,
+    /// Attach a disk (repeatable; raw or qcow2, detected). Default: a per-run copy-on-write
+    /// overlay, deleted afterwards, the image itself never written. `,overlay=PATH` keeps the
+    /// overlay at PATH; `,ro` attaches the image read-only; `,in-place` writes the image itself.
+    #[arg(long, value_name = "PATH[,ro][,overlay=PATH][,in-place]")]
+    disk: Vec<DiskSpec>,
+    /// Share a host directory over virtio-fs as TAG (repeatable); `,ro` makes it read-only.
+    #[arg(long, value_name = "TAG=DIR[,ro]", value_parser = parse_share)]
+    share: Vec<ShareConfig>,
+    /// Attach a virtio-vsock device behind the Unix socket UDS_PATH (guest CID 3): connect and
+    /// send `CONNECT <port>\n` to reach a guest port; the guest reaches host port P at UDS_PATH_P.
+    #[arg(long, value_name = "UDS_PATH")]
+    vsock: Option<PathBuf>,
+    /// Also list the virtio-mmio devices as `virtio_mmio.device=` on the kernel command line.
+    #[arg(long)]
+    virtio_cmdline: bool,
+    /// Do not attach the virtio-rng device.
+    #[arg(long)]
+    no_rng: bool,
+}
+
+/// Parses `TAG=DIR[,ro]`.
+fn parse_share(s: &str) -> Result<ShareConfig, String> {
+    let (tag, rest) = s
+        .split_once('=')
+        .ok_or_else(|| format!("{s:?} is not TAG=DIR[,ro]"))?;
+    let (dir, read_only) = match rest.strip_suffix(",ro") {
+        Some(dir) => (dir, true),
+        None => (rest.strip_suffix(",rw").unwrap_or(rest), false),
+    };
+    if tag.is_empty() || dir.is_empty() {
+        return Err(format!("{s:?} is not TAG=DIR[,ro]"));
+    }
+    Ok(ShareConfig {
+        tag: tag.to_string(),
+        dir: dir.into(),
+        read_only,
+    })
+}
+
+/// Runs the CLI and returns the process exit code.
+pub fn main() -> ExitCode {
+    init_logging();
+    let cli = Cli::parse();
+    let code = match cli.command {
+        Command::Boot(args) => boot(args),
+        Command::Bench(what) => bench::main(what),
+        Command::Run(args) => i32::from(crate::commands::run::run(args)),
+        Command::Scenario(ScenarioCommand::Check { paths }) => {
+            i32::from(crate::commands::run::check(&paths))
+        }
+        Command::Doctor { json } => {
+            let report = doctor::report();
+            if json {
+                println!("{}", doctor::render_json(&report));
+            } else {
+                print!("{}", doctor::render_text(&report));
+            }
+            0
+        }
+        Command::Guest(command) => crate::commands::guest::run(command),
+        Command::Img(cmd) => crate::commands::img::run(cmd),
+        Command::Diff(cmd) => crate::commands::diff_img::run(cmd),
+        Command::Nested(args) => nested(args),
+    };
+    ExitCode::from(code.clamp(0, 255) as u8)
+}
+
+fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("KILN_LOG")
+        // A scenario's failures are on its FAIL line and in its harness.log: not twice on stderr.
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn,kiln_runner::execute=error"));
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
+    use tracing_subscriber::Layer;
+    // stderr follows KILN_LOG; each run's harness.log always gets info and above.
+    let stderr = tracing_subscriber::fmt::layer()
+        .with_writer(std::io::stderr)
+        .with_filter(filter);
+    let bundles = kiln_runner::tracelog::RunLogLayer
+        .with_filter(tracing_subscriber::filter::LevelFilter::INFO);
+    let _ = tracing_subscriber::registry()
+        .with(stderr)
+        .with(bundles)
+        .try_init();
+}
+
+fn boot(args: BootArgs) -> i32 {
+    if !(args.timeout.is_finite() && args.timeout >= 0.0) {
+        eprintln!(
+            "kiln: error: --timeout {}: must be a number of seconds >= 0",
+            args.timeout
+        );
+        return 2;
+    }
+    let Ok(timeout) = Duration::try_from_secs_f64(args.timeout) else {
+        eprintln!(
+            "kiln: error: --timeout {}: too large (at most {} seconds)",
+            args.timeout,
+            u64::MAX
+        );
+        return 2;
+    };
+    // Say at once what `kiln doctor` knows instead of letting a Linux kernel spin to the timeout.
+    if kiln_vmm::boot::is_bzimage(&args.kernel).unwrap_or(false) {
+        let probe = kiln_vmm::kvm::probe();
+        if !probe.linux_capable() {
+            eprintln!(
+                "kiln: error: --kernel {} is a Linux kernel, and this host's KVM ({}) cannot boot \
+                 Linux guests (see `kiln doctor`); use `kiln nested -- kiln boot …` or \
+                 `kiln run --backend qemu`",
+                args.kernel.display(),
+                probe.kind
+            );
+            return 1;
+        }
+    }
+    let mut config = VmConfig::new(&args.kernel)
+        .memory_mib(args.memory)
+        .vcpus(args.vcpus)
+        .console_output(match &args.console {
+            Some(path) => ConsoleOutput::File(path.clone()),
+            None => ConsoleOutput::Stdout,
+        });
+    config.initrd = args.initrd;
+    config.cmdline = args.cmdline;
+    config.markers = args.marker;
+    config.disks = args.disk;
+    config.shares = args.share;
+    config.vsock = args.vsock;
+    config.virtio_cmdline = args.virtio_cmdline;
+    config.rng = !args.no_rng;
+    let mut vm = match Vm::start(config) {
+        Ok(vm) => vm,
+        Err(e) => {
+            eprintln!("kiln: error: {e}");
+            return 1;
+        }
+    };
+    let exit = if args.timeout > 0.0 {
+        vm.wait(timeout)
+    } else {
+        vm.wait_forever()
+    };
+    for hit in vm.console().markers() {
+        eprintln!("kiln: marker {:>10.3?} {}", hit.at, hit.line);
+    }
+    match &exit {
+        ExitReason::Timeout => eprintln!("kiln: guest timed out after {}s", args.timeout),
+        e if !e.is_guest_initiated() => eprintln!("kiln: error: {e}"),
+        _ => {}
+    }
+    exit.exit_code()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn share_syntax() {
+        assert_eq!(
+            parse_share("fixtures=/tmp/out").unwrap(),
+            ShareConfig {
+                tag: "fixtures".into(),
+                dir: "/tmp/out".into(),
+                read_only: false
+            }
+        );
+        assert!(parse_share("src=/code,ro").unwrap().read_only);
+        assert!(parse_share("/tmp/out").is_err());
+        assert!(parse_share("=/tmp").is_err());
+        assert!(parse_share("tag=").is_err());
+    }
+
+    #[test]
+    fn vcpus_zero_is_a_usage_error() {
+        let err =
+            Cli::try_parse_from(["kiln", "boot", "--kernel", "k", "--vcpus", "0"]).unwrap_err();
+        assert_eq!(err.exit_code(), 2);
+        assert!(Cli::try_parse_from(["kiln", "boot", "--kernel", "k", "--vcpus", "2"]).is_ok());
+        assert_eq!(
+            Cli::try_parse_from(["kiln", "boot"])
+                .unwrap_err()
+                .exit_code(),
+            2
+        );
+    }
+}

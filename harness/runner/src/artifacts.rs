@@ -1,0 +1,485 @@
+//! The artifact bundle of one run, `<artifacts>/<scenario-id>/<run-id>/`, and the result record
+//! it holds. A bundle is assembled in a hidden staging directory and renamed into place, so a
+//! reader never sees half of one; files inside are written atomically too (temp + rename).
+
+use std::collections::HashMap;
+use std::fs;
+use std::io::{self, Write};
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+use std::time::{Duration, SystemTime};
+
+use serde::{Deserialize, Serialize};
+
+/// Writes `data` to `path` atomically: a temp file in the same directory, synced, renamed.
+pub fn write_atomic(path: &Path, data: &[u8]) -> io::Result<()> {
+    let dir = path.parent().unwrap_or(Path::new("."));
+    let mut tmp = tempfile::Builder::new().prefix(".tmp-").tempfile_in(dir)?;
+    tmp.write_all(data)?;
+    tmp.as_file().sync_all()?;
+    tmp.persist(path).map_err(|e| e.error)?;
+    Ok(())
+}
+
+/// Why a run failed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum FailureClass {
+    /// The guest never became ready in time.
+    ReadinessTimeout,
+    /// A step ran and its result did not match.
+    StepFailed,
+    /// A step (or the whole scenario) ran out of time.
+    StepTimeout,
+    /// The guest kernel panicked (seen on the console).
+    GuestPanic,
+    /// A file expectation did not hold.
+    ExpectationFailed,
+    /// The harness, backend or host failed (not the guest's fault).
+    InfraError,
+    /// Interrupted (Ctrl-C).
+    Cancelled,
+}
+
+impl FailureClass {
+    /// The kebab-case name used in reports.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FailureClass::ReadinessTimeout => "readiness-timeout",
+            FailureClass::StepFailed => "step-failed",
+            FailureClass::StepTimeout => "step-timeout",
+            FailureClass::GuestPanic => "guest-panic",
+            FailureClass::ExpectationFailed => "expectation-failed",
+            FailureClass::InfraError => "infra-error",
+            FailureClass::Cancelled => "cancelled",
+        }
+    }
+}
+
+/// The run's verdict.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Verdict {
+    /// Everything held.
+    Pass,
+    /// Something failed; see `failure`.
+    Fail,
+}
+
+/// The failure of a run.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Failure {
+    /// Its class.
+    pub class: FailureClass,
+    /// One line: what failed.
+    pub message: String,
+    /// Index of the failing step, when a step failed.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub step: Option<usize>,
+}
+
+/// How a step went.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum StepStatus {
+    /// It ran and matched.
+    Pass,
+    /// It failed.
+    Fail,
+    /// An earlier failure stopped the run first.
+    Skipped,
+}
+
+/// One step's outcome.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StepResult {
+    /// Position in the scenario.
+    pub index: usize,
+    /// Its name.
+    pub name: String,
+    /// Pass, fail or skipped.
+    pub status: StepStatus,
+    /// Wall time in milliseconds.
+    pub duration_ms: f64,
+    /// Exit code of a command.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub exit_code: Option<i32>,
+    /// Signal that killed a command.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub signal: Option<i32>,
+    /// Why it failed.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
+    /// A command's standard output (lossy UTF-8), for `kiln diff run` and readers of the bundle.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stdout: Option<String>,
+    /// A command's standard error (lossy UTF-8).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stderr: Option<String>,
+}
+
+/// One file expectation's outcome.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ExpectationResult {
+    /// Path under fixtures/.
+    pub path: String,
+    /// Whether it held.
+    pub ok: bool,
+    /// Why not.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
+}
+
+/// Phase timings in milliseconds (absent: the phase did not run).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Phases {
+    /// Backend boot call (VM created and started).
+    pub vm_create_ms: Option<f64>,
+    /// VM creation to kernel entry, when the backend knows it.
+    pub kernel_entry_ms: Option<f64>,
+    /// VM start to readiness.
+    pub ready_ms: Option<f64>,
+    /// Each step, in order.
+    pub steps_ms: Vec<f64>,
+    /// Teardown (shutdown or kill, then cleanup).
+    pub teardown_ms: Option<f64>,
+    /// Fixture copy and expectations.
+    pub expectations_ms: Option<f64>,
+    /// The whole attempt.
+    pub total_ms: f64,
+}
+
+/// Where a run's inputs came from, so drift is detectable.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Provenance {
+    /// kiln's version.
+    pub kiln_version: String,
+    /// The git revision kiln was built from, if known.
+    pub kiln_git_rev: Option<String>,
+    /// Backend name.
+    pub backend: String,
+    /// Backend version.
+    pub backend_version: String,
+    /// Host KVM kind (from `kiln doctor`).
+    pub host_kvm: String,
+    /// Kernel path and sha256.
+    pub kernel: Option<FileId>,
+    /// Initrd path and sha256.
+    pub initrd: Option<FileId>,
+    /// Each disk's base image.
+    pub disks: Vec<FileId>,
+}
+
+/// A file and its digest.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FileId {
+    /// Absolute path.
+    pub path: String,
+    /// Lower-case hex SHA-256 (absent when unreadable).
+    pub sha256: Option<String>,
+}
+
+/// result.json.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RunResult {
+    /// Scenario id.
+    pub scenario: String,
+    /// Run id (bundle directory name).
+    pub run_id: String,
+    /// 1 for the first try, 2 for the first retry, ...
+    pub attempt: u32,
+    /// Pass or fail.
+    pub verdict: Verdict,
+    /// Why it failed.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub failure: Option<Failure>,
+    /// When it started (RFC 3339, UTC).
+    pub started_at: String,
+    /// The readiness record or markers seen.
+    pub ready: Vec<String>,
+    /// Step outcomes, every step listed.
+    pub steps: Vec<StepResult>,
+    /// Expectation outcomes.
+    pub expectations: Vec<ExpectationResult>,
+    /// Phase timings.
+    pub phases: Phases,
+    /// Provenance.
+    pub provenance: Provenance,
+    /// The bundle directory, when one was kept.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub bundle: Option<PathBuf>,
+    /// The last console lines.
+    pub console_tail: Vec<String>,
+}
+
+impl RunResult {
+    /// Whether it passed.
+    pub fn passed(&self) -> bool {
+        self.verdict == Verdict::Pass
+    }
+
+    /// The failure class, if it failed.
+    pub fn class(&self) -> Option<FailureClass> {
+        self.failure.as_ref().map(|f| f.class)
+    }
+
+    /// failure-summary.txt: the failure, the failing step and the console's last lines.
+    pub fn failure_summary(&self) -> String {
+        let mut out = format!("scenario: {}\nrun: {}\n", self.scenario, self.run_id);
+        if let Some(f) = &self.failure {
+            out += &format!("failure: {}: {}\n", f.class.as_str(), f.message);
+            if let Some(step) = f.step.and_then(|i| self.steps.get(i)) {
+                out += &format!("failing step: [{}] {}\n", step.index, step.name);
+            }
+        }
+        for e in self.expectations.iter().filter(|e| !e.ok) {
+            out += &format!(
+                "expectation: {}: {}\n",
+                e.path,
+                e.message.as_deref().unwrap_or("failed")
+            );
+        }
+        out += &format!("\nlast {} console lines:\n", self.console_tail.len());
+        for line in &self.console_tail {
+            out += line;
+            out.push('\n');
+        }
+        out
+    }
+}
+
+/// When to keep bundles.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KeepPolicy {
+    /// Every run's bundle.
+    Always,
+    /// Only failed runs' bundles.
+    Failed,
+    /// None (reports only).
+    Never,
+}
+
+/// A bundle being assembled.
+#[derive(Debug)]
+pub struct Bundle {
+    /// The staging directory (files go here).
+    pub staging: PathBuf,
+    /// The final directory.
+    pub dir: PathBuf,
+}
+
+impl Bundle {
+    /// Creates the staging directory for `<root>/<scenario>/<run_id>`.
+    pub fn create(root: &Path, scenario: &str, run_id: &str) -> io::Result<Bundle> {
+        let parent = root.join(scenario);
+        let staging = parent.join(format!(".{run_id}.partial"));
+        fs::create_dir_all(&staging)?;
+        Ok(Bundle {
+            staging,
+            dir: parent.join(run_id),
+        })
+    }
+
+    /// A path inside the staging directory.
+    pub fn path(&self, name: &str) -> PathBuf {
+        self.staging.join(name)
+    }
+
+    /// Writes the result files, renames the bundle into place and points `latest` at it; or, by
+    /// `keep`, removes it. Returns the final directory when kept. When a file cannot be written
+    /// (a full disk, say) the staging dir is removed rather than published: a bundle without its
+    /// result.json must not look complete, and a full disk must not stay full of partial bundles
+    /// for the scenarios still to run. The error names the file.
+    pub fn finish(self, result: &RunResult, keep: KeepPolicy) -> Result<Option<PathBuf>, String> {
+        let kept = match keep {
+            KeepPolicy::Always => true,
+            KeepPolicy::Failed => !result.passed(),
+            KeepPolicy::Never => false,
+        };
+        if !kept {
+            fs::remove_dir_all(&self.staging)
+                .map_err(|e| format!("cannot remove {}: {e}", self.staging.display()))?;
+            return Ok(None);
+        }
+        if let Err(e) = self.publish(result) {
+            self.discard();
+            return Err(e);
+        }
+        if let Err(e) = update_latest(&self.dir) {
+            // The bundle itself is complete; only the convenience link is stale.
+            tracing::warn!(
+                "cannot update the latest link next to {}: {e}",
+                self.dir.display()
+            );
+        }
+        Ok(Some(self.dir))
+    }
+
+    /// result.json, failure-summary.txt, then the rename that makes the bundle visible.
+    fn publish(&self, result: &RunResult) -> Result<(), String> {
+        let write = |name: &str, data: &[u8]| {
+            let path = self.path(name);
+            write_atomic(&path, data).map_err(|e| format!("cannot write {}: {e}", path.display()))
+        };
+        let mut record = result.clone();
+        record.bundle = Some(self.dir.clone());
+        let json = serde_json::to_vec_pretty(&record)
+            .map_err(|e| format!("cannot serialize result.json: {e}"))?;
+        write("result.json", &json)?;
+        if !result.passed() {
+            write("failure-summary.txt", result.failure_summary().as_bytes())?;
+        }
+        fs::rename(&self.staging, &self.dir).map_err(|e| {
+            format!(
+                "cannot rename {} to {}: {e}",
+                self.staging.display(),
+                self.dir.display()
+            )
+        })
+    }
+
+    /// Removes a bundle that cannot be finished.
+    pub fn discard(&self) {
+        if let Err(e) = fs::remove_dir_all(&self.staging) {
+            if e.kind() != io::ErrorKind::NotFound {
+                tracing::warn!("cannot remove {}: {e}", self.staging.display());
+            }
+        }
+    }
+}
+
+/// Points `<scenario>/latest` at `dir` atomically (a new link renamed over the old).
+fn update_latest(dir: &Path) -> io::Result<()> {
+    let (Some(parent), Some(name)) = (dir.parent(), dir.file_name()) else {
+        return Ok(());
+    };
+    let tmp = parent.join(format!(".latest-{}", std::process::id()));
+    let _ = fs::remove_file(&tmp);
+    std::os::unix::fs::symlink(name, &tmp)?;
+    fs::rename(&tmp, parent.join("latest"))
+}
+
+/// Copies the directory tree `from` into `to` (regular files and directories; links skipped).
+pub fn copy_tree(from: &Path, to: &Path) -> io::Result<u64> {
+    fs::create_dir_all(to)?;
+    let mut bytes = 0;
+    for entry in fs::read_dir(from)? {
+        let entry = entry?;
+        let kind = entry.file_type()?;
+        let target = to.join(entry.file_name());
+        if kind.is_dir() {
+            bytes += copy_tree(&entry.path(), &target)?;
+        } else if kind.is_file() {
+            bytes += fs::copy(entry.path(), &target)?;
+        }
+    }
+    Ok(bytes)
+}
+
+/// What a cached digest is valid for: the file's path, size and modification time.
+type DigestKey = (PathBuf, u64, SystemTime);
+
+/// The SHA-256 of a file, cached by (path, size, mtime) so repeated runs do not re-hash images.
+pub fn file_id(path: &Path) -> FileId {
+    static CACHE: Mutex<Option<HashMap<DigestKey, String>>> = Mutex::new(None);
+    let key = fs::metadata(path)
+        .ok()
+        .and_then(|m| Some((path.to_path_buf(), m.len(), m.modified().ok()?)));
+    let cached = key.as_ref().and_then(|k| {
+        let cache = CACHE.lock().unwrap_or_else(|p| p.into_inner());
+        cache.as_ref().and_then(|c| c.get(k).cloned())
+    });
+    let sha256 = cached.or_else(|| {
+        let digest = sha256_file(path).ok()?;
+        if let Some(k) = key {
+            let mut cache = CACHE.lock().unwrap_or_else(|p| p.into_inner());
+            cache
+                .get_or_insert_with(HashMap::new)
+                .insert(k, digest.clone());
+        }
+        Some(digest)
+    });
+    FileId {
+        path: path.display().to_string(),
+        sha256,
+    }
+}
+
+/// Lower-case hex SHA-256 of a file's contents, streamed.
+pub fn sha256_file(path: &Path) -> io::Result<String> {
+    use sha2::{Digest, Sha256};
+    let mut file = fs::File::open(path)?;
+    let mut hasher = Sha256::new();
+    io::copy(&mut file, &mut hasher)?;
+    Ok(hasher
+        .finalize()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect())
+}
+
+/// Milliseconds as f64 with microsecond resolution.
+pub fn ms(d: Duration) -> f64 {
+    (d.as_micros() as f64) / 1000.0
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn atomic_write_replaces_whole_files() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let p = dir.path().join("f");
+        write_atomic(&p, b"one").expect("write");
+        write_atomic(&p, b"two").expect("write");
+        assert_eq!(fs::read(&p).expect("read"), b"two");
+        assert_eq!(fs::read_dir(dir.path()).expect("ls").count(), 1);
+    }
+
+    #[test]
+    fn a_bundle_that_cannot_be_written_is_removed_not_published() {
+        let root = tempfile::tempdir().expect("tempdir");
+        let bundle = Bundle::create(root.path(), "s", "r1").expect("create");
+        fs::write(bundle.path("console.log"), b"boot\n").expect("console");
+        // A directory where result.json goes: its atomic rename fails, as a write on a full
+        // disk would.
+        fs::create_dir(bundle.path("result.json")).expect("mkdir");
+        let (staging, dir) = (bundle.staging.clone(), bundle.dir.clone());
+        let result = RunResult {
+            scenario: "s".into(),
+            run_id: "r1".into(),
+            attempt: 1,
+            verdict: Verdict::Pass,
+            failure: None,
+            started_at: String::new(),
+            ready: Vec::new(),
+            steps: Vec::new(),
+            expectations: Vec::new(),
+            phases: Phases::default(),
+            provenance: Provenance::default(),
+            bundle: None,
+            console_tail: Vec::new(),
+        };
+        let err = bundle
+            .finish(&result, KeepPolicy::Always)
+            .expect_err("cannot finish");
+        let want = format!("cannot write {}/result.json: ", staging.display());
+        assert!(err.starts_with(&want), "{err}");
+        assert!(!dir.exists(), "not renamed into place");
+        assert!(!staging.exists(), "staging removed");
+        assert!(!root.path().join("s/latest").exists());
+    }
+
+    #[test]
+    fn file_digest_is_the_known_one() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let p = dir.path().join("f");
+        fs::write(&p, b"abc").expect("write");
+        let id = file_id(&p);
+        assert_eq!(
+            id.sha256.as_deref(),
+            Some("ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad")
+        );
+    }
+}
