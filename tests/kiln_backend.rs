@@ -139,4 +139,14 @@ fn the_corpus_runs_on_the_kiln_backend_with_hardware_kvm() {
     let corpus = Path::new(env!("CARGO_MANIFEST_DIR")).join("scenarios");
     let out = kiln_run(&corpus, &artifacts);
     assert_eq!(out.status.code(), Some(0), "{}", describe(&out));
+    // Every guest powered off when asked (the agent over vsock), rather than being killed when
+    // the clean-shutdown wait ran out.
+    for (id, _) in common::corpus(&corpus) {
+        let log = artifacts.join(&id).join("latest/harness.log");
+        let log = std::fs::read_to_string(&log).unwrap_or_else(|e| panic!("{id}: {e}"));
+        assert!(
+            !log.contains("clean shutdown failed"),
+            "{id}: the guest did not power off when asked:\n{log}"
+        );
+    }
 }

@@ -114,14 +114,17 @@ pub fn serve_unix(path: &Path, agent: Arc<Agent>, on_shutdown: ShutdownHandler) 
     Ok(())
 }
 
-fn serve_connection<S: io::Read + io::Write>(
+fn serve_connection<S: io::Read + io::Write + AsRawFd>(
     mut conn: S,
     agent: &Agent,
     on_shutdown: &ShutdownHandler,
 ) {
     match serve_session(&mut conn, agent) {
         Ok(Outcome::Shutdown { reboot }) => {
-            // Let the acknowledgement reach the host: wait (briefly) until it hangs up.
+            // Let the acknowledgement reach the host: wait (at most HANGUP_WAIT) until it hangs
+            // up. Each read is bounded too: the idle timeout alone would hold the power-off
+            // for a minute when a host keeps the connection open.
+            set_recv_timeout(conn.as_raw_fd(), HANGUP_POLL);
             wait_for_hangup(&mut conn);
             on_shutdown(reboot);
         }
@@ -130,28 +133,43 @@ fn serve_connection<S: io::Read + io::Write>(
     }
 }
 
+/// How long a shutdown waits for the host to hang up, and the longest single read of that wait.
+const HANGUP_WAIT: Duration = Duration::from_secs(1);
+const HANGUP_POLL: Duration = Duration::from_millis(100);
+
 fn wait_for_hangup<S: io::Read>(conn: &mut S) {
-    let deadline = std::time::Instant::now() + Duration::from_secs(1);
+    let deadline = std::time::Instant::now() + HANGUP_WAIT;
     let mut buf = [0u8; 64];
     while std::time::Instant::now() < deadline {
         match conn.read(&mut buf) {
             Ok(0) => return,
             Ok(_) => {}
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::Interrupted
+                        | io::ErrorKind::WouldBlock
+                        | io::ErrorKind::TimedOut
+                ) => {}
             Err(_) => return,
         }
     }
 }
 
 fn set_idle_timeout(conn: &OwnedFd) {
+    set_recv_timeout(conn.as_raw_fd(), IDLE_TIMEOUT);
+}
+
+/// SO_RCVTIMEO on any socket (vsock has no std type to call `set_read_timeout` on).
+fn set_recv_timeout(fd: std::os::fd::RawFd, timeout: Duration) {
     let tv = libc::timeval {
-        tv_sec: IDLE_TIMEOUT.as_secs() as libc::time_t,
-        tv_usec: 0,
+        tv_sec: timeout.as_secs() as libc::time_t,
+        tv_usec: timeout.subsec_micros() as libc::suseconds_t,
     };
     // SAFETY: `tv` is a valid timeval and the length passed is its size.
     unsafe {
         libc::setsockopt(
-            conn.as_raw_fd(),
+            fd,
             libc::SOL_SOCKET,
             libc::SO_RCVTIMEO,
             (&tv as *const libc::timeval).cast(),
@@ -223,5 +241,41 @@ mod tests {
             find_serial_port(&sys.path().join("none"), Path::new("/dev"), "x"),
             None
         );
+    }
+
+    #[test]
+    fn a_shutdown_powers_off_within_its_hangup_wait_when_the_host_keeps_the_connection_open() {
+        use crate::files::FilePolicy;
+        use kiln_agent_proto::client::Client;
+        use std::os::unix::net::UnixStream;
+        use std::sync::mpsc;
+        use std::time::Instant;
+
+        let (host, guest) = UnixStream::pair().expect("socketpair");
+        // As serve_unix/serve_vsock set it: reads that are idle for a minute give up.
+        guest.set_read_timeout(Some(IDLE_TIMEOUT)).expect("timeout");
+        let (tx, rx) = mpsc::channel();
+        let on_shutdown: ShutdownHandler = Arc::new(move |reboot| {
+            let _ = tx.send((reboot, Instant::now()));
+        });
+        let agent = Agent {
+            files: FilePolicy::new(&[]),
+        };
+        let server = thread::spawn(move || serve_connection(guest, &agent, &on_shutdown));
+        let mut client = Client::new(host.try_clone().expect("clone"));
+        client.shutdown(false).expect("acknowledged");
+        let answered = Instant::now();
+        // The host keeps `host` open: the agent must not wait for it longer than HANGUP_WAIT.
+        let (reboot, at) = rx
+            .recv_timeout(Duration::from_secs(5))
+            .expect("power-off requested while the host kept the connection open");
+        assert!(!reboot);
+        assert!(
+            at.duration_since(answered) < HANGUP_WAIT + Duration::from_millis(500),
+            "{:?}",
+            at.duration_since(answered)
+        );
+        server.join().expect("server");
+        drop(host);
     }
 }

@@ -27,9 +27,11 @@ use modules::PackedModule;
 /// The alias of the guest `kiln run` uses.
 pub const DEFAULT_ALIAS: &str = "default";
 
-/// Version of what goes into a guest (`manifest.format`): bumped when the initramfs layout
-/// changes, so [`default_guest`] rebuilds a default cached by an older kiln.
-pub const RECIPE_VERSION: u32 = 2;
+/// Version of what goes into a guest (`manifest.format`): bumped when the initramfs layout or
+/// the agent's behaviour changes, so [`default_guest`] rebuilds a default cached by an older kiln.
+/// 3: the agent's shutdown no longer waits up to a minute for a host that keeps its vsock
+/// connection open.
+pub const RECIPE_VERSION: u32 = 3;
 
 /// Why a guest could not be built or found. Every message is one line naming what is wrong.
 #[derive(Debug, thiserror::Error)]

@@ -108,6 +108,16 @@ impl AgentAbort {
     fn track(&self, stream: &UnixStream) {
         *self.current.lock().unwrap_or_else(|p| p.into_inner()) = stream.try_clone().ok();
     }
+
+    /// Forgets the tracked stream, closing this handle's copy of it. Without this a finished
+    /// vsock request's connection stayed open until the next request: the agent never saw the
+    /// hang-up it waits for before powering off, and its per-connection thread lingered.
+    fn untrack(&self) {
+        self.current
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
+    }
 }
 
 /// The host end of one VM's agent.
@@ -181,7 +191,11 @@ impl AgentLink {
         match &answer {
             // The agent answered (possibly with an error): the shared stream is in sync.
             Ok(_) | Err(ClientError::Agent { .. }) if shared => self.shared = Some(client),
-            _ => {}
+            // One connection per request: hang up now (the agent waits for it after a shutdown).
+            _ => {
+                drop(client);
+                self.abort.untrack();
+            }
         }
         if answer.is_ok() {
             self.answered = true;
@@ -295,5 +309,58 @@ mod tests {
         assert!(t.elapsed() < Duration::from_secs(2), "{:?}", t.elapsed());
         stopper.join().unwrap();
         keep.join().unwrap();
+    }
+
+    /// A fake VMM vsock socket with an agent behind it: answers CONNECT, the hello and one
+    /// shutdown, then reports how long the host took to hang up (None: it never did).
+    fn fake_vsock_agent(path: &std::path::Path) -> std::thread::JoinHandle<Option<Duration>> {
+        use kiln_agent_proto::frame::{read_frame, write_frame};
+        use kiln_agent_proto::message::Message;
+        use std::io::{BufRead, BufReader, Read, Write};
+        let listener = std::os::unix::net::UnixListener::bind(path).unwrap();
+        std::thread::spawn(move || {
+            let (stream, _) = listener.accept().unwrap();
+            let mut reader = BufReader::new(stream.try_clone().unwrap());
+            let mut line = String::new();
+            reader.read_line(&mut line).unwrap();
+            assert_eq!(line, "CONNECT 1024\n");
+            let mut w = stream.try_clone().unwrap();
+            w.write_all(b"OK 1\n").unwrap();
+            match read_frame(&mut reader).unwrap() {
+                hello @ Message::Hello { .. } => write_frame(&mut w, &hello).unwrap(),
+                other => panic!("expected hello, got {other:?}"),
+            }
+            assert!(matches!(
+                read_frame(&mut reader).unwrap(),
+                Message::Shutdown { reboot: false }
+            ));
+            write_frame(&mut w, &Message::Ok).unwrap();
+            let answered = Instant::now();
+            stream
+                .set_read_timeout(Some(Duration::from_secs(3)))
+                .unwrap();
+            let mut buf = [0u8; 16];
+            match reader.read(&mut buf) {
+                Ok(0) => Some(answered.elapsed()),
+                _ => None,
+            }
+        })
+    }
+
+    #[test]
+    fn after_a_vsock_shutdown_request_the_host_hangs_up_so_the_agent_can_power_off() {
+        let dir = tempfile::tempdir().unwrap();
+        let uds = dir.path().join("vsock.sock");
+        let agent = fake_vsock_agent(&uds);
+        let mut link = AgentLink::new(AgentTransport::Vsock { uds, port: 1024 });
+        link.poweroff(Instant::now() + Duration::from_secs(10))
+            .expect("the agent agreed");
+        // The link (and its abort handle) stay alive, as in a running machine.
+        let hung_up = agent.join().unwrap();
+        assert!(
+            hung_up.is_some_and(|t| t < Duration::from_secs(1)),
+            "the host kept the connection open after the shutdown answer: {hung_up:?}"
+        );
+        drop(link);
     }
 }
