@@ -70,7 +70,10 @@ fn print_errors(errors: &[impl std::fmt::Display]) {
 pub fn check(paths: &[PathBuf]) -> u8 {
     match load_corpus(paths) {
         Ok(scenarios) => {
-            println!("ok: {} scenarios valid", scenarios.len());
+            println!(
+                "ok: {} valid",
+                runner::report::plural(scenarios.len(), "scenario")
+            );
             0
         }
         Err(errors) => {

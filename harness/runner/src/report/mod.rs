@@ -111,7 +111,8 @@ impl LiveReporter {
 }
 
 /// "1 scenario", "3 scenarios".
-fn plural(n: usize, noun: &str) -> String {
+/// `1 scenario`, `2 scenarios`.
+pub fn plural(n: usize, noun: &str) -> String {
     format!("{n} {noun}{}", if n == 1 { "" } else { "s" })
 }
 
