@@ -1,7 +1,15 @@
 //! kiln: a microVM test harness with its own embedded VMM.
 //!
 //! This facade re-exports the crates a Rust test needs: `kiln::vmm` (the embedded VMM),
-//! `kiln::devices`, and the harness's layers (scenarios, backends, runner, guest images).
+//! `kiln::devices`, the harness's layers (scenarios, backends, runner, guest images), and
+//! [`TestVm`], a real guest for a Rust test: boot, `exec`, `put`/`get`, torn down on drop.
+
+mod testvm;
+
+pub use kiln_agent_proto::client::Output;
+pub use kiln_agent_proto::ExecRequest;
+pub use kiln_backends::BackendChoice;
+pub use testvm::{TestVm, TestVmBuilder, TestVmError, DEFAULT_GET_LIMIT};
 
 pub use kiln_backends as backends;
 pub use kiln_devices as devices;
@@ -11,3 +19,8 @@ pub use kiln_runner as runner;
 pub use kiln_scenario as scenario;
 pub use kiln_vmm as vmm;
 pub use kiln_vmm::{ExitReason, Vm, VmConfig, VmHandle};
+
+// The README's Rust examples are doctests: they must compile, and the TestVm one runs.
+#[doc = include_str!("../README.md")]
+#[cfg(doctest)]
+pub struct ReadmeDoctests;

@@ -1,48 +1,35 @@
-//! The default guest (Debian's kernel package + kiln-agent as PID 1) end to end under QEMU TCG:
-//! readiness record on the console, exec / put / get over the virtio-serial port, a file written
-//! into a 9p share seen on the host, and shutdown ending QEMU. This is the guest `kiln run`
-//! uses; the test builds it into the user's cache on first use (about a minute and a half).
+//! The default guest (Debian's kernel package + kiln-agent as PID 1) end to end on the QEMU
+//! backend (TCG here), through `kiln::TestVm`: readiness record on the console, exec / put / get
+//! over the virtio-serial port, a file written into a 9p share seen on the host, and shutdown
+//! ending QEMU. This is the guest `kiln run` uses; the test builds it into the user's cache on
+//! first use (about a minute and a half).
 
+#[macro_use]
 mod common;
 
 use std::fs;
-use std::os::unix::net::UnixStream;
-use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use common::qemu::{qemu_binary, Qemu, QemuGuest};
+use kiln::backends::BackendChoice;
 use kiln::guest::{default_guest, GuestError};
-use kiln_agent_proto::client::{connect_unix, Client};
-use kiln_agent_proto::{ExecRequest, ReadyRecord, Transport, SERIAL_PORT_NAME};
+use kiln::scenario::BackendKind;
+use kiln::{ExecRequest, TestVm};
+use kiln_agent_proto::{ReadyRecord, Transport, SERIAL_PORT_NAME};
 
 /// Under TCG the Debian kernel takes tens of seconds to boot; allow for a loaded machine.
-const READY_TIMEOUT: Duration = Duration::from_secs(90);
+const READY_TIMEOUT: Duration = Duration::from_secs(180);
 
 /// The guest to boot: `KILN_GUEST_KERNEL` + `KILN_GUEST_INITRD` when set (flake.nix's check
-/// boots its own guest this way), else the default guest.
-struct Guest {
-    kernel: PathBuf,
-    initrd: PathBuf,
-    release: Option<String>,
-}
-
-fn guest_or_skip() -> Result<Guest, String> {
+/// boots its own guest this way), else the default guest (`None`: TestVm's own default).
+fn guest_or_skip() -> Result<Option<(String, String)>, String> {
     if let (Some(kernel), Some(initrd)) = (
-        std::env::var_os("KILN_GUEST_KERNEL"),
-        std::env::var_os("KILN_GUEST_INITRD"),
+        std::env::var("KILN_GUEST_KERNEL").ok(),
+        std::env::var("KILN_GUEST_INITRD").ok(),
     ) {
-        return Ok(Guest {
-            kernel: kernel.into(),
-            initrd: initrd.into(),
-            release: None,
-        });
+        return Ok(Some((kernel, initrd)));
     }
     match default_guest() {
-        Ok(image) => Ok(Guest {
-            kernel: image.kernel,
-            initrd: image.initrd,
-            release: image.manifest.kernel_release,
-        }),
+        Ok(_) => Ok(None),
         // No apt, no network or no package lists: the machine cannot fetch the kernel.
         Err(GuestError::Invalid(message))
             if message.contains("apt-get") || message.contains("cannot run dpkg-deb") =>
@@ -53,32 +40,32 @@ fn guest_or_skip() -> Result<Guest, String> {
     }
 }
 
-fn connect(socket: &std::path::Path) -> Client<UnixStream> {
-    let stream = connect_unix(socket).unwrap_or_else(|e| panic!("agent socket: {e}"));
-    Client::new_shared(stream)
-}
-
 #[test]
 fn default_guest_boots_under_qemu_tcg_and_serves_the_agent() {
-    or_skip!(qemu_binary());
+    or_skip!(common::qemu());
     let guest = or_skip!(guest_or_skip());
+    let expected_release = match &guest {
+        None => default_guest().ok().and_then(|g| g.manifest.kernel_release),
+        Some(_) => None,
+    };
     let dir = tempfile::tempdir().unwrap();
     let share = dir.path().join("share");
     fs::create_dir(&share).unwrap();
     fs::write(share.join("from-host.txt"), b"hello from the host\n").unwrap();
 
-    let mut qemu = Qemu::start(&QemuGuest {
-        kernel: &guest.kernel,
-        initrd: &guest.initrd,
-        share: &share,
-        run_dir: dir.path(),
-    })
-    .unwrap_or_else(|e| panic!("{e}"));
-    let line = qemu
-        .wait_for_line("KILN_READY", READY_TIMEOUT)
-        .unwrap_or_else(|e| panic!("{e}"));
-    let ready_after = qemu.started.elapsed();
-    let record = ReadyRecord::parse(&line).unwrap_or_else(|| panic!("not a record: {line:?}"));
+    let mut builder = TestVm::builder()
+        .backend(BackendChoice::Qemu)
+        .boot_timeout(READY_TIMEOUT)
+        .share_at("fixtures", &share, "/fixtures", false);
+    if let Some((kernel, initrd)) = &guest {
+        builder = builder.kernel(kernel).initrd(initrd);
+    }
+    let started = Instant::now();
+    let vm = builder.boot().unwrap_or_else(|e| panic!("{e}"));
+    let ready_after = started.elapsed();
+    assert_eq!(vm.backend(), BackendKind::Qemu);
+    let line = vm.ready_record();
+    let record = ReadyRecord::parse(line).unwrap_or_else(|| panic!("not a record: {line:?}"));
     assert_eq!(record.version, 1);
     assert_eq!(
         record.transports,
@@ -86,26 +73,22 @@ fn default_guest_boots_under_qemu_tcg_and_serves_the_agent() {
         "{line}"
     );
     eprintln!(
-        "KILN_READY {:.1} s after QEMU started (TCG), t={} ms after kernel start; kernel {}",
+        "KILN_READY {:.1} s after boot() was called (TCG), t={} ms after kernel start",
         ready_after.as_secs_f64(),
         record.t_ms,
-        guest.release.as_deref().unwrap_or("?")
     );
 
-    let mut client = connect(&qemu.agent_socket);
-    let uname = client.exec(&ExecRequest::new(["uname", "-r"])).unwrap();
+    let uname = vm.exec(["uname", "-r"]).unwrap();
     assert!(uname.success(), "{uname:?}");
     let release = String::from_utf8_lossy(&uname.stdout).trim().to_owned();
-    match &guest.release {
+    match &expected_release {
         Some(expected) => assert_eq!(&release, expected),
         None => assert!(!release.is_empty()),
     }
 
     // How long the agent took from its own start (PID 1's start time, in clock ticks since
     // boot; 100 Hz on x86) to its readiness record (`t=`, ms since boot).
-    let stat = client
-        .exec(&ExecRequest::new(["cat", "/proc/1/stat"]))
-        .unwrap();
+    let stat = vm.exec(["cat", "/proc/1/stat"]).unwrap();
     let stat = String::from_utf8_lossy(&stat.stdout).into_owned();
     let start_ticks: u64 = stat
         .rsplit(')')
@@ -119,16 +102,10 @@ fn default_guest_boots_under_qemu_tcg_and_serves_the_agent() {
         "{stat} vs t={}",
         record.t_ms
     );
-    eprintln!(
-        "agent ready {} ms after it started (PID 1 started at ~{} ms, record t={} ms; 10 ms resolution)",
-        record.t_ms.saturating_sub(agent_start_ms),
-        agent_start_ms,
-        record.t_ms
-    );
 
     let started = Instant::now();
-    let out = client
-        .exec(&ExecRequest::new([
+    let out = vm
+        .exec_request(&ExecRequest::new([
             "sh",
             "-c",
             "echo out; echo err >&2; exit 3",
@@ -141,26 +118,25 @@ fn default_guest_boots_under_qemu_tcg_and_serves_the_agent() {
         "{out:?}"
     );
 
-    client.put("/tmp/put.bin", 0o640, b"\x00kiln\xff").unwrap();
-    let back = client.get("/tmp/put.bin", 1024).unwrap();
+    vm.put_mode("/tmp/put.bin", 0o640, b"\x00kiln\xff").unwrap();
+    assert_eq!(vm.get("/tmp/put.bin").unwrap(), b"\x00kiln\xff");
+    let mode = vm.exec(["stat", "-c", "%a", "/tmp/put.bin"]).unwrap();
     assert_eq!(
-        (back.data.as_slice(), back.mode & 0o777),
-        (&b"\x00kiln\xff"[..], 0o640)
+        String::from_utf8_lossy(&mode.stdout).trim(),
+        "640",
+        "{mode:?}"
     );
 
-    let host_file = client.get("/fixtures/from-host.txt", 1024).unwrap();
-    assert_eq!(host_file.data, b"hello from the host\n");
-    client
-        .put("/fixtures/from-guest.txt", 0o644, b"written in the guest\n")
+    assert_eq!(
+        vm.get("/fixtures/from-host.txt").unwrap(),
+        b"hello from the host\n"
+    );
+    vm.put("/fixtures/from-guest.txt", b"written in the guest\n")
         .unwrap();
     assert_eq!(
         fs::read(share.join("from-guest.txt")).unwrap(),
         b"written in the guest\n"
     );
 
-    client.shutdown(false).unwrap();
-    let status = qemu
-        .wait_exit(Duration::from_secs(30))
-        .unwrap_or_else(|e| panic!("{e}\n{}", qemu.console_tail()));
-    assert!(status.success(), "QEMU exit status {status}");
+    vm.shutdown().unwrap_or_else(|e| panic!("shutdown: {e}"));
 }

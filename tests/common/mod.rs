@@ -6,8 +6,6 @@
 
 #![allow(dead_code)]
 
-pub mod qemu;
-
 use std::fs;
 use std::io::ErrorKind;
 use std::path::{Path, PathBuf};
