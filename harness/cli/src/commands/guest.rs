@@ -21,17 +21,17 @@ pub enum GuestCommand {
 }
 
 /// Where `kiln guest build` takes the kernel from (one of; default `--from-deb`).
+/// `--alias` goes with any of them.
 #[derive(Debug, Args)]
-#[group(multiple = false)]
 pub struct BuildArgs {
     /// A Debian/Ubuntu kernel package name or .deb file [default: linux-image-amd64].
-    #[arg(long, value_name = "PACKAGE|FILE.deb", num_args = 0..=1, default_missing_value = "")]
+    #[arg(long, group = "source", value_name = "PACKAGE|FILE.deb", num_args = 0..=1, default_missing_value = "")]
     from_deb: Option<String>,
     /// The running host's kernel and modules.
-    #[arg(long)]
+    #[arg(long, group = "source")]
     from_host: bool,
     /// Kernel source directory or tarball, built with guest/kernel/kiln.config (minutes).
-    #[arg(long, value_name = "DIR|TARBALL")]
+    #[arg(long, group = "source", value_name = "DIR|TARBALL")]
     from_source: Option<PathBuf>,
     /// Also name the result (e.g. `default`, which `kiln run` uses).
     #[arg(long, value_name = "NAME")]
@@ -109,5 +109,46 @@ fn describe(source: &kiln_guest_build::Source) -> String {
         } => format!("deb {package} {version}"),
         kiln_guest_build::Source::Host { release } => format!("host {release}"),
         kiln_guest_build::Source::KernelSource { path, .. } => format!("source {path}"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Debug, Parser)]
+    struct Wrapper {
+        #[command(subcommand)]
+        command: GuestCommand,
+    }
+
+    fn build(argv: &[&str]) -> Result<BuildArgs, clap::Error> {
+        let mut full = vec!["kiln-guest", "build"];
+        full.extend_from_slice(argv);
+        match Wrapper::try_parse_from(full)?.command {
+            GuestCommand::Build(args) => Ok(args),
+            other => panic!("parsed as {other:?}"),
+        }
+    }
+
+    #[test]
+    fn alias_goes_with_every_source_and_the_sources_exclude_each_other() {
+        for source in [
+            &["--from-deb"][..],
+            &["--from-host"],
+            &["--from-source", "linux.tar.xz"],
+        ] {
+            let mut argv = source.to_vec();
+            argv.extend(["--alias", "mine"]);
+            let args = build(&argv).unwrap_or_else(|e| panic!("{argv:?}: {e}"));
+            assert_eq!(args.alias.as_deref(), Some("mine"));
+        }
+        assert!(matches!(
+            build(&["--from-source", "linux.tar.xz"]).map(|a| a.source()),
+            Ok(KernelFrom::Source(_))
+        ));
+        let err = build(&["--from-host", "--from-source", "x"]).unwrap_err();
+        assert_eq!(err.kind(), clap::error::ErrorKind::ArgumentConflict);
     }
 }
