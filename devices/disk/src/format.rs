@@ -8,6 +8,7 @@ use std::os::unix::fs::FileExt;
 use std::path::Path;
 
 use crate::error::{one_line, DiskError};
+use crate::qcow2;
 
 /// Image formats kiln reads.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -39,10 +40,6 @@ const FOREIGN_MAGICS: &[(usize, &[u8], &str)] = &[
     (0x40, b"\x7f\x10\xda\xbe", "VDI"),
 ];
 
-const QCOW2_MAGIC: &[u8] = b"QFI\xfb";
-/// A qcow2 v2 header's fixed part; v3 needs more, which imago checks.
-const QCOW2_MIN_HEADER: usize = 72;
-
 /// Detects the image format from its header; anything not recognised is raw.
 pub fn detect_format(path: &Path) -> Result<ImageFormat, DiskError> {
     let open_err = |e: io::Error| DiskError::Open {
@@ -62,20 +59,13 @@ pub fn detect_format(path: &Path) -> Result<ImageFormat, DiskError> {
             path: path.to_path_buf(),
         });
     }
-    if head.starts_with(QCOW2_MAGIC) {
-        let bad = |reason: String| DiskError::BadQcow2 {
+    if qcow2::is_qcow2(head) {
+        // The parser's first checks (fixed header, version); the rest of the header is imago's
+        // to judge when it opens the image. `n` is the whole file whenever it is short.
+        qcow2::parse_version(path, head, n as u64).map_err(|e| DiskError::BadQcow2 {
             path: path.to_path_buf(),
-            reason,
-        };
-        if n < QCOW2_MIN_HEADER {
-            return Err(bad(format!(
-                "header truncated ({n} bytes, at least {QCOW2_MIN_HEADER} needed)"
-            )));
-        }
-        let version = u32::from_be_bytes([head[4], head[5], head[6], head[7]]);
-        if version != 2 && version != 3 {
-            return Err(bad(format!("version {version} (expected 2 or 3)")));
-        }
+            reason: e.kind.to_string(),
+        })?;
         return Ok(ImageFormat::Qcow2);
     }
     for (offset, magic, format) in FOREIGN_MAGICS {

@@ -123,7 +123,7 @@ mod tests {
 
     /// A qcow2 header: magic, `version`, then `fill` for the rest of 104 bytes.
     fn qcow2_header(version: u32, len: usize) -> Vec<u8> {
-        let mut h = b"QFI\xfb".to_vec();
+        let mut h = crate::qcow2::QCOW2_MAGIC.to_vec();
         h.extend_from_slice(&version.to_be_bytes());
         h.resize(len, 0);
         h
@@ -138,8 +138,8 @@ mod tests {
         corrupt[20..24].copy_from_slice(&99u32.to_be_bytes()); // cluster_bits
         corrupt[24..32].copy_from_slice(&(1u64 << 30).to_be_bytes()); // size
         for (bytes, needle) in [
-            (qcow2_header(3, 40), "header truncated"),
-            (qcow2_header(1, 104), "version 1"),
+            (qcow2_header(3, 40), "truncated: header needs 72 bytes"),
+            (qcow2_header(1, 104), "version = 1: expected 2 or 3"),
             (corrupt, "qcow2"),
         ] {
             fs::write(&path, &bytes).unwrap();

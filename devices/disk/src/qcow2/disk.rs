@@ -3,7 +3,6 @@
 
 use std::fs::{self, OpenOptions};
 use std::io;
-use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
 use imago::file::File as ImagoFile;
@@ -14,6 +13,7 @@ use imago::{
     PermissiveImplicitOpenGate, StorageOpenOptions,
 };
 
+use super::header::read_header;
 use crate::backend::{id_from_path, read_only_error, DiskBackend, DISK_ID_LEN};
 use crate::format::ImageFormat;
 
@@ -147,15 +147,10 @@ impl Qcow2Disk {
     }
 }
 
-/// The cluster size recorded in a qcow2 header (`cluster_bits`, big-endian u32 at byte 20);
-/// only a discard hint, so an unreadable or implausible value falls back to the default.
+/// The cluster size the image's header records. Only a discard hint, so a header the parser
+/// refuses (imago opened the image, so that is rare) falls back to the default.
 fn qcow2_cluster_size(path: &Path) -> u64 {
-    let mut bits = [0u8; 4];
-    let read = fs::File::open(path).and_then(|f| f.read_exact_at(&mut bits, 20));
-    match read.map(|()| u32::from_be_bytes(bits)) {
-        Ok(b @ 9..=21) => 1u64 << b,
-        _ => OVERLAY_CLUSTER_SIZE,
-    }
+    read_header(path).map_or(OVERLAY_CLUSTER_SIZE, |h| h.cluster_size())
 }
 
 /// Opens the base image read-only as an imago format layer.
