@@ -176,7 +176,9 @@ mod tests {
         };
         let err = open_err(&kept(existing.clone()));
         assert!(matches!(err, DiskError::OverlayExists { .. }));
-        assert_message(&err, "overlay=", "already exists");
+        assert_message(&err, existing.to_str().unwrap(), "already exists");
+        let option_form = err.with_option("--disk").to_string();
+        assert!(option_form.contains(",overlay="), "{option_form}");
         assert_eq!(fs::read(&existing).unwrap(), b"keep me");
 
         // Naming the base itself as the overlay must not touch it.

@@ -1,5 +1,5 @@
-//! What a user asks for with `--disk PATH[,ro][,overlay=PATH][,in-place]`: the image and how to
-//! attach it.
+//! Disk specs, `PATH[,ro][,overlay=PATH][,in-place]`: an image and how to attach it, as a user
+//! writes it (`kiln boot --disk` takes one per disk).
 
 use std::path::PathBuf;
 use std::str::FromStr;
@@ -22,7 +22,7 @@ pub enum DiskMode {
     InPlace,
 }
 
-/// One `--disk` value: the image and how to attach it.
+/// One disk spec: the image and how to attach it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DiskSpec {
     /// The image (the base of an overlay); raw or qcow2, detected from its header.

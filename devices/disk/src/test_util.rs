@@ -117,11 +117,17 @@ pub fn qcow2_base(dir: &Path) -> (PathBuf, Vec<u8>) {
     (base, data)
 }
 
-/// One line, starting with the option and naming `value`.
+/// One line in both forms, the library's (`disk spec …`, `disk image …`) and the one a command
+/// line reports against `--disk`, each naming `value` and saying `needle`.
 pub fn assert_message(err: &DiskError, value: &str, needle: &str) {
-    let msg = err.to_string();
-    assert!(!msg.contains('\n'), "not one line: {msg}");
-    assert!(msg.starts_with("--disk "), "{msg}");
-    assert!(msg.contains(value), "{msg} does not name {value}");
-    assert!(msg.contains(needle), "{msg} does not say {needle}");
+    let forms = [
+        (err.to_string(), "disk "),
+        (err.with_option("--disk").to_string(), "--disk "),
+    ];
+    for (msg, start) in forms {
+        assert!(!msg.contains('\n'), "not one line: {msg}");
+        assert!(msg.starts_with(start), "{msg}");
+        assert!(msg.contains(value), "{msg} does not name {value}");
+        assert!(msg.contains(needle), "{msg} does not say {needle}");
+    }
 }
