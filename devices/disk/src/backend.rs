@@ -38,7 +38,7 @@ pub(crate) fn read_only_error() -> io::Error {
 }
 
 /// The serial the guest sees: the image's file name, truncated to 20 bytes, so a guest can find
-/// its disk under /dev/disk/by-id/virtio-<name>.
+/// its disk under `/dev/disk/by-id/virtio-<name>`.
 pub fn id_from_path(path: &Path) -> [u8; DISK_ID_LEN] {
     let mut id = [0u8; DISK_ID_LEN];
     let name = path

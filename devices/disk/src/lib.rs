@@ -1,11 +1,14 @@
 //! kiln-disk: disk images for kiln, whatever reads them — virtio-blk's backends and `kiln img`.
 //!
-//! - [`ImageFormat`] and [`detect_format`]: raw or qcow2 from the first bytes of a file, and the
-//!   formats kiln refuses by name (VMDK, VHDX, QED, …).
+//! - [`qcow2`]: kiln's one qcow2 header parser ([`qcow2::Qcow2Header`], [`qcow2::parse_header`],
+//!   [`qcow2::QCOW2_MAGIC`], feature bits), with its own [`qcow2::HeaderError`].
+//! - [`ImageFormat`] and [`detect_format`]: raw or qcow2 from the first bytes of a file (through
+//!   that parser), and the formats kiln refuses by name (VMDK, VHDX, QED, …).
 //! - [`DiskBackend`] and its implementations: [`RawDisk`] and [`Qcow2Disk`] (imago), including
 //!   the copy-on-write overlays kiln creates over a base it never writes.
 //! - [`DiskSpec`] (`PATH[,ro][,overlay=PATH][,in-place]`) and [`open_disk`], which turns one into
-//!   a backend, with one-line [`DiskError`]s.
+//!   a backend, with one-line [`DiskError`]s that name no command-line option
+//!   ([`DiskError::with_option`] gives a front end's form).
 
 mod backend;
 mod error;
