@@ -1,7 +1,8 @@
 //! kiln: a microVM test harness with its own embedded VMM.
 //!
 //! This facade re-exports the crates a Rust test needs: `kiln::vmm` (the embedded VMM),
-//! `kiln::devices`, the harness's layers (scenarios, backends, runner, guest images), and
+//! `kiln::devices`, `kiln::disk` (disk images: formats, backends, the qcow2 header parser), the
+//! harness's layers (scenarios, backends, runner, guest images), and
 //! [`TestVm`], a real guest for a Rust test: boot, `exec`, `put`/`get`, torn down on drop.
 
 mod testvm;
@@ -14,6 +15,7 @@ pub use testvm::{TestVm, TestVmBuilder, TestVmError, DEFAULT_GET_LIMIT};
 pub use kiln_backends as backends;
 pub use kiln_devices as devices;
 pub use kiln_diff as diff;
+pub use kiln_disk as disk;
 pub use kiln_guest_build as guest;
 pub use kiln_runner as runner;
 pub use kiln_scenario as scenario;

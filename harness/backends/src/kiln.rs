@@ -14,7 +14,7 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use kiln_devices::virtio::block::{DiskMode, DiskSpec};
+use kiln_disk::{qcow2, DiskMode, DiskSpec};
 use kiln_vmm::vm::{Vm, VmConfig, VmHandle};
 
 use super::agent::{AgentLink, AgentTransport};
@@ -62,7 +62,7 @@ fn check_format(disk: &PlannedDisk) -> Result<(), BackendError> {
             disk.base.display()
         ))
     })?;
-    let is_qcow2 = n == 4 && &magic == b"QFI\xfb";
+    let is_qcow2 = qcow2::is_qcow2(&magic[..n]);
     match disk.format {
         DiskFormat::Qcow2 if !is_qcow2 => Err(error(format!(
             "disk `{}`: {} is declared qcow2 but has no qcow2 header",

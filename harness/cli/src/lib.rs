@@ -11,7 +11,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
-use kiln_devices::virtio::block::DiskSpec;
+use kiln_disk::DiskSpec;
 use kiln_vmm::{ConsoleOutput, ExitReason, ShareConfig, Vm, VmConfig};
 
 use crate::commands::guest::GuestCommand;
@@ -151,7 +151,7 @@ struct BootArgs {
     /// Attach a disk (repeatable; raw or qcow2, detected). Default: a per-run copy-on-write
     /// overlay, deleted afterwards, the image itself never written. `,overlay=PATH` keeps the
     /// overlay at PATH; `,ro` attaches the image read-only; `,in-place` writes the image itself.
-    #[arg(long, value_name = "PATH[,ro][,overlay=PATH][,in-place]")]
+    #[arg(long, value_name = "PATH[,ro][,overlay=PATH][,in-place]", value_parser = parse_disk)]
     disk: Vec<DiskSpec>,
     /// Share a host directory over virtio-fs as TAG (repeatable); `,ro` makes it read-only.
     #[arg(long, value_name = "TAG=DIR[,ro]", value_parser = parse_share)]
@@ -166,6 +166,12 @@ struct BootArgs {
     /// Do not attach the virtio-rng device.
     #[arg(long)]
     no_rng: bool,
+}
+
+/// Parses a `--disk` value; kiln-disk's error, reported against the option.
+fn parse_disk(s: &str) -> Result<DiskSpec, String> {
+    s.parse::<DiskSpec>()
+        .map_err(|e| e.with_option("--disk").to_string())
 }
 
 /// Parses `TAG=DIR[,ro]`.
@@ -320,6 +326,21 @@ mod tests {
         assert!(parse_share("/tmp/out").is_err());
         assert!(parse_share("=/tmp").is_err());
         assert!(parse_share("tag=").is_err());
+    }
+
+    /// A bad `--disk` is a usage error naming the option, the value and the problem.
+    #[test]
+    fn disk_spec_errors_name_the_option() {
+        let err = Cli::try_parse_from(["kiln", "boot", "--kernel", "k", "--disk", "a.img,rw"])
+            .unwrap_err();
+        assert_eq!(err.exit_code(), 2);
+        let msg = err.to_string();
+        assert!(
+            msg.contains("--disk \"a.img,rw\": unknown option \"rw\""),
+            "{msg}"
+        );
+        let ok = Cli::try_parse_from(["kiln", "boot", "--kernel", "k", "--disk", "a.img,ro"]);
+        assert!(ok.is_ok());
     }
 
     #[test]

@@ -7,8 +7,9 @@ use std::io::Read;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
+use kiln_disk::qcow2::{self, Qcow2Header};
+
 use super::error::ImgError;
-use super::header::{self, Qcow2Header};
 
 /// An image's format, with the parsed header for qcow2.
 #[derive(Debug, Clone)]
@@ -97,17 +98,17 @@ pub fn open_layer(name: &str, forced: Option<&str>) -> Result<Layer, ImgError> {
     let got = file
         .read(&mut magic)
         .map_err(|e| ImgError::io(path, "read", e))?;
-    let probed_qcow2 = header::is_qcow2(&magic[..got]);
+    let probed_qcow2 = qcow2::is_qcow2(&magic[..got]);
     let format = match forced {
         Some("raw") => Format::Raw,
-        Some("qcow2") => Format::Qcow2(Box::new(header::read_header(path)?)),
+        Some("qcow2") => Format::Qcow2(Box::new(qcow2::read_header(path)?)),
         Some(other) => {
             return Err(ImgError::Unsupported {
                 path: path.to_path_buf(),
                 feature: format!("image format '{other}'"),
             })
         }
-        None if probed_qcow2 => Format::Qcow2(Box::new(header::read_header(path)?)),
+        None if probed_qcow2 => Format::Qcow2(Box::new(qcow2::read_header(path)?)),
         None => Format::Raw,
     };
     Ok(Layer {
@@ -166,7 +167,7 @@ mod tests {
     /// A minimal v3 qcow2 header naming `backing` as its backing file.
     fn qcow2_with_backing(backing: &str) -> Vec<u8> {
         let mut b = vec![0u8; 1024];
-        b[..4].copy_from_slice(&header::QCOW2_MAGIC);
+        b[..4].copy_from_slice(&qcow2::QCOW2_MAGIC);
         b[4..8].copy_from_slice(&3u32.to_be_bytes());
         b[8..16].copy_from_slice(&512u64.to_be_bytes());
         b[16..20].copy_from_slice(&(backing.len() as u32).to_be_bytes());

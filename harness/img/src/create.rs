@@ -11,6 +11,7 @@ use imago::file::File as ImagoFile;
 use imago::qcow2::Qcow2;
 use imago::raw::Raw;
 use imago::{FormatCreateBuilder, StorageOpenOptions};
+use kiln_disk::qcow2::{COMPAT_FEATURES_OFFSET, COMPAT_LAZY_REFCOUNTS};
 
 use super::chain::{self, path_combine};
 use super::error::ImgError;
@@ -19,9 +20,6 @@ use super::Output;
 
 /// qcow2's largest L1 table (QEMU's `QCOW_MAX_L1_SIZE`, 32 MiB of 8-byte entries).
 const MAX_L1_ENTRIES: u64 = (32 << 20) / 8;
-
-/// Header offset of the compatible-feature bits; bit 0 is lazy refcounts.
-const COMPAT_FEATURES_OFFSET: u64 = 80;
 
 /// What `kiln img create` was asked for (the command line, unparsed values included).
 #[derive(Debug, Clone, Default)]
@@ -361,7 +359,7 @@ pub(super) fn allocate_first_block(f: &File, size: u64) -> io::Result<()> {
 fn set_lazy_refcounts(f: &File) -> io::Result<()> {
     let mut b = [0u8; 8];
     f.read_exact_at(&mut b, COMPAT_FEATURES_OFFSET)?;
-    let bits = u64::from_be_bytes(b) | 1;
+    let bits = u64::from_be_bytes(b) | COMPAT_LAZY_REFCOUNTS;
     f.write_all_at(&bits.to_be_bytes(), COMPAT_FEATURES_OFFSET)
 }
 

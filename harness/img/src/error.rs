@@ -2,6 +2,8 @@
 
 use std::path::{Path, PathBuf};
 
+use kiln_disk::qcow2::{HeaderError, HeaderErrorKind};
+
 /// What went wrong while reading an image; `Display` is a single line.
 #[derive(Debug, thiserror::Error)]
 pub enum ImgError {
@@ -79,5 +81,69 @@ impl ImgError {
     /// True for the "unsupported (feature)" class, which the diff reports as such.
     pub fn is_unsupported(&self) -> bool {
         matches!(self, ImgError::Unsupported { .. })
+    }
+}
+
+/// kiln-disk's header errors, as the same `kiln img` errors (messages and exit codes) the header
+/// parser gave when it lived in this crate.
+impl From<HeaderError> for ImgError {
+    fn from(e: HeaderError) -> Self {
+        let path = e.path;
+        match e.kind {
+            HeaderErrorKind::Io { what, source } => ImgError::Io { path, what, source },
+            HeaderErrorKind::Truncated {
+                field,
+                offset,
+                needed,
+                len,
+            } => ImgError::Truncated {
+                path,
+                field,
+                offset,
+                needed,
+                len,
+            },
+            HeaderErrorKind::Field {
+                field,
+                value,
+                expected,
+            } => ImgError::Field {
+                path,
+                field,
+                value,
+                expected,
+            },
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Each kind of header error keeps its `kiln img` variant and its exact message.
+    #[test]
+    fn header_errors_keep_their_img_form() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let short = dir.path().join("short.qcow2");
+        std::fs::write(&short, kiln_disk::qcow2::QCOW2_MAGIC).expect("write");
+        let mut v9 = kiln_disk::qcow2::QCOW2_MAGIC.to_vec();
+        v9.extend_from_slice(&9u32.to_be_bytes());
+        v9.resize(512, 0);
+        let bad_version = dir.path().join("v9.qcow2");
+        std::fs::write(&bad_version, v9).expect("write");
+        let missing = dir.path().join("missing.qcow2");
+        for (path, variant) in [
+            (short, "Truncated"),
+            (bad_version, "Field"),
+            (missing, "Io"),
+        ] {
+            let header = kiln_disk::qcow2::read_header(&path).unwrap_err();
+            let text = header.to_string();
+            let img = ImgError::from(header);
+            assert_eq!(img.to_string(), text);
+            assert!(format!("{img:?}").starts_with(variant), "{img:?}");
+            assert!(text.starts_with(&path.display().to_string()), "{text}");
+        }
     }
 }

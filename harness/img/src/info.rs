@@ -196,7 +196,7 @@ pub fn is_raw(layer: &Layer) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::header::{Compression, Qcow2Header};
+    use kiln_disk::qcow2::{Compression, Qcow2Header};
 
     pub(crate) fn sample_layer(backing: bool) -> Layer {
         let h = Qcow2Header {

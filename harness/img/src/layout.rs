@@ -5,8 +5,9 @@ use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
+use kiln_disk::qcow2::{read_header, Qcow2Header};
+
 use super::error::ImgError;
-use super::header::Qcow2Header;
 
 /// L1/L2 entry bit: refcount is exactly one (the cluster may be written in place).
 pub const OFLAG_COPIED: u64 = 1 << 63;
@@ -51,7 +52,7 @@ pub struct Qcow2File {
 impl Qcow2File {
     /// Opens `path` read-only and parses its header.
     pub fn open(path: &Path) -> Result<Self, ImgError> {
-        let header = super::header::read_header(path)?;
+        let header = read_header(path)?;
         let file = File::open(path).map_err(|e| ImgError::io(path, "open", e))?;
         let file_len = file
             .metadata()

@@ -1,6 +1,6 @@
 //! `kiln img`: info, check, map, compare, create and convert answering like `qemu-img`, on kiln's
-//! own disk layer (imago for data, mappings and new images, kiln's qcow2 header/metadata parser
-//! for the rest). Existing images are only ever opened read-only; new ones appear complete or not
+//! own disk layer (imago for data, mappings and new images, kiln-disk's qcow2 header parser and
+//! this crate's metadata walk for the rest). Existing images are only ever opened read-only; new ones appear complete or not
 //! at all.
 
 pub mod chain;
@@ -10,7 +10,6 @@ pub mod convert;
 pub mod create;
 pub mod disk;
 pub mod error;
-pub mod header;
 pub mod info;
 pub mod layout;
 pub mod map;
@@ -216,7 +215,7 @@ mod tests {
         for round in 0..300 {
             let len = 112 + (next() % 4096) as usize;
             let mut b: Vec<u8> = (0..len).map(|_| next() as u8).collect();
-            b[..4].copy_from_slice(&header::QCOW2_MAGIC);
+            b[..4].copy_from_slice(&kiln_disk::qcow2::QCOW2_MAGIC);
             if round % 2 == 0 {
                 b[4..8].copy_from_slice(&3u32.to_be_bytes());
                 b[20..24].copy_from_slice(&(9 + (next() % 4) as u32).to_be_bytes());

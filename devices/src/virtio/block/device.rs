@@ -19,11 +19,11 @@ use virtio_queue::desc::split::Descriptor;
 use virtio_queue::{DescriptorChain, Queue, QueueT};
 use vm_memory::{Address, Bytes, GuestAddress};
 
-use super::disk::{DiskBackend, DISK_ID_LEN};
 use crate::virtio::{
     device_type, pending_chains, ActivateError, GuestMem, Interrupt, VirtioDevice,
     VIRTIO_F_VERSION_1, VIRTIO_RING_F_INDIRECT_DESC,
 };
+use kiln_disk::{DiskBackend, DISK_ID_LEN};
 
 /// Size of the one request queue.
 pub const QUEUE_SIZE: u16 = 256;

@@ -11,8 +11,8 @@ use vm_memory::{Bytes, GuestAddress};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use super::*;
-use crate::virtio::block::disk::DISK_ID_LEN;
 use crate::virtio::VIRTIO_MMIO_INT_VRING;
+use kiln_disk::DISK_ID_LEN;
 
 const MEM_SIZE: usize = 0x100_0000;
 const DISK_SECTORS: u64 = 512;

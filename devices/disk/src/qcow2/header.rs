@@ -1,14 +1,101 @@
-//! kiln's own qcow2 header parser (QEMU docs/interop/qcow2.txt).
+//! kiln's one qcow2 header parser (QEMU docs/interop/qcow2.txt).
 //!
 //! imago opens images for I/O but does not expose the header fields `qemu-img info` prints
 //! (compat, feature bits, refcount width, compression type, corrupt bit, …) and refuses extended-L2
-//! and zstd images outright; `info` must still describe those, so the header is parsed here.
+//! and zstd images outright; `kiln img info` must still describe those, and format detection must
+//! tell qcow2 from raw before imago is involved, so the header is parsed here.
 
 use std::fs::File;
+use std::io;
 use std::os::unix::fs::FileExt;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
-use super::error::ImgError;
+/// Why a qcow2 header could not be read or parsed. `Display` is one line: the file, then
+/// [`HeaderErrorKind`]'s description.
+#[derive(Debug, thiserror::Error)]
+#[error("{}: {kind}", .path.display())]
+pub struct HeaderError {
+    /// The image.
+    pub path: PathBuf,
+    /// What is wrong, without the file name.
+    pub kind: HeaderErrorKind,
+}
+
+/// What is wrong with a qcow2 header; each message names the field and value.
+#[derive(Debug, thiserror::Error)]
+pub enum HeaderErrorKind {
+    /// The file could not be opened or read.
+    #[error("{what}: {source}")]
+    Io {
+        /// What was being done ("open", "read header", …).
+        what: &'static str,
+        /// The OS error.
+        source: io::Error,
+    },
+    /// The file ends before a structure the header must contain.
+    #[error("truncated: {field} needs {needed} bytes at offset {offset}, file has {len}")]
+    Truncated {
+        /// The structure.
+        field: &'static str,
+        /// Where it starts.
+        offset: u64,
+        /// How many bytes it needs.
+        needed: u64,
+        /// The file's length.
+        len: u64,
+    },
+    /// A header field holds a value qcow2 does not allow.
+    #[error("qcow2 header field {field} = {value}: {expected}")]
+    Field {
+        /// The field's name in QEMU's qcow2 specification.
+        field: &'static str,
+        /// Its value as found.
+        value: String,
+        /// What would be valid.
+        expected: String,
+    },
+}
+
+impl HeaderError {
+    fn new(path: &Path, kind: HeaderErrorKind) -> Self {
+        HeaderError {
+            path: path.to_path_buf(),
+            kind,
+        }
+    }
+
+    fn io(path: &Path, what: &'static str, source: io::Error) -> Self {
+        Self::new(path, HeaderErrorKind::Io { what, source })
+    }
+
+    fn truncated(path: &Path, field: &'static str, offset: u64, needed: u64, len: u64) -> Self {
+        Self::new(
+            path,
+            HeaderErrorKind::Truncated {
+                field,
+                offset,
+                needed,
+                len,
+            },
+        )
+    }
+
+    fn field(
+        path: &Path,
+        field: &'static str,
+        value: impl std::fmt::Display,
+        expected: impl Into<String>,
+    ) -> Self {
+        Self::new(
+            path,
+            HeaderErrorKind::Field {
+                field,
+                value: value.to_string(),
+                expected: expected.into(),
+            },
+        )
+    }
+}
 
 /// The four magic bytes every qcow2 file starts with.
 pub const QCOW2_MAGIC: [u8; 4] = *b"QFI\xfb";
@@ -24,7 +111,12 @@ pub mod incompat {
     pub const KNOWN: u64 = DIRTY | CORRUPT | DATA_FILE | COMPRESSION | EXTL2;
 }
 
-/// Compatible feature bits (header offset 80).
+/// Length of the fixed part every qcow2 header has (all of a version 2 header).
+pub const V2_HEADER_LEN: usize = 72;
+
+/// Header offset of the compatible feature bits (big-endian u64, version 3).
+pub const COMPAT_FEATURES_OFFSET: u64 = 80;
+/// Compatible feature bit: lazy refcounts.
 pub const COMPAT_LAZY_REFCOUNTS: u64 = 1;
 /// Autoclear feature bit: the external data file is a valid raw image on its own.
 pub const AUTOCLEAR_DATA_FILE_RAW: u64 = 1 << 1;
@@ -156,50 +248,62 @@ fn be64(b: &[u8], off: usize) -> u64 {
 }
 
 /// Reads and parses the header of the qcow2 file at `path` (opened read-only).
-pub fn read_header(path: &Path) -> Result<Qcow2Header, ImgError> {
-    let file = File::open(path).map_err(|e| ImgError::io(path, "open", e))?;
+pub fn read_header(path: &Path) -> Result<Qcow2Header, HeaderError> {
+    let file = File::open(path).map_err(|e| HeaderError::io(path, "open", e))?;
     let len = file
         .metadata()
-        .map_err(|e| ImgError::io(path, "stat", e))?
+        .map_err(|e| HeaderError::io(path, "stat", e))?
         .len();
     // The header and its extensions live in the first cluster (at most 2 MiB).
     let want = len.min(2 << 20) as usize;
     let mut buf = vec![0u8; want];
     file.read_exact_at(&mut buf, 0)
-        .map_err(|e| ImgError::io(path, "read header", e))?;
+        .map_err(|e| HeaderError::io(path, "read header", e))?;
     parse_header(path, &buf, len)
 }
 
-/// Parses a qcow2 header from the first bytes of a file of `file_len` bytes.
-pub fn parse_header(path: &Path, buf: &[u8], file_len: u64) -> Result<Qcow2Header, ImgError> {
-    let truncated = |field: &'static str, offset: u64, needed: u64| ImgError::Truncated {
-        path: path.to_path_buf(),
-        field,
-        offset,
-        needed,
-        len: file_len,
+/// The checks that tell a qcow2 image apart before anything else of it is read: the magic, a
+/// complete fixed (version 2) header, and version 2 or 3. Returns the version; [`parse_header`]
+/// starts with these checks.
+pub fn parse_version(path: &Path, buf: &[u8], file_len: u64) -> Result<u32, HeaderError> {
+    let truncated = |field: &'static str, offset: u64, needed: u64| {
+        HeaderError::truncated(path, field, offset, needed, file_len)
     };
     if buf.len() < 4 {
         return Err(truncated("magic", 0, 4));
     }
     if !is_qcow2(buf) {
-        return Err(ImgError::field(
+        return Err(HeaderError::field(
             path,
             "magic",
             format!("{:02x?}", &buf[..4]),
             "expected 51 46 49 fb (\"QFI\\xfb\")",
         ));
     }
-    if buf.len() < 72 {
-        return Err(truncated("header", 0, 72));
+    if buf.len() < V2_HEADER_LEN {
+        return Err(truncated("header", 0, V2_HEADER_LEN as u64));
     }
     let version = be32(buf, 4);
     if version != 2 && version != 3 {
-        return Err(ImgError::field(path, "version", version, "expected 2 or 3"));
+        return Err(HeaderError::field(
+            path,
+            "version",
+            version,
+            "expected 2 or 3",
+        ));
     }
+    Ok(version)
+}
+
+/// Parses a qcow2 header from the first bytes of a file of `file_len` bytes.
+pub fn parse_header(path: &Path, buf: &[u8], file_len: u64) -> Result<Qcow2Header, HeaderError> {
+    let truncated = |field: &'static str, offset: u64, needed: u64| {
+        HeaderError::truncated(path, field, offset, needed, file_len)
+    };
+    let version = parse_version(path, buf, file_len)?;
     let cluster_bits = be32(buf, 20);
     if !(9..=21).contains(&cluster_bits) {
-        return Err(ImgError::field(
+        return Err(HeaderError::field(
             path,
             "cluster_bits",
             cluster_bits,
@@ -238,7 +342,7 @@ pub fn parse_header(path: &Path, buf: &[u8], file_len: u64) -> Result<Qcow2Heade
         h.refcount_order = be32(buf, 96);
         h.header_length = be32(buf, 100);
         if h.header_length < 104 || !h.header_length.is_multiple_of(8) {
-            return Err(ImgError::field(
+            return Err(HeaderError::field(
                 path,
                 "header_length",
                 h.header_length,
@@ -246,7 +350,7 @@ pub fn parse_header(path: &Path, buf: &[u8], file_len: u64) -> Result<Qcow2Heade
             ));
         }
         if u64::from(h.header_length) > h.cluster_size() {
-            return Err(ImgError::field(
+            return Err(HeaderError::field(
                 path,
                 "header_length",
                 h.header_length,
@@ -254,7 +358,7 @@ pub fn parse_header(path: &Path, buf: &[u8], file_len: u64) -> Result<Qcow2Heade
             ));
         }
         if h.refcount_order > 6 {
-            return Err(ImgError::field(
+            return Err(HeaderError::field(
                 path,
                 "refcount_order",
                 h.refcount_order,
@@ -263,7 +367,7 @@ pub fn parse_header(path: &Path, buf: &[u8], file_len: u64) -> Result<Qcow2Heade
         }
         let unknown = h.incompatible_features & !incompat::KNOWN;
         if unknown != 0 {
-            return Err(ImgError::field(
+            return Err(HeaderError::field(
                 path,
                 "incompatible_features",
                 format!("{:#x}", h.incompatible_features),
@@ -272,7 +376,7 @@ pub fn parse_header(path: &Path, buf: &[u8], file_len: u64) -> Result<Qcow2Heade
         }
         if h.incompatible_features & incompat::COMPRESSION != 0 {
             if h.header_length < 112 || buf.len() < 105 {
-                return Err(ImgError::field(
+                return Err(HeaderError::field(
                     path,
                     "header_length",
                     h.header_length,
@@ -283,7 +387,7 @@ pub fn parse_header(path: &Path, buf: &[u8], file_len: u64) -> Result<Qcow2Heade
                 0 => Compression::Zlib,
                 1 => Compression::Zstd,
                 other => {
-                    return Err(ImgError::field(
+                    return Err(HeaderError::field(
                         path,
                         "compression_type",
                         other,
@@ -294,7 +398,7 @@ pub fn parse_header(path: &Path, buf: &[u8], file_len: u64) -> Result<Qcow2Heade
         }
     }
     if h.crypt_method > 2 {
-        return Err(ImgError::field(
+        return Err(HeaderError::field(
             path,
             "crypt_method",
             h.crypt_method,
@@ -302,7 +406,7 @@ pub fn parse_header(path: &Path, buf: &[u8], file_len: u64) -> Result<Qcow2Heade
         ));
     }
     if h.size.checked_add(h.cluster_size()).is_none() || h.size > (1u64 << 62) {
-        return Err(ImgError::field(path, "size", h.size, "too large"));
+        return Err(HeaderError::field(path, "size", h.size, "too large"));
     }
     parse_extensions(path, buf, file_len, &mut h)?;
     parse_backing_name(path, buf, file_len, &mut h)?;
@@ -314,7 +418,7 @@ fn parse_extensions(
     buf: &[u8],
     file_len: u64,
     h: &mut Qcow2Header,
-) -> Result<(), ImgError> {
+) -> Result<(), HeaderError> {
     let end = (h.cluster_size() as usize).min(buf.len());
     let mut off = h.header_length as usize;
     // A v2 header has extensions too, right after the 72 fixed bytes.
@@ -326,13 +430,13 @@ fn parse_extensions(
             return Ok(());
         }
         let Some(data_end) = data.checked_add(len).filter(|&e| e <= end) else {
-            return Err(ImgError::Truncated {
-                path: path.to_path_buf(),
-                field: "header extension",
-                offset: data as u64,
-                needed: len as u64,
-                len: file_len,
-            });
+            return Err(HeaderError::truncated(
+                path,
+                "header extension",
+                data as u64,
+                len as u64,
+                file_len,
+            ));
         };
         let text = || String::from_utf8_lossy(&buf[data..data_end]).into_owned();
         match kind {
@@ -354,14 +458,14 @@ fn parse_backing_name(
     buf: &[u8],
     file_len: u64,
     h: &mut Qcow2Header,
-) -> Result<(), ImgError> {
+) -> Result<(), HeaderError> {
     let offset = be64(buf, 8);
     let size = be32(buf, 16);
     if offset == 0 {
         return Ok(());
     }
     if size > 1023 {
-        return Err(ImgError::field(
+        return Err(HeaderError::field(
             path,
             "backing_file_size",
             size,
@@ -369,7 +473,7 @@ fn parse_backing_name(
         ));
     }
     if offset > h.cluster_size() {
-        return Err(ImgError::field(
+        return Err(HeaderError::field(
             path,
             "backing_file_offset",
             offset,
@@ -378,7 +482,7 @@ fn parse_backing_name(
     }
     let end = offset + u64::from(size);
     if end > buf.len() as u64 {
-        return Err(ImgError::field(
+        return Err(HeaderError::field(
             path,
             "backing_file_offset",
             offset,
@@ -406,7 +510,7 @@ mod tests {
         b
     }
 
-    fn parse(b: &[u8]) -> Result<Qcow2Header, ImgError> {
+    fn parse(b: &[u8]) -> Result<Qcow2Header, HeaderError> {
         parse_header(Path::new("t.qcow2"), b, b.len() as u64)
     }
 

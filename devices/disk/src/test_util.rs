@@ -1,0 +1,133 @@
+//! Helpers the backend and format tests share: qemu-img as an independent reference (tests
+//! skip, saying why, where it is not installed), patterned images, and one exercise routine.
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use sha2::{Digest, Sha256};
+
+use crate::{DiskBackend, DiskError};
+
+pub const MIB: u64 = 1024 * 1024;
+pub const BASE_SIZE: u64 = 4 * MIB;
+
+/// Runs qemu-img; `None` when it is not installed (the caller then skips, saying why).
+pub fn qemu_img(args: &[&str]) -> Option<(bool, String)> {
+    let out = Command::new("qemu-img").args(args).output().ok()?;
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Some((out.status.success(), text))
+}
+
+pub fn have_qemu_img() -> bool {
+    let found = qemu_img(&["--version"]).is_some_and(|(ok, _)| ok);
+    if !found {
+        println!("skipped: qemu-img not found");
+    }
+    found
+}
+
+pub fn sha256(path: &Path) -> Vec<u8> {
+    Sha256::digest(fs::read(path).unwrap()).to_vec()
+}
+
+/// Non-zero everywhere, so zeroed ranges stand out; varies per sector.
+pub fn pattern(len: u64) -> Vec<u8> {
+    (0..len).map(|i| ((i / 512 + i) % 255 + 1) as u8).collect()
+}
+
+/// The same writes, zeroes and discards applied to `disk` and to `model`, with offsets
+/// that straddle and split 64 KiB clusters; then every byte read back is checked.
+pub fn exercise(disk: &mut dyn DiskBackend, model: &mut [u8]) {
+    let mut write = |disk: &mut dyn DiskBackend, offset: u64, len: usize, byte: u8| {
+        let buf = vec![byte; len];
+        disk.write_at(&buf, offset).unwrap();
+        model[offset as usize..offset as usize + len].copy_from_slice(&buf);
+    };
+    write(disk, 0, 4096, 0x11);
+    write(disk, 64 * 1024 - 256, 512, 0x22);
+    write(disk, MIB + 1234, 100 * 1024, 0x33);
+    write(disk, BASE_SIZE - 512, 512, 0x44);
+    let zero = |disk: &mut dyn DiskBackend, model: &mut [u8], off: u64, len: u64, how| {
+        match how {
+            0 => disk.write_zeroes(off, len, false).unwrap(),
+            1 => disk.write_zeroes(off, len, true).unwrap(),
+            _ => disk.discard(off, len).unwrap(),
+        }
+        model[off as usize..(off + len) as usize].fill(0);
+    };
+    zero(disk, model, 2 * MIB, 64 * 1024, 0);
+    zero(disk, model, 3 * MIB - 4096, 8192, 1);
+    zero(disk, model, 3 * MIB + 64 * 1024, 128 * 1024, 2);
+    zero(disk, model, 512, 1024, 2);
+    disk.flush().unwrap();
+
+    let mut back = vec![0u8; model.len()];
+    disk.read_at(&mut back, 0).unwrap();
+    assert!(back == model, "read-back differs from the model");
+}
+
+/// qemu-img check is clean and the image reads exactly like `expected`.
+pub fn assert_qemu_agrees(image: &Path, expected: &[u8], dir: &Path) {
+    let image = image.to_str().unwrap();
+    let (ok, out) = qemu_img(&["check", "-f", "qcow2", image]).unwrap();
+    assert!(
+        ok && out.contains("No errors were found"),
+        "qemu-img check: {out}"
+    );
+    let want = dir.join("expected.raw");
+    fs::write(&want, expected).unwrap();
+    let want = want.to_str().unwrap();
+    let (ok, out) = qemu_img(&["compare", "-f", "qcow2", "-F", "raw", image, want]).unwrap();
+    assert!(
+        ok && out.contains("Images are identical"),
+        "qemu-img compare: {out}"
+    );
+}
+
+pub fn raw_base(dir: &Path) -> (PathBuf, Vec<u8>) {
+    let base = dir.join("base.raw");
+    let data = pattern(BASE_SIZE);
+    fs::write(&base, &data).unwrap();
+    (base, data)
+}
+
+/// A qcow2 base converted by qemu-img from a pattern with a hole (unallocated clusters).
+pub fn qcow2_base(dir: &Path) -> (PathBuf, Vec<u8>) {
+    let mut data = pattern(BASE_SIZE);
+    data[(MIB as usize)..(2 * MIB as usize)].fill(0);
+    let src = dir.join("src.raw");
+    fs::write(&src, &data).unwrap();
+    let base = dir.join("base.qcow2");
+    let (ok, out) = qemu_img(&[
+        "convert",
+        "-f",
+        "raw",
+        "-O",
+        "qcow2",
+        src.to_str().unwrap(),
+        base.to_str().unwrap(),
+    ])
+    .unwrap();
+    assert!(ok, "qemu-img convert: {out}");
+    (base, data)
+}
+
+/// One line in both forms, the library's (`disk spec …`, `disk image …`) and the one a command
+/// line reports against `--disk`, each naming `value` and saying `needle`.
+pub fn assert_message(err: &DiskError, value: &str, needle: &str) {
+    let forms = [
+        (err.to_string(), "disk "),
+        (err.with_option("--disk").to_string(), "--disk "),
+    ];
+    for (msg, start) in forms {
+        assert!(!msg.contains('\n'), "not one line: {msg}");
+        assert!(msg.starts_with(start), "{msg}");
+        assert!(msg.contains(value), "{msg} does not name {value}");
+        assert!(msg.contains(needle), "{msg} does not say {needle}");
+    }
+}
