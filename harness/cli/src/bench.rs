@@ -104,17 +104,17 @@ pub fn main(command: BenchCommand) -> i32 {
                         Ok(json) => println!("{json}"),
                         Err(e) => {
                             eprintln!("kiln: error: cannot serialize the report: {e}");
-                            return 1;
+                            return crate::exit::ERROR;
                         }
                     }
                 } else {
                     print!("{}", render_text(&report));
                 }
-                0
+                crate::exit::SUCCESS
             }
             Err(e) => {
                 eprintln!("kiln: error: {e}");
-                1
+                crate::exit::ERROR
             }
         },
     }

@@ -4,10 +4,10 @@
 pub mod args;
 pub mod bench;
 pub mod commands;
+pub mod exit;
 pub mod nested;
 
 use std::path::PathBuf;
-use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
@@ -87,9 +87,6 @@ struct NestedArgs {
     command: Vec<String>,
 }
 
-/// `kiln nested`'s exit code when L1 could not run the command at all.
-const NESTED_UNAVAILABLE: i32 = 3;
-
 fn nested(args: NestedArgs) -> i32 {
     let absolute = |p: PathBuf| std::path::absolute(&p).unwrap_or(p);
     let cfg = crate::nested::NestedConfig {
@@ -107,7 +104,7 @@ fn nested(args: NestedArgs) -> i32 {
         Ok(code) => code,
         Err(e) => {
             eprintln!("kiln: nested: {e}");
-            NESTED_UNAVAILABLE
+            exit::UNAVAILABLE
         }
     }
 }
@@ -188,16 +185,14 @@ fn parse_share(s: &str) -> Result<ShareConfig, String> {
 }
 
 /// Runs the CLI and returns the process exit code.
-pub fn main() -> ExitCode {
+pub fn main() -> std::process::ExitCode {
     init_logging();
     let cli = Cli::parse();
     let code = match cli.command {
         Command::Boot(args) => boot(args),
         Command::Bench(what) => bench::main(what),
-        Command::Run(args) => i32::from(crate::commands::run::run(args)),
-        Command::Scenario(ScenarioCommand::Check { paths }) => {
-            i32::from(crate::commands::run::check(&paths))
-        }
+        Command::Run(args) => crate::commands::run::run(args),
+        Command::Scenario(ScenarioCommand::Check { paths }) => crate::commands::run::check(&paths),
         Command::Doctor { json } => {
             let report = doctor::report();
             if json {
@@ -205,14 +200,14 @@ pub fn main() -> ExitCode {
             } else {
                 print!("{}", doctor::render_text(&report));
             }
-            0
+            exit::SUCCESS
         }
         Command::Guest(command) => crate::commands::guest::run(command),
         Command::Img(cmd) => crate::commands::img::run(cmd),
         Command::Diff(cmd) => crate::commands::diff_img::run(cmd),
         Command::Nested(args) => nested(args),
     };
-    ExitCode::from(code.clamp(0, 255) as u8)
+    exit::to_process(code)
 }
 
 fn init_logging() {
@@ -240,7 +235,7 @@ fn boot(args: BootArgs) -> i32 {
             "kiln: error: --timeout {}: must be a number of seconds >= 0",
             args.timeout
         );
-        return 2;
+        return exit::USAGE;
     }
     let Ok(timeout) = Duration::try_from_secs_f64(args.timeout) else {
         eprintln!(
@@ -248,7 +243,7 @@ fn boot(args: BootArgs) -> i32 {
             args.timeout,
             u64::MAX
         );
-        return 2;
+        return exit::USAGE;
     };
     // Say at once what `kiln doctor` knows instead of letting a Linux kernel spin to the timeout.
     if kiln_vmm::boot::is_bzimage(&args.kernel).unwrap_or(false) {
@@ -261,7 +256,7 @@ fn boot(args: BootArgs) -> i32 {
                 args.kernel.display(),
                 probe.kind
             );
-            return 1;
+            return exit::ERROR;
         }
     }
     let mut config = VmConfig::new(&args.kernel)
@@ -283,10 +278,10 @@ fn boot(args: BootArgs) -> i32 {
         Ok(vm) => vm,
         Err(e) => {
             eprintln!("kiln: error: {e}");
-            return 1;
+            return exit::ERROR;
         }
     };
-    let exit = if args.timeout > 0.0 {
+    let ended = if args.timeout > 0.0 {
         vm.wait(timeout)
     } else {
         vm.wait_forever()
@@ -294,12 +289,12 @@ fn boot(args: BootArgs) -> i32 {
     for hit in vm.console().markers() {
         eprintln!("kiln: marker {:>10.3?} {}", hit.at, hit.line);
     }
-    match &exit {
+    match &ended {
         ExitReason::Timeout => eprintln!("kiln: guest timed out after {}s", args.timeout),
         e if !e.is_guest_initiated() => eprintln!("kiln: error: {e}"),
         _ => {}
     }
-    exit.exit_code()
+    exit::of_vm(&ended)
 }
 
 #[cfg(test)]
@@ -326,7 +321,7 @@ mod tests {
     fn vcpus_zero_is_a_usage_error() {
         let err =
             Cli::try_parse_from(["kiln", "boot", "--kernel", "k", "--vcpus", "0"]).unwrap_err();
-        assert_eq!(err.exit_code(), 2);
+        assert_eq!(err.exit_code(), exit::USAGE);
         assert!(Cli::try_parse_from(["kiln", "boot", "--kernel", "k", "--vcpus", "2"]).is_ok());
         assert_eq!(
             Cli::try_parse_from(["kiln", "boot"])

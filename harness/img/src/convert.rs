@@ -15,7 +15,7 @@ use super::create::{allocate_first_block, os_msg, NewFile};
 use super::disk::Disk;
 use super::error::ImgError;
 use super::opts::ImgFormat;
-use super::Output;
+use super::{status, Output};
 
 /// Bytes read from the source per step.
 const CHUNK: u64 = 1 << 20;
@@ -50,7 +50,7 @@ impl Target {
 
 /// `kiln img convert`: exit 0 on success, 1 on any error (qemu-img's codes).
 pub fn convert(a: &ConvertArgs) -> Output {
-    let usage = |msg: String| Output::err(&ImgError::Usage(msg), 1);
+    let usage = |msg: String| Output::err(&ImgError::Usage(msg), status::FAILED);
     let Some(out_fmt) = ImgFormat::parse(&a.out_fmt) else {
         return usage(format!("Unknown file format '{}'", a.out_fmt));
     };
@@ -66,7 +66,7 @@ pub fn convert(a: &ConvertArgs) -> Output {
     }
     let layers = match chain::resolve_chain_as(&a.src, a.src_fmt.as_deref()) {
         Ok(l) => l,
-        Err(e) => return Output::err(&e, 1),
+        Err(e) => return Output::err(&e, status::FAILED),
     };
     if let Some(layer) = in_chain(&a.dst, &layers) {
         return usage(format!(
@@ -79,7 +79,7 @@ pub fn convert(a: &ConvertArgs) -> Output {
     }
     let disk = match Disk::open(layers) {
         Ok(d) => d,
-        Err(e) => return Output::err(&e, 1),
+        Err(e) => return Output::err(&e, status::FAILED),
     };
     match write_target(&disk, &a.dst, out_fmt) {
         Ok(()) => Output::ok(String::new()),

@@ -15,7 +15,7 @@ use imago::{FormatCreateBuilder, StorageOpenOptions};
 use super::chain::{self, path_combine};
 use super::error::ImgError;
 use super::opts::{parse_size, CreateOpts, ImgFormat};
-use super::Output;
+use super::{status, Output};
 
 /// qcow2's largest L1 table (QEMU's `QCOW_MAX_L1_SIZE`, 32 MiB of 8-byte entries).
 const MAX_L1_ENTRIES: u64 = (32 << 20) / 8;
@@ -118,7 +118,7 @@ pub fn create(a: &CreateArgs) -> Output {
     let file = a.file.as_str();
     let fail = |stdout: String, msg: String| Output {
         stdout,
-        ..Output::err(&ImgError::Usage(msg), 1)
+        ..Output::err(&ImgError::Usage(msg), status::FAILED)
     };
     let Some(fmt) = ImgFormat::parse(&a.fmt) else {
         let msg = match a.fmt.as_str() {

@@ -120,15 +120,26 @@ pub struct RunSummary {
     pub elapsed: Duration,
 }
 
+/// How a run ended as a whole; the command line turns it into its exit code.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RunOutcome {
+    /// Every scenario ran and passed.
+    Passed,
+    /// A scenario failed, or was never started (fail-fast).
+    Failed,
+    /// Ctrl-C stopped the run.
+    Interrupted,
+}
+
 impl RunSummary {
-    /// 0 all passed, 1 some failed, 130 interrupted.
-    pub fn exit_code(&self) -> u8 {
+    /// Interrupted when cancelled, else Passed when every scenario ran and passed.
+    pub fn outcome(&self) -> RunOutcome {
         if self.cancelled {
-            130
+            RunOutcome::Interrupted
         } else if self.outcomes.iter().all(ScenarioOutcome::passed) && self.not_run.is_empty() {
-            0
+            RunOutcome::Passed
         } else {
-            1
+            RunOutcome::Failed
         }
     }
 }

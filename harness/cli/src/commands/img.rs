@@ -114,7 +114,8 @@ impl ProfileArg {
     }
 }
 
-/// Runs one `kiln img` command, printing like qemu-img; returns the exit code.
+/// Runs one `kiln img` command, printing like qemu-img; returns qemu-img's exit status
+/// (crate::exit::img).
 pub fn run(cmd: ImgCommand) -> i32 {
     let out = match cmd {
         ImgCommand::Info {

@@ -1,6 +1,7 @@
 //! `kiln run` and `kiln scenario check`: corpus loading, selection, backend choice, Ctrl-C,
-//! and the output layer (live lines, summary, `--json`, `--junit`). Exit codes: 0 all passed,
-//! 1 some failed, 2 usage or configuration error (nothing booted), 130 interrupted.
+//! and the output layer (live lines, summary, `--json`, `--junit`). Exit codes (crate::exit):
+//! SUCCESS all passed, FAILURES some failed, USAGE usage or configuration error (nothing
+//! booted), INTERRUPTED Ctrl-C.
 
 use std::io::BufRead;
 use std::path::PathBuf;
@@ -11,6 +12,7 @@ use clap::Args;
 use kiln_backends::{self as backend, Backend};
 
 use crate::args::{BackendArg, KeepArg};
+use crate::exit;
 use kiln_runner::report::{self, LiveReporter};
 use kiln_runner::select::{Filter, Partition};
 use kiln_runner::{self as runner, artifacts::write_atomic, Control, RunOptions};
@@ -67,16 +69,16 @@ fn print_errors(errors: &[impl std::fmt::Display]) {
 }
 
 /// `kiln scenario check PATH...`.
-pub fn check(paths: &[PathBuf]) -> u8 {
+pub fn check(paths: &[PathBuf]) -> i32 {
     match load_corpus(paths) {
         Ok(scenarios) => {
             println!("ok: {} scenarios valid", scenarios.len());
-            0
+            exit::SUCCESS
         }
         Err(errors) => {
             print_errors(&errors);
             eprintln!("kiln: {} error(s); nothing was run", errors.len());
-            2
+            exit::USAGE
         }
     }
 }
@@ -111,12 +113,12 @@ pub fn select(args: &RunArgs) -> Result<Vec<Scenario>, Vec<String>> {
 }
 
 /// `kiln run`.
-pub fn run(args: RunArgs) -> u8 {
+pub fn run(args: RunArgs) -> i32 {
     let scenarios = match select(&args) {
         Ok(s) => s,
         Err(errors) => {
             print_errors(&errors);
-            return 2;
+            return exit::USAGE;
         }
     };
     let doctor = kiln_backends::doctor::report();
@@ -130,7 +132,7 @@ pub fn run(args: RunArgs) -> u8 {
         Ok(b) => b,
         Err(e) => {
             eprintln!("kiln: error: {e}");
-            return 2;
+            return exit::USAGE;
         }
     };
     let mut opts = options(&args);
@@ -202,7 +204,7 @@ pub fn run_with(
     scenarios: Vec<Scenario>,
     backend: &dyn Backend,
     opts: RunOptions,
-) -> u8 {
+) -> i32 {
     let (runnable, skipped): (Vec<Scenario>, Vec<Scenario>) = scenarios
         .into_iter()
         .partition(|s| s.allows(backend.kind()));
@@ -215,7 +217,7 @@ pub fn run_with(
     let handler = ctrlc::set_handler(move || {
         if handler_control.interrupt() {
             eprintln!("kiln: interrupted again: killed every VM, removed work dirs; exiting");
-            std::process::exit(130);
+            std::process::exit(exit::INTERRUPTED);
         }
         eprintln!(
             "kiln: interrupted: tearing down running scenarios (Ctrl-C again to exit at once)"
@@ -229,7 +231,7 @@ pub fn run_with(
         reporter.on_event(e)
     });
     reporter.finish();
-    let code = summary.exit_code();
+    let code = exit::of_run(summary.outcome());
     eprint!("{}", report::summary_text(&summary, backend.name()));
     if let Some(path) = &args.junit {
         let written = report::junit::to_xml(&summary)
