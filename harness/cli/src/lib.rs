@@ -3,6 +3,7 @@
 
 pub mod args;
 pub mod bench;
+pub mod boot_error;
 pub mod commands;
 pub mod exit;
 pub mod nested;
@@ -277,7 +278,7 @@ fn boot(args: BootArgs) -> i32 {
     let mut vm = match Vm::start(config) {
         Ok(vm) => vm,
         Err(e) => {
-            eprintln!("kiln: error: {e}");
+            eprintln!("kiln: error: {}", boot_error::ByOption(&e));
             return exit::ERROR;
         }
     };
