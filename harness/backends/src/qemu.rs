@@ -508,14 +508,13 @@ impl QemuMachine {
     /// Turns an agent error into "the VM is gone" when QEMU has exited.
     fn check<T>(&self, r: Result<T, MachineError>) -> Result<T, MachineError> {
         match r {
-            Err(MachineError::Gone(_)) | Err(MachineError::Io(_)) | Err(MachineError::Agent(_))
+            Err(MachineError::Gone(_))
+            | Err(MachineError::Connect(_))
+            | Err(MachineError::Agent(_))
                 if self.process.exited().is_some() =>
             {
-                let status = self
-                    .process
-                    .exited()
-                    .map_or_else(String::new, |s| format!(" ({s})"));
-                Err(MachineError::Gone(format!("QEMU exited{status}")))
+                let status = self.process.exited();
+                Err(Gone::QemuExited { status }.into())
             }
             other => other,
         }
@@ -586,7 +585,7 @@ impl Machine for QemuMachine {
         if self.quit_or_kill() {
             Ok(())
         } else {
-            Err(MachineError::Io("QEMU did not quit; killed it".into()))
+            Err(MachineError::DidNotQuit { process: "QEMU" })
         }
     }
 

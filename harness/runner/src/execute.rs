@@ -689,12 +689,12 @@ impl Attempt<'_> {
             return fail(FailureClass::StepTimeout, msg, Some(index));
         }
         match e {
-            MachineError::Timeout(what) => fail(
-                FailureClass::StepTimeout,
-                format!("timed out: {what}"),
-                Some(index),
-            ),
-            MachineError::Agent(what) => fail(FailureClass::StepFailed, what, Some(index)),
+            MachineError::Timeout { .. } => {
+                fail(FailureClass::StepTimeout, e.to_string(), Some(index))
+            }
+            MachineError::Agent(what) => {
+                fail(FailureClass::StepFailed, what.to_string(), Some(index))
+            }
             other => fail(FailureClass::InfraError, other.to_string(), Some(index)),
         }
     }
