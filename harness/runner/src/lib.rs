@@ -24,7 +24,14 @@ use kiln_backends::{Backend, CancelFlag, KillSwitch};
 use kiln_scenario::Scenario;
 
 /// Resolves the default guest to (kernel, initrd).
-pub type GuestResolver = Arc<dyn Fn() -> Result<(PathBuf, PathBuf), String> + Send + Sync>;
+pub type GuestResolver =
+    Arc<dyn Fn() -> Result<(PathBuf, PathBuf), GuestUnavailable> + Send + Sync>;
+
+/// The default guest could not be had (built or found); the resolver's own error says why.
+/// Cheap to clone, so one answer can serve every scenario of a run.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("the default guest is not available: {0}")]
+pub struct GuestUnavailable(#[source] pub Arc<dyn std::error::Error + Send + Sync>);
 /// Called before a VM is torn down with `--pause-before-teardown`; returns when to continue.
 pub type PauseHook = Arc<dyn Fn(&str) + Send + Sync>;
 

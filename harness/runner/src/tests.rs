@@ -674,15 +674,19 @@ struct Tmpfs(PathBuf);
 
 impl Tmpfs {
     /// Mounts one, or says why not (not root, no CAP_SYS_ADMIN, no `mount`).
-    fn mount(dir: &std::path::Path, size: &str) -> Result<Tmpfs, String> {
-        fs::create_dir_all(dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+    fn mount(dir: &std::path::Path, size: &str) -> std::io::Result<Tmpfs> {
+        let context = |what: String| {
+            move |e: std::io::Error| std::io::Error::new(e.kind(), format!("{what}: {e}"))
+        };
+        fs::create_dir_all(dir).map_err(context(format!("cannot create {}", dir.display())))?;
         let out = std::process::Command::new("mount")
             .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
             .arg(dir)
             .output()
-            .map_err(|e| format!("cannot run mount: {e}"))?;
+            .map_err(context("cannot run mount".into()))?;
         if !out.status.success() {
-            return Err(String::from_utf8_lossy(&out.stderr).trim().to_string());
+            let why = String::from_utf8_lossy(&out.stderr).trim().to_string();
+            return Err(std::io::Error::other(why));
         }
         Ok(Tmpfs(dir.to_path_buf()))
     }

@@ -160,14 +160,14 @@ pub fn run(args: RunArgs) -> i32 {
 /// Resolves the default guest once per run: the first scenario that needs it builds it into the
 /// cache (progress on stderr) while the others wait; every later call gets the cached answer.
 pub(crate) fn default_guest_resolver() -> runner::GuestResolver {
-    type Resolved = Result<(PathBuf, PathBuf), String>;
+    type Resolved = Result<(PathBuf, PathBuf), runner::GuestUnavailable>;
     let resolved: Arc<Mutex<Option<Resolved>>> = Arc::default();
     Arc::new(move || {
         let mut slot = resolved.lock().unwrap_or_else(|p| p.into_inner());
         slot.get_or_insert_with(|| {
             kiln_guest_build::default_guest()
                 .map(|g| (g.kernel, g.initrd))
-                .map_err(|e| format!("the default guest is not available: {e}"))
+                .map_err(|e| runner::GuestUnavailable(Arc::new(e)))
         })
         .clone()
     })
@@ -234,9 +234,7 @@ pub fn run_with(
     let code = exit::of_run(summary.outcome());
     eprint!("{}", report::summary_text(&summary, backend.name()));
     if let Some(path) = &args.junit {
-        let written = report::junit::to_xml(&summary)
-            .and_then(|xml| write_atomic(path, xml.as_bytes()).map_err(|e| e.to_string()));
-        if let Err(e) = written {
+        if let Err(e) = write_junit(path, &summary) {
             eprintln!("kiln: error: --junit {}: {e}", path.display());
         }
     }
@@ -244,6 +242,21 @@ pub fn run_with(
         println!("{}", report::json_document(&summary, backend.name(), code));
     }
     code
+}
+
+/// Why the `--junit` report was not written.
+#[derive(Debug, thiserror::Error)]
+enum JunitError {
+    #[error(transparent)]
+    Xml(#[from] quick_junit::SerializeError),
+    #[error(transparent)]
+    Write(#[from] std::io::Error),
+}
+
+fn write_junit(path: &std::path::Path, summary: &runner::RunSummary) -> Result<(), JunitError> {
+    let xml = report::junit::to_xml(summary)?;
+    write_atomic(path, xml.as_bytes())?;
+    Ok(())
 }
 
 #[cfg(test)]
