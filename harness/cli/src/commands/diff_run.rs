@@ -130,7 +130,7 @@ pub fn run(args: DiffRunArgs) -> i32 {
                 &reader,
             ) {
                 Ok(facts) => ScenarioDiff::Compared(facts),
-                Err(e) => ScenarioDiff::Inconclusive(e),
+                Err(e) => ScenarioDiff::Inconclusive(e.to_string()),
             },
             _ => ScenarioDiff::Inconclusive("no bundle from one of the backends".into()),
         };
