@@ -166,17 +166,21 @@ struct BootArgs {
     no_rng: bool,
 }
 
+/// A `--share` value that is not `TAG=DIR[,ro]`.
+#[derive(Debug, thiserror::Error)]
+#[error("{0:?} is not TAG=DIR[,ro]")]
+struct ShareSyntaxError(String);
+
 /// Parses `TAG=DIR[,ro]`.
-fn parse_share(s: &str) -> Result<ShareConfig, String> {
-    let (tag, rest) = s
-        .split_once('=')
-        .ok_or_else(|| format!("{s:?} is not TAG=DIR[,ro]"))?;
+fn parse_share(s: &str) -> Result<ShareConfig, ShareSyntaxError> {
+    let bad = || ShareSyntaxError(s.to_string());
+    let (tag, rest) = s.split_once('=').ok_or_else(bad)?;
     let (dir, read_only) = match rest.strip_suffix(",ro") {
         Some(dir) => (dir, true),
         None => (rest.strip_suffix(",rw").unwrap_or(rest), false),
     };
     if tag.is_empty() || dir.is_empty() {
-        return Err(format!("{s:?} is not TAG=DIR[,ro]"));
+        return Err(bad());
     }
     Ok(ShareConfig {
         tag: tag.to_string(),
