@@ -378,6 +378,50 @@ mod tests {
     use super::*;
 
     #[test]
+    fn machine_errors_read_as_before_they_were_typed() {
+        let timeout = |what: &str, after| MachineError::Timeout {
+            what: what.into(),
+            after,
+        };
+        assert_eq!(
+            timeout("exec [\"true\"]", None).to_string(),
+            "timed out: exec [\"true\"]"
+        );
+        assert_eq!(
+            timeout("the guest did not power off", Some(Duration::from_secs(5))).to_string(),
+            "timed out: the guest did not power off within 5s"
+        );
+        let gone = |g: Gone| MachineError::from(g).to_string();
+        assert_eq!(
+            gone(Gone::Stopped {
+                vm: "VM",
+                during: Some("get /x".into())
+            }),
+            "the VM is gone: the VM was stopped during get /x"
+        );
+        assert_eq!(
+            gone(Gone::Killed { vm: "fake VM" }),
+            "the VM is gone: the fake VM was killed"
+        );
+        assert_eq!(
+            gone(Gone::QemuExited { status: None }),
+            "the VM is gone: QEMU exited"
+        );
+        assert_eq!(
+            gone(Gone::Ended(kiln_vmm::ExitReason::TripleFault)),
+            "the VM is gone: the VM ended: TripleFault"
+        );
+        assert_eq!(
+            MachineError::from(AgentError::Refused("get /x: no such file".into())).to_string(),
+            "agent: get /x: no such file"
+        );
+        assert_eq!(
+            MachineError::DidNotQuit { process: "QEMU" }.to_string(),
+            "QEMU did not quit; killed it"
+        );
+    }
+
+    #[test]
     fn auto_prefers_kiln_only_with_linux_capable_kvm() {
         assert_eq!(
             choose(BackendChoice::Auto, true, "hardware").0,
