@@ -1,5 +1,6 @@
-//! Host-side device configuration errors: each is one line naming the option and value, and a
-//! failed start leaves nothing behind (no kept overlay, no vsock socket).
+//! Host-side device configuration errors: each is one line naming the option and value (as
+//! `kiln boot` words the VMM's error), and a failed start leaves nothing behind (no kept
+//! overlay, no vsock socket).
 
 #[macro_use]
 mod common;
@@ -10,7 +11,7 @@ use kiln_devices::virtio::block::DiskSpec;
 fn start_error(config: VmConfig) -> String {
     match Vm::start(config) {
         Ok(_) => panic!("the VM started"),
-        Err(e) => e.to_string(),
+        Err(e) => kiln_cli::boot_error::ByOption(&e).to_string(),
     }
 }
 

@@ -29,8 +29,9 @@ pub enum ExitReason {
 }
 
 impl ExitReason {
-    /// The process exit code `kiln boot` uses for this reason: 0 for a guest-initiated
-    /// reset or power-off, the guest's byte for the exit port, 124 for a timeout, 1 otherwise.
+    /// This ending as a process status, the one `kiln boot` exits with (kiln-cli's exit codes
+    /// agree, checked there): 0 for a guest-initiated reset or power-off, the guest's byte for
+    /// the exit port, 124 for a timeout, 137 when killed, 1 otherwise.
     pub fn exit_code(&self) -> i32 {
         match self {
             ExitReason::Reset | ExitReason::Shutdown => 0,

@@ -24,4 +24,4 @@ pub mod vm;
 pub use exit::ExitReason;
 pub use kiln_devices::console::{ConsoleLog, ConsoleOutput, MarkerHit};
 pub use kiln_devices::legacy::Phase;
-pub use vm::{BootInfo, Error, ShareConfig, Vm, VmConfig, VmHandle};
+pub use vm::{BootInfo, Error, ShareConfig, VcpusProblem, Vm, VmConfig, VmHandle};

@@ -20,7 +20,7 @@ pub const E820_RESERVED: u32 = 2;
 #[derive(Debug, thiserror::Error)]
 pub enum MemoryError {
     /// Too little or too much memory requested.
-    #[error("--memory {mib} MiB is out of range: kiln needs at least {MIN_MEMORY_MIB} MiB")]
+    #[error("guest memory of {mib} MiB is out of range: kiln needs at least {MIN_MEMORY_MIB} MiB")]
     Size {
         /// The requested size.
         mib: u64,

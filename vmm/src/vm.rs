@@ -176,18 +176,31 @@ pub struct ShareConfig {
     pub read_only: bool,
 }
 
-/// Errors starting a VM; each says which input or host facility is at fault.
+/// Why [`VmConfig::vcpus`] cannot be used.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum VcpusProblem {
+    /// Zero vCPUs.
+    #[error("a VM needs at least one vCPU")]
+    Zero,
+    /// More than this host's KVM allows.
+    #[error("KVM on this host allows at most {max}")]
+    AboveMax {
+        /// The most KVM allows (at most 255).
+        max: usize,
+    },
+}
+
+/// Errors starting a VM; each says which input (by its [`VmConfig`] field) or host facility is
+/// at fault. A command line that sets those fields from its options words them its own way.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    /// A config value is out of range.
-    #[error("{flag} {value}: {why}")]
-    Config {
-        /// The option (`--vcpus`).
-        flag: &'static str,
-        /// The value given.
-        value: String,
-        /// What would be right.
-        why: String,
+    /// [`VmConfig::vcpus`] is out of range.
+    #[error("VmConfig.vcpus = {count}: {problem}")]
+    Vcpus {
+        /// The count given.
+        count: u8,
+        /// What is wrong with it.
+        problem: VcpusProblem,
     },
     /// /dev/kvm could not be opened.
     #[error("cannot open /dev/kvm: {source}{hint}")]
@@ -274,10 +287,9 @@ impl Vm {
         let started = Instant::now();
         let _span = tracing::info_span!("vm", kernel = %config.kernel.display()).entered();
         if config.vcpus == 0 {
-            return Err(Error::Config {
-                flag: "--vcpus",
-                value: "0".into(),
-                why: "a VM needs at least one vCPU".into(),
+            return Err(Error::Vcpus {
+                count: 0,
+                problem: VcpusProblem::Zero,
             });
         }
         let kvm = Kvm::new().map_err(|source| Error::KvmOpen {
@@ -292,10 +304,9 @@ impl Vm {
         })?;
         let max = kvm.get_max_vcpus().min(usize::from(u8::MAX));
         if usize::from(config.vcpus) > max {
-            return Err(Error::Config {
-                flag: "--vcpus",
-                value: config.vcpus.to_string(),
-                why: format!("KVM on this host allows at most {max}"),
+            return Err(Error::Vcpus {
+                count: config.vcpus,
+                problem: VcpusProblem::AboveMax { max },
             });
         }
         let vm_fd = kvm.create_vm().map_err(kvm_err("KVM_CREATE_VM"))?;

@@ -16,7 +16,18 @@ use kiln_agent_proto::client::{
 use kiln_agent_proto::frame::FrameError;
 use kiln_agent_proto::ExecRequest;
 
-use super::MachineError;
+use super::{Gone, MachineError};
+
+/// What went wrong talking to the guest agent once it was reached.
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    /// The agent answered the request with an error; its message, as the guest wrote it.
+    #[error("{0}")]
+    Refused(String),
+    /// The conversation broke: a frame the agent should not have sent, a digest mismatch…
+    #[error(transparent)]
+    Protocol(ClientError),
+}
 
 /// A request's deadline, shared between the link and its stream.
 type SharedDeadline = Arc<Mutex<Instant>>;
@@ -179,7 +190,11 @@ impl AgentLink {
         f: impl FnOnce(&mut Client<DeadlineStream>) -> Result<T, ClientError>,
     ) -> Result<T, MachineError> {
         if self.abort.is_aborted() {
-            return Err(MachineError::Gone("the VM was stopped".into()));
+            return Err(Gone::Stopped {
+                vm: "VM",
+                during: None,
+            }
+            .into());
         }
         *self.deadline.lock().unwrap_or_else(|p| p.into_inner()) = deadline;
         let mut client = match self.shared.take() {
@@ -205,10 +220,14 @@ impl AgentLink {
 
     fn classify(&self, what: &str, e: ClientError) -> MachineError {
         if self.abort.is_aborted() {
-            return MachineError::Gone(format!("the VM was stopped during {what}"));
+            return Gone::Stopped {
+                vm: "VM",
+                during: Some(what.to_string()),
+            }
+            .into();
         }
         match e {
-            ClientError::Agent { message, .. } => MachineError::Agent(message),
+            ClientError::Agent { message, .. } => AgentError::Refused(message).into(),
             ClientError::Frame {
                 source: FrameError::Timeout,
                 ..
@@ -216,16 +235,22 @@ impl AgentLink {
             | ClientError::NoHello { .. }
                 if now_until(&self.deadline).is_zero() =>
             {
-                MachineError::Timeout(what.to_string())
+                MachineError::Timeout {
+                    what: what.to_string(),
+                    after: None,
+                }
             }
             ClientError::Frame {
                 source: FrameError::Closed | FrameError::Truncated { .. },
                 ..
-            } => MachineError::Gone(format!("the agent connection closed during {what}")),
-            ClientError::Connect { .. } | ClientError::VsockHandshake { .. } => {
-                MachineError::Io(e.to_string())
+            } => Gone::AgentClosed {
+                during: what.to_string(),
             }
-            other => MachineError::Agent(other.to_string()),
+            .into(),
+            ClientError::Connect { .. } | ClientError::VsockHandshake { .. } => {
+                MachineError::Connect(e)
+            }
+            other => AgentError::Protocol(other).into(),
         }
     }
 
@@ -293,7 +318,7 @@ mod tests {
                 Instant::now() + Duration::from_millis(300),
             )
             .unwrap_err();
-        assert!(matches!(err, MachineError::Timeout(_)), "{err:?}");
+        assert!(matches!(err, MachineError::Timeout { .. }), "{err:?}");
         assert!(t.elapsed() < Duration::from_secs(2), "{:?}", t.elapsed());
 
         let abort = link.abort_handle();
@@ -306,6 +331,10 @@ mod tests {
             .get("/x", 10, Instant::now() + Duration::from_secs(60))
             .unwrap_err();
         assert!(matches!(err, MachineError::Gone(_)), "{err:?}");
+        assert_eq!(
+            err.to_string(),
+            "the VM is gone: the VM was stopped during get /x"
+        );
         assert!(t.elapsed() < Duration::from_secs(2), "{:?}", t.elapsed());
         stopper.join().unwrap();
         keep.join().unwrap();

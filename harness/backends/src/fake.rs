@@ -223,7 +223,11 @@ struct FakeMachine {
 impl FakeMachine {
     fn check_alive(&self) -> Result<(), MachineError> {
         if is_killed(&self.killed) || self.console.is_closed() {
-            return Err(MachineError::Gone("the fake VM was stopped".into()));
+            return Err(Gone::Stopped {
+                vm: "fake VM",
+                during: None,
+            }
+            .into());
         }
         Ok(())
     }
@@ -248,7 +252,7 @@ impl Machine for FakeMachine {
                     .map(|ms| Instant::now() + Duration::from_millis(ms));
                 let until = agent_deadline.map_or(deadline, |a| a.min(deadline));
                 if sleep_unless_killed(&self.killed, until) {
-                    return Err(MachineError::Gone("the fake VM was killed".into()));
+                    return Err(Gone::Killed { vm: "fake VM" }.into());
                 }
                 if agent_deadline.is_some_and(|a| a <= deadline) {
                     // The agent kills the command at its timeout and says so.
@@ -260,12 +264,15 @@ impl Machine for FakeMachine {
                         timed_out: true,
                     });
                 }
-                Err(MachineError::Timeout(format!("exec {:?}", request.argv)))
+                Err(MachineError::Timeout {
+                    what: format!("exec {:?}", request.argv),
+                    after: None,
+                })
             }
             FakeExec::KernelPanic(line) => {
                 self.console.push(format!("{line}\n").as_bytes());
                 self.console.close();
-                Err(MachineError::Gone("the fake VM exited".into()))
+                Err(Gone::Exited { vm: "fake VM" }.into())
             }
             FakeExec::HarnessPanic => panic!("fake backend: scripted harness panic"),
         }
@@ -281,11 +288,13 @@ impl Machine for FakeMachine {
         self.check_alive()?;
         match self.files.get(path) {
             Some(d) if d.len() as u64 <= max => Ok(d.clone()),
-            Some(d) => Err(MachineError::Agent(format!(
+            // What the agent answers.
+            Some(d) => Err(AgentError::Refused(format!(
                 "get {path}: {} bytes exceeds {max}",
                 d.len()
-            ))),
-            None => Err(MachineError::Agent(format!("get {path}: no such file"))),
+            ))
+            .into()),
+            None => Err(AgentError::Refused(format!("get {path}: no such file")).into()),
         }
     }
 

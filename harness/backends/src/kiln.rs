@@ -16,6 +16,7 @@ use std::time::{Duration, Instant};
 
 use kiln_disk::{qcow2, DiskMode, DiskSpec};
 use kiln_vmm::vm::{Vm, VmConfig, VmHandle};
+use kiln_vmm::ExitReason;
 
 use super::agent::{AgentLink, AgentTransport};
 use super::*;
@@ -207,13 +208,13 @@ struct KilnMachine {
 }
 
 impl KilnMachine {
-    fn ended(&self) -> Option<String> {
-        lock(&self.vm).exit_reason().map(|r| format!("{r:?}"))
+    fn ended(&self) -> Option<ExitReason> {
+        lock(&self.vm).exit_reason()
     }
 
     fn check<T>(&self, r: Result<T, MachineError>) -> Result<T, MachineError> {
         match (r, self.ended()) {
-            (Err(_), Some(reason)) => Err(MachineError::Gone(format!("the VM ended: {reason}"))),
+            (Err(_), Some(reason)) => Err(Gone::Ended(reason).into()),
             (r, _) => r,
         }
     }
@@ -243,7 +244,7 @@ impl Machine for KilnMachine {
         // The VMM knows why the VM ended (reset, power-off, triple fault, KVM error): say it.
         wait_ready_on_console(&self.console, spec, deadline, cancel).map_err(|e| match e {
             ReadyError::Exited(why) => match self.ended() {
-                Some(reason) => ReadyError::Exited(format!("{why} (exit: {reason})")),
+                Some(reason) => ReadyError::Exited(format!("{why} (exit: {reason:?})")),
                 None => ReadyError::Exited(why),
             },
             e => e,
@@ -291,9 +292,10 @@ impl Machine for KilnMachine {
         if self.wait_exit(deadline) {
             Ok(())
         } else {
-            Err(MachineError::Timeout(format!(
-                "the guest did not power off within {timeout:?}"
-            )))
+            Err(MachineError::Timeout {
+                what: "the guest did not power off".into(),
+                after: Some(timeout),
+            })
         }
     }
 

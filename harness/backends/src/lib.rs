@@ -32,7 +32,9 @@ use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+pub use agent::AgentError;
 pub use console::{CancelFlag, Console, ConsoleLine, ConsoleWait};
+use kiln_agent_proto::client::ClientError;
 pub use kiln_agent_proto::client::Output;
 pub use kiln_agent_proto::ExecRequest;
 use kiln_agent_proto::ReadyRecord;
@@ -104,20 +106,75 @@ pub struct BackendError {
 }
 
 /// Why a machine operation failed.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[derive(Debug, thiserror::Error)]
 pub enum MachineError {
     /// The deadline passed before the operation finished.
-    #[error("timed out: {0}")]
-    Timeout(String),
+    #[error("timed out: {what}{}", within(*.after))]
+    Timeout {
+        /// What did not finish (`exec ["true"]`, `the guest did not power off`).
+        what: String,
+        /// The time it had, where the backend knows it.
+        after: Option<Duration>,
+    },
     /// The VM exited or was killed.
     #[error("the VM is gone: {0}")]
-    Gone(String),
-    /// The agent failed or answered with an error.
+    Gone(#[from] Gone),
+    /// The agent answered with an error, or the conversation with it broke.
     #[error("agent: {0}")]
-    Agent(String),
-    /// Host-side I/O failed.
-    #[error("{0}")]
-    Io(String),
+    Agent(#[from] AgentError),
+    /// The agent could not be reached: its socket, or the vsock handshake.
+    #[error(transparent)]
+    Connect(ClientError),
+    /// The VM process did not quit when asked and was killed.
+    #[error("{process} did not quit; killed it")]
+    DidNotQuit {
+        /// The process (`QEMU`).
+        process: &'static str,
+    },
+}
+
+fn within(after: Option<Duration>) -> String {
+    after.map_or_else(String::new, |d| format!(" within {d:?}"))
+}
+
+/// How a VM went away under an operation.
+#[derive(Debug, thiserror::Error)]
+pub enum Gone {
+    /// The harness stopped it (kill switch, Ctrl-C), before or during an operation.
+    #[error("the {vm} was stopped{}", during.as_ref().map_or_else(String::new, |d| format!(" during {d}")))]
+    Stopped {
+        /// Which VM (`VM`, `fake VM`).
+        vm: &'static str,
+        /// The operation it interrupted, if one was under way.
+        during: Option<String>,
+    },
+    /// The harness killed it while an operation waited.
+    #[error("the {vm} was killed")]
+    Killed {
+        /// Which VM.
+        vm: &'static str,
+    },
+    /// It exited on its own.
+    #[error("the {vm} exited")]
+    Exited {
+        /// Which VM.
+        vm: &'static str,
+    },
+    /// The agent's connection closed in the middle of an operation.
+    #[error("the agent connection closed during {during}")]
+    AgentClosed {
+        /// The operation.
+        during: String,
+    },
+    /// The QEMU process exited.
+    #[error("QEMU exited{}", status.map_or_else(String::new, |s| format!(" ({s})")))]
+    QemuExited {
+        /// Its status, when it has been reaped.
+        status: Option<std::process::ExitStatus>,
+    },
+    /// kiln's VMM ended the VM, for this reason.
+    #[error("the VM ended: {0:?}")]
+    Ended(kiln_vmm::ExitReason),
 }
 
 /// What readiness found.
@@ -319,6 +376,50 @@ pub fn construct(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn machine_errors_read_as_before_they_were_typed() {
+        let timeout = |what: &str, after| MachineError::Timeout {
+            what: what.into(),
+            after,
+        };
+        assert_eq!(
+            timeout("exec [\"true\"]", None).to_string(),
+            "timed out: exec [\"true\"]"
+        );
+        assert_eq!(
+            timeout("the guest did not power off", Some(Duration::from_secs(5))).to_string(),
+            "timed out: the guest did not power off within 5s"
+        );
+        let gone = |g: Gone| MachineError::from(g).to_string();
+        assert_eq!(
+            gone(Gone::Stopped {
+                vm: "VM",
+                during: Some("get /x".into())
+            }),
+            "the VM is gone: the VM was stopped during get /x"
+        );
+        assert_eq!(
+            gone(Gone::Killed { vm: "fake VM" }),
+            "the VM is gone: the fake VM was killed"
+        );
+        assert_eq!(
+            gone(Gone::QemuExited { status: None }),
+            "the VM is gone: QEMU exited"
+        );
+        assert_eq!(
+            gone(Gone::Ended(kiln_vmm::ExitReason::TripleFault)),
+            "the VM is gone: the VM ended: TripleFault"
+        );
+        assert_eq!(
+            MachineError::from(AgentError::Refused("get /x: no such file".into())).to_string(),
+            "agent: get /x: no such file"
+        );
+        assert_eq!(
+            MachineError::DidNotQuit { process: "QEMU" }.to_string(),
+            "QEMU did not quit; killed it"
+        );
+    }
 
     #[test]
     fn auto_prefers_kiln_only_with_linux_capable_kvm() {

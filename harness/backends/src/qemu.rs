@@ -284,6 +284,50 @@ impl Process {
     }
 }
 
+/// Why the QMP session could not be set up.
+#[derive(Debug, thiserror::Error)]
+enum QmpError {
+    /// QEMU exited before its QMP socket answered (a bad option, a missing file).
+    #[error("QEMU exited during startup ({0})")]
+    Exited(ExitStatus),
+    /// The socket did not appear by the deadline.
+    #[error("QMP socket {} did not open: {source}", path.display())]
+    NoSocket {
+        /// The socket path.
+        path: PathBuf,
+        /// The last connect(2) error.
+        source: std::io::Error,
+    },
+    /// Timeouts could not be set on the socket.
+    #[error("QMP socket: {0}")]
+    Timeouts(#[source] std::io::Error),
+    /// A command could not be sent.
+    #[error("QMP write: {0}")]
+    Write(#[source] std::io::Error),
+    /// QEMU closed the socket before answering.
+    #[error("QMP closed before the {what} reply (QEMU exited)")]
+    Closed {
+        /// The reply awaited.
+        what: &'static str,
+    },
+    /// QEMU answered with an error.
+    #[error("QMP {what}: {line}")]
+    Refused {
+        /// The reply awaited.
+        what: &'static str,
+        /// QEMU's error reply.
+        line: String,
+    },
+    /// Reading the reply failed.
+    #[error("QMP {what}: {source}")]
+    Read {
+        /// The reply awaited.
+        what: &'static str,
+        /// The OS error.
+        source: std::io::Error,
+    },
+}
+
 /// A QMP session.
 struct Qmp {
     stream: UnixStream,
@@ -292,15 +336,18 @@ struct Qmp {
 impl Qmp {
     /// Connects once QEMU has created the socket, and negotiates capabilities. Fails when QEMU
     /// exits first (bad option, missing file) or does not answer by `deadline`.
-    fn connect(path: &Path, process: &Process, deadline: Instant) -> Result<Qmp, String> {
+    fn connect(path: &Path, process: &Process, deadline: Instant) -> Result<Qmp, QmpError> {
         let stream = loop {
             if let Some(status) = process.exited() {
-                return Err(format!("QEMU exited during startup ({status})"));
+                return Err(QmpError::Exited(status));
             }
             match UnixStream::connect(path) {
                 Ok(s) => break s,
-                Err(e) if Instant::now() >= deadline => {
-                    return Err(format!("QMP socket {} did not open: {e}", path.display()))
+                Err(source) if Instant::now() >= deadline => {
+                    return Err(QmpError::NoSocket {
+                        path: path.to_path_buf(),
+                        source,
+                    })
                 }
                 Err(_) => std::thread::sleep(Duration::from_millis(10)),
             }
@@ -311,7 +358,7 @@ impl Qmp {
         stream
             .set_read_timeout(Some(left))
             .and_then(|()| stream.set_write_timeout(Some(left)))
-            .map_err(|e| format!("QMP socket: {e}"))?;
+            .map_err(QmpError::Timeouts)?;
         let mut qmp = Qmp { stream };
         qmp.expect("greeting", "\"QMP\"")?;
         qmp.send("{\"execute\":\"qmp_capabilities\"}")?;
@@ -319,26 +366,29 @@ impl Qmp {
         Ok(qmp)
     }
 
-    fn send(&mut self, command: &str) -> Result<(), String> {
+    fn send(&mut self, command: &str) -> Result<(), QmpError> {
         self.stream
             .write_all(format!("{command}\n").as_bytes())
-            .map_err(|e| format!("QMP write: {e}"))
+            .map_err(QmpError::Write)
     }
 
     /// Reads lines until one contains `needle` (events may come first).
-    fn expect(&mut self, what: &str, needle: &str) -> Result<(), String> {
+    fn expect(&mut self, what: &'static str, needle: &str) -> Result<(), QmpError> {
         let mut reader = BufReader::new(&self.stream);
         let mut line = String::new();
         loop {
             line.clear();
             match reader.read_line(&mut line) {
-                Ok(0) => return Err(format!("QMP closed before the {what} reply (QEMU exited)")),
+                Ok(0) => return Err(QmpError::Closed { what }),
                 Ok(_) if line.contains(needle) => return Ok(()),
                 Ok(_) if line.contains("\"error\"") => {
-                    return Err(format!("QMP {what}: {}", line.trim()))
+                    return Err(QmpError::Refused {
+                        what,
+                        line: line.trim().to_string(),
+                    })
                 }
                 Ok(_) => {}
-                Err(e) => return Err(format!("QMP {what}: {e}")),
+                Err(source) => return Err(QmpError::Read { what, source }),
             }
         }
     }
@@ -476,7 +526,7 @@ impl Backend for QemuBackend {
                 machine.kill();
                 return Err(error(match machine.last_stderr() {
                     Some(line) => format!("{why}: {line}"),
-                    None => why,
+                    None => why.to_string(),
                 }));
             }
         }
@@ -508,14 +558,13 @@ impl QemuMachine {
     /// Turns an agent error into "the VM is gone" when QEMU has exited.
     fn check<T>(&self, r: Result<T, MachineError>) -> Result<T, MachineError> {
         match r {
-            Err(MachineError::Gone(_)) | Err(MachineError::Io(_)) | Err(MachineError::Agent(_))
+            Err(MachineError::Gone(_))
+            | Err(MachineError::Connect(_))
+            | Err(MachineError::Agent(_))
                 if self.process.exited().is_some() =>
             {
-                let status = self
-                    .process
-                    .exited()
-                    .map_or_else(String::new, |s| format!(" ({s})"));
-                Err(MachineError::Gone(format!("QEMU exited{status}")))
+                let status = self.process.exited();
+                Err(Gone::QemuExited { status }.into())
             }
             other => other,
         }
@@ -586,7 +635,7 @@ impl Machine for QemuMachine {
         if self.quit_or_kill() {
             Ok(())
         } else {
-            Err(MachineError::Io("QEMU did not quit; killed it".into()))
+            Err(MachineError::DidNotQuit { process: "QEMU" })
         }
     }
 

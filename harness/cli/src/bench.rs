@@ -90,8 +90,40 @@ pub enum BenchError {
     BadRun {
         engine: String,
         run: u32,
-        reason: String,
+        reason: BadRun,
     },
+}
+
+/// Why a run is not a data point.
+#[derive(Debug, thiserror::Error)]
+pub enum BadRun {
+    /// It ended another way than a good run does.
+    #[error(
+        "ended with {}, expected {want} (stderr: {last_err:?})",
+        code.map_or("a signal".to_string(), |c| c.to_string())
+    )]
+    Status {
+        /// Its exit code, `None` for a signal.
+        code: Option<i32>,
+        /// What a good run ends with.
+        want: &'static str,
+        /// Its last line on stderr.
+        last_err: String,
+    },
+    /// The guest did not print the line it prints.
+    #[error("output {stdout:?} does not contain {line:?}")]
+    MissingLine {
+        /// What it printed.
+        stdout: String,
+        /// What it should have printed.
+        line: &'static str,
+    },
+    /// The guest printed nothing.
+    #[error("the guest printed nothing")]
+    NoOutput,
+    /// No run was timed.
+    #[error("no timed runs")]
+    NoTimedRuns,
 }
 
 /// Runs a `kiln bench` command and returns the process exit code.
@@ -104,17 +136,17 @@ pub fn main(command: BenchCommand) -> i32 {
                         Ok(json) => println!("{json}"),
                         Err(e) => {
                             eprintln!("kiln: error: cannot serialize the report: {e}");
-                            return 1;
+                            return crate::exit::ERROR;
                         }
                     }
                 } else {
                     print!("{}", render_text(&report));
                 }
-                0
+                crate::exit::SUCCESS
             }
             Err(e) => {
                 eprintln!("kiln: error: {e}");
-                1
+                crate::exit::ERROR
             }
         },
     }
@@ -359,22 +391,23 @@ pub fn boot(args: &BootBenchArgs) -> Result<BootReport, BenchError> {
 /// A run is a data point only when the guest said what it should and ended as it should.
 fn check_run(
     r: &RunResult,
-    expect: Option<&str>,
+    expect: Option<&'static str>,
     status_ok: bool,
-    want: &str,
-) -> Result<(), String> {
-    let last_err = r.stderr.lines().last().unwrap_or("");
+    want: &'static str,
+) -> Result<(), BadRun> {
     if !status_ok {
-        let code = r.code.map_or("a signal".to_string(), |c| c.to_string());
-        return Err(format!(
-            "ended with {code}, expected {want} (stderr: {last_err:?})"
-        ));
+        return Err(BadRun::Status {
+            code: r.code,
+            want,
+            last_err: r.stderr.lines().last().unwrap_or("").to_string(),
+        });
     }
     match expect {
-        Some(line) if !r.stdout.contains(line) => {
-            Err(format!("output {:?} does not contain {line:?}", r.stdout))
-        }
-        _ if r.first_output.is_none() => Err("the guest printed nothing".to_string()),
+        Some(line) if !r.stdout.contains(line) => Err(BadRun::MissingLine {
+            stdout: r.stdout.clone(),
+            line,
+        }),
+        _ if r.first_output.is_none() => Err(BadRun::NoOutput),
         _ => Ok(()),
     }
 }
@@ -403,7 +436,7 @@ impl Series {
     fn run(
         &mut self,
         run: u32,
-        check: &dyn Fn(&RunResult) -> Result<(), String>,
+        check: &dyn Fn(&RunResult) -> Result<(), BadRun>,
         record: bool,
     ) -> Result<(), BenchError> {
         let program = self.command.get_program().to_string_lossy().into_owned();
@@ -437,7 +470,7 @@ impl Series {
         BenchError::BadRun {
             engine: self.engine.clone(),
             run: 0,
-            reason: "no timed runs".to_string(),
+            reason: BadRun::NoTimedRuns,
         }
     }
 
@@ -849,7 +882,9 @@ mod tests {
         };
         let ok = run(Some(0), "kiln bench guest\n");
         assert!(check_run(&ok, Some(GUEST_LINE), true, "0").is_ok());
-        let err = check_run(&ok, Some(GUEST_LINE), false, "exit code 0").unwrap_err();
+        let err = check_run(&ok, Some(GUEST_LINE), false, "exit code 0")
+            .unwrap_err()
+            .to_string();
         assert!(
             err.contains("expected exit code 0") && err.contains("boom"),
             "{err}"

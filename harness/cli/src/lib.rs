@@ -3,11 +3,12 @@
 
 pub mod args;
 pub mod bench;
+pub mod boot_error;
 pub mod commands;
+pub mod exit;
 pub mod nested;
 
 use std::path::PathBuf;
-use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
@@ -87,9 +88,6 @@ struct NestedArgs {
     command: Vec<String>,
 }
 
-/// `kiln nested`'s exit code when L1 could not run the command at all.
-const NESTED_UNAVAILABLE: i32 = 3;
-
 fn nested(args: NestedArgs) -> i32 {
     let absolute = |p: PathBuf| std::path::absolute(&p).unwrap_or(p);
     let cfg = crate::nested::NestedConfig {
@@ -107,7 +105,7 @@ fn nested(args: NestedArgs) -> i32 {
         Ok(code) => code,
         Err(e) => {
             eprintln!("kiln: nested: {e}");
-            NESTED_UNAVAILABLE
+            exit::UNAVAILABLE
         }
     }
 }
@@ -174,17 +172,21 @@ fn parse_disk(s: &str) -> Result<DiskSpec, String> {
         .map_err(|e| e.with_option("--disk").to_string())
 }
 
+/// A `--share` value that is not `TAG=DIR[,ro]`.
+#[derive(Debug, thiserror::Error)]
+#[error("{0:?} is not TAG=DIR[,ro]")]
+struct ShareSyntaxError(String);
+
 /// Parses `TAG=DIR[,ro]`.
-fn parse_share(s: &str) -> Result<ShareConfig, String> {
-    let (tag, rest) = s
-        .split_once('=')
-        .ok_or_else(|| format!("{s:?} is not TAG=DIR[,ro]"))?;
+fn parse_share(s: &str) -> Result<ShareConfig, ShareSyntaxError> {
+    let bad = || ShareSyntaxError(s.to_string());
+    let (tag, rest) = s.split_once('=').ok_or_else(bad)?;
     let (dir, read_only) = match rest.strip_suffix(",ro") {
         Some(dir) => (dir, true),
         None => (rest.strip_suffix(",rw").unwrap_or(rest), false),
     };
     if tag.is_empty() || dir.is_empty() {
-        return Err(format!("{s:?} is not TAG=DIR[,ro]"));
+        return Err(bad());
     }
     Ok(ShareConfig {
         tag: tag.to_string(),
@@ -194,16 +196,14 @@ fn parse_share(s: &str) -> Result<ShareConfig, String> {
 }
 
 /// Runs the CLI and returns the process exit code.
-pub fn main() -> ExitCode {
+pub fn main() -> std::process::ExitCode {
     init_logging();
     let cli = Cli::parse();
     let code = match cli.command {
         Command::Boot(args) => boot(args),
         Command::Bench(what) => bench::main(what),
-        Command::Run(args) => i32::from(crate::commands::run::run(args)),
-        Command::Scenario(ScenarioCommand::Check { paths }) => {
-            i32::from(crate::commands::run::check(&paths))
-        }
+        Command::Run(args) => crate::commands::run::run(args),
+        Command::Scenario(ScenarioCommand::Check { paths }) => crate::commands::run::check(&paths),
         Command::Doctor { json } => {
             let report = doctor::report();
             if json {
@@ -211,14 +211,14 @@ pub fn main() -> ExitCode {
             } else {
                 print!("{}", doctor::render_text(&report));
             }
-            0
+            exit::SUCCESS
         }
         Command::Guest(command) => crate::commands::guest::run(command),
         Command::Img(cmd) => crate::commands::img::run(cmd),
         Command::Diff(cmd) => crate::commands::diff_img::run(cmd),
         Command::Nested(args) => nested(args),
     };
-    ExitCode::from(code.clamp(0, 255) as u8)
+    exit::to_process(code)
 }
 
 fn init_logging() {
@@ -246,7 +246,7 @@ fn boot(args: BootArgs) -> i32 {
             "kiln: error: --timeout {}: must be a number of seconds >= 0",
             args.timeout
         );
-        return 2;
+        return exit::USAGE;
     }
     let Ok(timeout) = Duration::try_from_secs_f64(args.timeout) else {
         eprintln!(
@@ -254,7 +254,7 @@ fn boot(args: BootArgs) -> i32 {
             args.timeout,
             u64::MAX
         );
-        return 2;
+        return exit::USAGE;
     };
     // Say at once what `kiln doctor` knows instead of letting a Linux kernel spin to the timeout.
     if kiln_vmm::boot::is_bzimage(&args.kernel).unwrap_or(false) {
@@ -267,7 +267,7 @@ fn boot(args: BootArgs) -> i32 {
                 args.kernel.display(),
                 probe.kind
             );
-            return 1;
+            return exit::ERROR;
         }
     }
     let mut config = VmConfig::new(&args.kernel)
@@ -288,11 +288,11 @@ fn boot(args: BootArgs) -> i32 {
     let mut vm = match Vm::start(config) {
         Ok(vm) => vm,
         Err(e) => {
-            eprintln!("kiln: error: {e}");
-            return 1;
+            eprintln!("kiln: error: {}", boot_error::ByOption(&e));
+            return exit::ERROR;
         }
     };
-    let exit = if args.timeout > 0.0 {
+    let ended = if args.timeout > 0.0 {
         vm.wait(timeout)
     } else {
         vm.wait_forever()
@@ -300,12 +300,12 @@ fn boot(args: BootArgs) -> i32 {
     for hit in vm.console().markers() {
         eprintln!("kiln: marker {:>10.3?} {}", hit.at, hit.line);
     }
-    match &exit {
+    match &ended {
         ExitReason::Timeout => eprintln!("kiln: guest timed out after {}s", args.timeout),
         e if !e.is_guest_initiated() => eprintln!("kiln: error: {e}"),
         _ => {}
     }
-    exit.exit_code()
+    exit::of_vm(&ended)
 }
 
 #[cfg(test)]
@@ -347,7 +347,7 @@ mod tests {
     fn vcpus_zero_is_a_usage_error() {
         let err =
             Cli::try_parse_from(["kiln", "boot", "--kernel", "k", "--vcpus", "0"]).unwrap_err();
-        assert_eq!(err.exit_code(), 2);
+        assert_eq!(err.exit_code(), exit::USAGE);
         assert!(Cli::try_parse_from(["kiln", "boot", "--kernel", "k", "--vcpus", "2"]).is_ok());
         assert_eq!(
             Cli::try_parse_from(["kiln", "boot"])

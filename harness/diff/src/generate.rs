@@ -36,16 +36,64 @@ pub struct CorpusImage {
     pub recipe: String,
 }
 
-fn run(cmd: &mut Command) -> Result<(), String> {
-    let out = cmd.output().map_err(|e| format!("{cmd:?}: {e}"))?;
+/// Why the corpus could not be built.
+#[derive(Debug, thiserror::Error)]
+pub enum GenerateError {
+    /// The corpus directory could not be created.
+    #[error("{}: {source}", dir.display())]
+    Dir {
+        /// The directory.
+        dir: PathBuf,
+        /// The OS error.
+        source: std::io::Error,
+    },
+    /// A tool could not be started.
+    #[error("{command}: {source}")]
+    Spawn {
+        /// The command line, as `Command`'s Debug shows it.
+        command: String,
+        /// The OS error.
+        source: std::io::Error,
+    },
+    /// A tool failed.
+    #[error("{command}: {status}: {stderr}")]
+    Failed {
+        /// The command line, as `Command`'s Debug shows it.
+        command: String,
+        /// Its status.
+        status: std::process::ExitStatus,
+        /// What it wrote to stderr, trimmed.
+        stderr: String,
+    },
+    /// qemu-io could not be started.
+    #[error("qemu-io: {0}")]
+    QemuIo(#[source] std::io::Error),
+    /// An image being damaged could not be read or written.
+    #[error("{path:?}: {source}")]
+    Image {
+        /// The image.
+        path: PathBuf,
+        /// The OS error.
+        source: std::io::Error,
+    },
+    /// The image being damaged could not be resized.
+    #[error(transparent)]
+    Resize(std::io::Error),
+}
+
+fn run(cmd: &mut Command) -> Result<(), GenerateError> {
+    let out = cmd.output().map_err(|source| GenerateError::Spawn {
+        command: format!("{cmd:?}"),
+        source,
+    })?;
     if out.status.success() {
         Ok(())
     } else {
-        Err(format!(
-            "{cmd:?}: {}: {}",
-            out.status,
-            String::from_utf8_lossy(&out.stderr).trim()
-        ))
+        Err(GenerateError::Failed {
+            command: format!("{cmd:?}"),
+            status: out.status,
+            stderr: String::from_utf8_lossy(&out.stderr).trim().to_string(),
+        })
     }
 }
 
@@ -79,7 +127,7 @@ fn create_qcow2(
     size: u64,
     o: &Qcow2Opts,
     backing: Option<(&Path, &str)>,
-) -> Result<(), String> {
+) -> Result<(), GenerateError> {
     let mut opts = format!(
         "compat={},cluster_size={},refcount_bits={}",
         o.compat, o.cluster, o.refcount_bits
@@ -127,7 +175,7 @@ fn random_writes(rng: &mut Prng, size: u64, cluster: u64, qcow2: bool) -> Vec<St
     cmds
 }
 
-fn qemu_io(path: &Path, fmt: &str, cmds: &[String]) -> Result<(), String> {
+fn qemu_io(path: &Path, fmt: &str, cmds: &[String]) -> Result<(), GenerateError> {
     let mut cmd = Command::new("qemu-io");
     cmd.args(["-f", fmt]);
     for c in cmds {
@@ -137,29 +185,34 @@ fn qemu_io(path: &Path, fmt: &str, cmds: &[String]) -> Result<(), String> {
     // A command qemu-io refuses (e.g. a compressed write on a format or cluster layout that
     // cannot take it) just leaves that write out of the image; its exit status is not an error
     // for the corpus, only failing to run qemu-io at all is.
-    cmd.output().map_err(|e| format!("qemu-io: {e}"))?;
+    cmd.output().map_err(GenerateError::QemuIo)?;
     Ok(())
 }
 
-fn be_u64_at(path: &Path, off: u64) -> Result<u64, String> {
-    let f = std::fs::File::open(path).map_err(|e| format!("{path:?}: {e}"))?;
+fn image_err(path: &Path) -> impl FnOnce(std::io::Error) -> GenerateError + '_ {
+    move |source| GenerateError::Image {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+fn be_u64_at(path: &Path, off: u64) -> Result<u64, GenerateError> {
+    let f = std::fs::File::open(path).map_err(image_err(path))?;
     let mut b = [0u8; 8];
-    f.read_exact_at(&mut b, off)
-        .map_err(|e| format!("{path:?}: {e}"))?;
+    f.read_exact_at(&mut b, off).map_err(image_err(path))?;
     Ok(u64::from_be_bytes(b))
 }
 
-fn patch(path: &Path, off: u64, bytes: &[u8]) -> Result<(), String> {
+fn patch(path: &Path, off: u64, bytes: &[u8]) -> Result<(), GenerateError> {
     let f = OpenOptions::new()
         .write(true)
         .open(path)
-        .map_err(|e| format!("{path:?}: {e}"))?;
-    f.write_all_at(bytes, off)
-        .map_err(|e| format!("{path:?}: {e}"))
+        .map_err(image_err(path))?;
+    f.write_all_at(bytes, off).map_err(image_err(path))
 }
 
 /// Damages a fresh qcow2 (64 KiB clusters, 16-bit refcounts) in one of a few classic ways.
-fn damage(path: &Path, how: u64) -> Result<&'static str, String> {
+fn damage(path: &Path, how: u64) -> Result<&'static str, GenerateError> {
     let l1_off = be_u64_at(path, 40)?;
     let rt_off = be_u64_at(path, 48)?;
     let rb_off = be_u64_at(path, rt_off)? & !0x1ff;
@@ -167,12 +220,15 @@ fn damage(path: &Path, how: u64) -> Result<&'static str, String> {
         0 => {
             // Leak: claim a refcount for a cluster nothing references (cluster 9).
             patch(path, rb_off + 9 * 2, &[0, 1])?;
-            let len = std::fs::metadata(path).map_err(|e| e.to_string())?.len();
+            let len = std::fs::metadata(path)
+                .map_err(GenerateError::Resize)?
+                .len();
             let f = OpenOptions::new()
                 .write(true)
                 .open(path)
-                .map_err(|e| e.to_string())?;
-            f.set_len(len.max(10 << 16)).map_err(|e| e.to_string())?;
+                .map_err(GenerateError::Resize)?;
+            f.set_len(len.max(10 << 16))
+                .map_err(GenerateError::Resize)?;
             "leaked cluster"
         }
         1 => {
@@ -193,8 +249,11 @@ fn damage(path: &Path, how: u64) -> Result<&'static str, String> {
 }
 
 /// Builds `n` images from `seed` in `dir`. The same (n, seed) gives the same recipes.
-pub fn generate(dir: &Path, n: usize, seed: u64) -> Result<Vec<CorpusImage>, String> {
-    std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+pub fn generate(dir: &Path, n: usize, seed: u64) -> Result<Vec<CorpusImage>, GenerateError> {
+    std::fs::create_dir_all(dir).map_err(|source| GenerateError::Dir {
+        dir: dir.to_path_buf(),
+        source,
+    })?;
     let mut rng = Prng::new(seed);
     let mut out = Vec::new();
     for i in 0..n {

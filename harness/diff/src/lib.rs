@@ -11,6 +11,11 @@ pub mod show;
 
 use std::path::{Path, PathBuf};
 
+/// A temporary directory could not be created.
+#[derive(Debug, thiserror::Error)]
+#[error("temporary directory: {0}")]
+pub struct TempDirError(#[source] pub std::io::Error);
+
 /// A directory removed on drop (the generated corpus when `--keep` is not given).
 pub struct TempDir(PathBuf);
 

@@ -103,15 +103,44 @@ impl Report {
     }
 }
 
+/// Why qemu-img gave no answer to compare.
+#[derive(Debug, thiserror::Error)]
+pub enum QemuImgError {
+    /// It could not be started.
+    #[error("{qemu_img}: {source}")]
+    Spawn {
+        /// The program.
+        qemu_img: String,
+        /// The OS error.
+        source: std::io::Error,
+    },
+    /// It ran past its limit and was killed.
+    #[error("qemu-img {args} timed out")]
+    TimedOut {
+        /// Its arguments, space-separated.
+        args: String,
+    },
+    /// Waiting for it failed.
+    #[error(transparent)]
+    Wait(std::io::Error),
+}
+
 /// Runs qemu-img with `args`, killing it after `limit`.
-pub fn run_qemu_img(qemu_img: &str, args: &[&str], limit: Duration) -> Result<Output, String> {
+pub fn run_qemu_img(
+    qemu_img: &str,
+    args: &[&str],
+    limit: Duration,
+) -> Result<Output, QemuImgError> {
     let mut child = Command::new(qemu_img)
         .args(args)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
-        .map_err(|e| format!("{qemu_img}: {e}"))?;
+        .map_err(|source| QemuImgError::Spawn {
+            qemu_img: qemu_img.to_string(),
+            source,
+        })?;
     let mut out_pipe = child.stdout.take();
     let mut err_pipe = child.stderr.take();
     let reader = std::thread::spawn(move || {
@@ -132,10 +161,12 @@ pub fn run_qemu_img(qemu_img: &str, args: &[&str], limit: Duration) -> Result<Ou
             Ok(None) if start.elapsed() > limit => {
                 let _ = child.kill();
                 let _ = child.wait();
-                return Err(format!("qemu-img {} timed out", args.join(" ")));
+                return Err(QemuImgError::TimedOut {
+                    args: args.join(" "),
+                });
             }
             Ok(None) => std::thread::sleep(Duration::from_millis(2)),
-            Err(e) => return Err(e.to_string()),
+            Err(e) => return Err(QemuImgError::Wait(e)),
         }
     };
     let stdout = reader.join().unwrap_or_default();
@@ -314,7 +345,7 @@ pub fn diff_images(
                     findings.push(Finding {
                         image: image.clone(),
                         op: name,
-                        verdict: Verdict::Inconclusive(e),
+                        verdict: Verdict::Inconclusive(e.to_string()),
                         diff: None,
                     });
                     continue;

@@ -9,7 +9,7 @@ use std::time::Duration;
 use super::ops::{run_qemu_img, Finding};
 use super::rules::{judge, OpKind, Verdict};
 use super::show::visible_diff;
-use super::TempDir;
+use super::{TempDir, TempDirError};
 use kiln_img::{self as img, chain, Output, Profile};
 
 const LIMIT: Duration = Duration::from_secs(120);
@@ -77,19 +77,19 @@ fn finding(image: &str, op: String, verdict: Verdict, k: &Output, q: &Output) ->
     }
 }
 
-fn inconclusive(image: &str, op: &str, why: String) -> Finding {
+fn inconclusive(image: &str, op: &str, why: impl std::fmt::Display) -> Finding {
     Finding {
         image: image.to_string(),
         op: op.to_string(),
-        verdict: Verdict::Inconclusive(why),
+        verdict: Verdict::Inconclusive(why.to_string()),
         diff: None,
     }
 }
 
 /// Two fresh directories, kiln's and qemu-img's.
-fn two_dirs() -> Result<(TempDir, TempDir), String> {
-    let k = TempDir::new("kiln-diff-k").map_err(|e| format!("temporary directory: {e}"))?;
-    let q = TempDir::new("kiln-diff-q").map_err(|e| format!("temporary directory: {e}"))?;
+fn two_dirs() -> Result<(TempDir, TempDir), TempDirError> {
+    let k = TempDir::new("kiln-diff-k").map_err(TempDirError)?;
+    let q = TempDir::new("kiln-diff-q").map_err(TempDirError)?;
     Ok((k, q))
 }
 

@@ -24,14 +24,34 @@ pub fn parse_version(text: &str) -> Option<(u32, u32, String)> {
     Some((major, minor, version))
 }
 
+/// Why the installed qemu-img's version is not known.
+#[derive(Debug, thiserror::Error)]
+pub enum DetectError {
+    /// The first line of `--version` is not `qemu-img version X.Y…`.
+    #[error("cannot parse qemu-img --version output: {0:?}")]
+    Unparsable(String),
+    /// qemu-img could not be run (not installed).
+    #[error("{qemu_img}: cannot run: {source}")]
+    Spawn {
+        /// The program.
+        qemu_img: String,
+        /// The OS error.
+        source: std::io::Error,
+    },
+    /// `qemu-img --version` failed.
+    #[error("{qemu_img} --version failed: {status}")]
+    Failed {
+        /// The program.
+        qemu_img: String,
+        /// Its status.
+        status: std::process::ExitStatus,
+    },
+}
+
 /// The profile for `--version` output; unknown versions fall back to the newest, with a note.
-pub fn profile_for(text: &str) -> Result<Detected, String> {
-    let (major, minor, version) = parse_version(text).ok_or_else(|| {
-        format!(
-            "cannot parse qemu-img --version output: {:?}",
-            text.lines().next().unwrap_or("")
-        )
-    })?;
+pub fn profile_for(text: &str) -> Result<Detected, DetectError> {
+    let (major, minor, version) = parse_version(text)
+        .ok_or_else(|| DetectError::Unparsable(text.lines().next().unwrap_or("").to_string()))?;
     Ok(match Profile::for_version(major, minor) {
         Some(profile) => Detected {
             version,
@@ -51,13 +71,19 @@ pub fn profile_for(text: &str) -> Result<Detected, String> {
 }
 
 /// Runs `qemu_img --version` and picks the profile.
-pub fn detect(qemu_img: &str) -> Result<Detected, String> {
+pub fn detect(qemu_img: &str) -> Result<Detected, DetectError> {
     let out = Command::new(qemu_img)
         .arg("--version")
         .output()
-        .map_err(|e| format!("{qemu_img}: cannot run: {e}"))?;
+        .map_err(|source| DetectError::Spawn {
+            qemu_img: qemu_img.to_string(),
+            source,
+        })?;
     if !out.status.success() {
-        return Err(format!("{qemu_img} --version failed: {}", out.status));
+        return Err(DetectError::Failed {
+            qemu_img: qemu_img.to_string(),
+            status: out.status,
+        });
     }
     profile_for(&String::from_utf8_lossy(&out.stdout))
 }

@@ -12,6 +12,7 @@ use super::layout::{
     ClusterType, Qcow2File, ENTRY_OFFSET_MASK, L1E_RESERVED_MASK, OFLAG_COMPRESSED, OFLAG_COPIED,
     REFT_OFFSET_MASK, REFT_RESERVED_MASK,
 };
+use super::status;
 
 /// Subcluster bitmap halves of an extended L2 entry.
 const BITMAP_ALL_ALLOC: u64 = 0xffff_ffff;
@@ -36,13 +37,13 @@ impl CheckReport {
     /// qemu-img check's exit status: 0 clean, 1 check failed, 2 corruptions, 3 leaks only.
     pub fn exit_code(&self) -> i32 {
         if self.check_errors > 0 {
-            1
+            status::CHECK_FAILED
         } else if self.corruptions > 0 {
-            2
+            status::CHECK_CORRUPT
         } else if self.leaks > 0 {
-            3
+            status::CHECK_LEAKS
         } else {
-            0
+            status::OK
         }
     }
 

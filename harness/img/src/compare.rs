@@ -3,6 +3,7 @@
 
 use super::disk::{Disk, Extent};
 use super::error::ImgError;
+use super::status;
 use super::Profile;
 
 /// qemu-img's I/O chunk for compare.
@@ -17,7 +18,10 @@ pub struct CompareOutcome {
 }
 
 fn differ(text: String) -> CompareOutcome {
-    CompareOutcome { text, code: 1 }
+    CompareOutcome {
+        text,
+        code: status::DIFFERENT,
+    }
 }
 
 /// Index of the first 512-byte sector of `a` (relative) that differs from `b` (or from zero).
@@ -84,7 +88,10 @@ pub fn compare(
         }
     }
     text.push_str("Images are identical.\n");
-    Ok(CompareOutcome { text, code: 0 })
+    Ok(CompareOutcome {
+        text,
+        code: status::OK,
+    })
 }
 
 /// The block-status flags `compare -s` compares (ALLOCATED, DATA, ZERO, OFFSET_VALID, EOF, and

@@ -11,11 +11,11 @@ use imago::qcow2::Qcow2;
 use imago::{DenyImplicitOpenGate, FormatAccess, FormatCreateBuilder, StorageOpenOptions};
 
 use super::chain::{self, Layer};
-use super::create::{allocate_first_block, os_msg, NewFile};
+use super::create::{allocate_first_block, os_msg, NewFile, NewFileError};
 use super::disk::Disk;
 use super::error::ImgError;
 use super::opts::ImgFormat;
-use super::Output;
+use super::{status, Output};
 
 /// Bytes read from the source per step.
 const CHUNK: u64 = 1 << 20;
@@ -31,6 +31,28 @@ pub struct ConvertArgs {
     pub out_fmt: String,
     pub src: String,
     pub dst: String,
+}
+
+/// Why the target could not be written (qemu-img's words, without the target's name).
+#[derive(Debug, thiserror::Error)]
+pub enum ConvertError {
+    /// The target file could not be created or put in place.
+    #[error(transparent)]
+    File(#[from] NewFileError),
+    /// Setting up or flushing the target failed.
+    #[error("{}", os_msg(.0))]
+    Io(#[from] std::io::Error),
+    /// The source could not be read.
+    #[error(transparent)]
+    Read(#[from] ImgError),
+    /// A write to the target failed.
+    #[error("error while writing at byte {offset}: {}", os_msg(source))]
+    Write {
+        /// Where in the image.
+        offset: u64,
+        /// The OS error.
+        source: std::io::Error,
+    },
 }
 
 /// Where bytes go: a raw file or an imago qcow2 image.
@@ -50,7 +72,7 @@ impl Target {
 
 /// `kiln img convert`: exit 0 on success, 1 on any error (qemu-img's codes).
 pub fn convert(a: &ConvertArgs) -> Output {
-    let usage = |msg: String| Output::err(&ImgError::Usage(msg), 1);
+    let usage = |msg: String| Output::err(&ImgError::Usage(msg), status::FAILED);
     let Some(out_fmt) = ImgFormat::parse(&a.out_fmt) else {
         return usage(format!("Unknown file format '{}'", a.out_fmt));
     };
@@ -66,7 +88,7 @@ pub fn convert(a: &ConvertArgs) -> Output {
     }
     let layers = match chain::resolve_chain_as(&a.src, a.src_fmt.as_deref()) {
         Ok(l) => l,
-        Err(e) => return Output::err(&e, 1),
+        Err(e) => return Output::err(&e, status::FAILED),
     };
     if let Some(layer) = in_chain(&a.dst, &layers) {
         return usage(format!(
@@ -79,15 +101,18 @@ pub fn convert(a: &ConvertArgs) -> Output {
     }
     let disk = match Disk::open(layers) {
         Ok(d) => d,
-        Err(e) => return Output::err(&e, 1),
+        Err(e) => return Output::err(&e, status::FAILED),
     };
     match write_target(&disk, &a.dst, out_fmt) {
         Ok(()) => Output::ok(String::new()),
-        Err(msg) => usage(format!(
-            "{}: error while converting {}: {msg}",
-            a.dst,
-            out_fmt.name()
-        )),
+        Err(source) => Output::err(
+            &ImgError::Convert {
+                dst: a.dst.clone(),
+                fmt: out_fmt,
+                source: Box::new(source),
+            },
+            status::FAILED,
+        ),
     }
 }
 
@@ -99,45 +124,42 @@ fn in_chain<'a>(dst: &str, layers: &'a [Layer]) -> Option<&'a Layer> {
         .find(|l| fs::canonicalize(l.path()).is_ok_and(|p| p == d))
 }
 
-fn write_target(disk: &Disk, dst: &str, fmt: ImgFormat) -> Result<(), String> {
+fn write_target(disk: &Disk, dst: &str, fmt: ImgFormat) -> Result<(), ConvertError> {
     let size = disk.size();
     let new = NewFile::create(dst)?;
-    let io_msg = |e: std::io::Error| os_msg(&e);
     let (target, granule) = match fmt {
         ImgFormat::Raw => {
-            let f = new.handle().map_err(io_msg)?;
-            f.set_len(size).map_err(io_msg)?;
-            allocate_first_block(&f, size).map_err(io_msg)?;
+            let f = new.handle()?;
+            f.set_len(size)?;
+            allocate_first_block(&f, size)?;
             (Target::Raw(f), RAW_GRANULE)
         }
         ImgFormat::Qcow2 => {
             let storage = ImagoFile::from_open_file(
-                new.handle().map_err(io_msg)?,
+                new.handle()?,
                 StorageOpenOptions::new().filename(dst).write(true),
-            )
-            .map_err(io_msg)?;
+            )?;
             let q = Qcow2::<ImagoFile>::create_builder(storage)
                 .cluster_size(QCOW2_CLUSTER as usize)
                 .size(size)
                 .create_open(DenyImplicitOpenGate::default(), |image| {
                     Ok(Qcow2::<ImagoFile>::builder(image))
-                })
-                .map_err(io_msg)?;
+                })?;
             (Target::Qcow2(FormatAccess::new(q)), QCOW2_CLUSTER)
         }
     };
     copy_data(disk, &target, size, granule)?;
     if let Target::Qcow2(q) = &target {
-        q.flush().map_err(io_msg)?;
+        q.flush()?;
     }
     drop(target);
-    new.commit()
+    Ok(new.commit()?)
 }
 
 /// Copies the image in aligned chunks: a chunk with no data at all (per block status) is
 /// skipped, any other is read whole and its non-zero granules written, so a target cluster is
 /// written completely (zeroes included) as qemu-img writes it.
-fn copy_data(disk: &Disk, target: &Target, size: u64, granule: u64) -> Result<(), String> {
+fn copy_data(disk: &Disk, target: &Target, size: u64, granule: u64) -> Result<(), ConvertError> {
     let mut buf = vec![0u8; CHUNK as usize];
     let mut off = 0u64;
     while off < size {
@@ -146,7 +168,7 @@ fn copy_data(disk: &Disk, target: &Target, size: u64, granule: u64) -> Result<()
         let mut p = off;
         let mut has_data = false;
         while p < end {
-            let ext = disk.status_at(p, size - p).map_err(|e| e.to_string())?;
+            let ext = disk.status_at(p, size - p)?;
             let len = ext.length.clamp(1, size - p);
             if ext.data || !ext.zero {
                 has_data = true;
@@ -159,9 +181,11 @@ fn copy_data(disk: &Disk, target: &Target, size: u64, granule: u64) -> Result<()
         if has_data {
             next = end;
             let chunk = &mut buf[..(end - off) as usize];
-            disk.read(chunk, off).map_err(|e| e.to_string())?;
-            write_nonzero(target, chunk, off, granule)
-                .map_err(|e| format!("error while writing at byte {off}: {}", os_msg(&e)))?;
+            disk.read(chunk, off)?;
+            write_nonzero(target, chunk, off, granule).map_err(|source| ConvertError::Write {
+                offset: off,
+                source,
+            })?;
         }
         off = next;
     }

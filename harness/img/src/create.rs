@@ -15,8 +15,8 @@ use kiln_disk::qcow2::{COMPAT_FEATURES_OFFSET, COMPAT_LAZY_REFCOUNTS};
 
 use super::chain::{self, path_combine};
 use super::error::ImgError;
-use super::opts::{parse_size, CreateOpts, ImgFormat};
-use super::Output;
+use super::opts::{parse_size, CreateOpts, ImgFormat, OptError};
+use super::{status, Output};
 
 /// qcow2's largest L1 table (QEMU's `QCOW_MAX_L1_SIZE`, 32 MiB of 8-byte entries).
 const MAX_L1_ENTRIES: u64 = (32 << 20) / 8;
@@ -42,6 +42,119 @@ pub(super) fn os_msg(e: &io::Error) -> String {
     }
 }
 
+/// Why a new image file could not be put in place, in qemu-img's words.
+#[derive(Debug, thiserror::Error)]
+pub enum NewFileError {
+    /// The file could not be created (or renamed into place).
+    #[error("Could not create '{dest}': {}", os_msg(source))]
+    Create {
+        /// The target as given.
+        dest: String,
+        /// The OS error.
+        source: io::Error,
+    },
+    /// The file could not be synced.
+    #[error("Could not write '{dest}': {}", os_msg(source))]
+    Write {
+        /// The target as given.
+        dest: String,
+        /// The OS error.
+        source: io::Error,
+    },
+}
+
+/// Why `kiln img create` refuses or fails, in qemu-img's words (without the file name).
+#[derive(Debug, thiserror::Error)]
+pub enum CreateError {
+    /// A `-o` option qemu-img would refuse.
+    #[error(transparent)]
+    Option(#[from] OptError),
+    /// No size and no backing file to take it from.
+    #[error("Image creation needs a size parameter")]
+    NeedsSize,
+    /// `-b` with `-f raw`.
+    #[error("Backing file not supported for file format 'raw'")]
+    RawBacking,
+    /// The backing file cannot be opened.
+    #[error(
+        "Could not open '{path}': {} (could not open backing image)",
+        os_msg(source)
+    )]
+    BackingOpen {
+        /// The backing file, as combined with the image's directory.
+        path: String,
+        /// The OS error.
+        source: io::Error,
+    },
+    /// The backing file opens but is not a usable image.
+    #[error("could not open backing image: {0}")]
+    BackingImage(#[source] Box<ImgError>),
+    /// `-b` without `-F` (required since qemu-img 7.2).
+    #[error("Backing file specified without backing format (detected format of {0}; pass -F {0})")]
+    BackingFormatMissing(&'static str),
+    /// A backing format kiln cannot read.
+    #[error("backing_fmt={0}: unsupported (kiln reads raw and qcow2 backing files)")]
+    BackingFormatUnsupported(String),
+    /// Preallocation other than `off`.
+    #[error("preallocation={0}: unsupported (kiln creates sparse images only)")]
+    Preallocation(String),
+    /// An unknown `compat`.
+    #[error("Parameter 'version' does not accept value '{0}'")]
+    Version(String),
+    /// A cluster size qcow2 does not allow.
+    #[error("Cluster size must be a power of two between 512 and 2048k")]
+    ClusterSize,
+    /// A refcount width qcow2 does not allow.
+    #[error("Refcount width must be a power of two and may not exceed 64 bits")]
+    RefcountWidth,
+    /// A refcount width other than 16 in a version 2 image.
+    #[error(
+        "Different refcount widths than 16 bits require compatibility level 1.1 or above (use \
+         version=v3 or greater)"
+    )]
+    V2RefcountWidth,
+    /// Lazy refcounts in a version 2 image.
+    #[error(
+        "Lazy refcounts only supported with compatibility level 1.1 and above (use version=v3 \
+         or greater)"
+    )]
+    V2LazyRefcounts,
+    /// A version 2 image, which imago cannot create.
+    #[error("compat={0}: unsupported (imago creates qcow2 version 3 images only; use compat=1.1)")]
+    V2(String),
+    /// Subclusters, which imago cannot create.
+    #[error("extended_l2=on: unsupported (imago cannot create subclusters)")]
+    ExtendedL2,
+    /// zstd compression, which imago cannot write.
+    #[error("compression_type=zstd: unsupported (imago writes zlib only)")]
+    Zstd,
+    /// An unknown compression type.
+    #[error("Parameter 'compression-type' does not accept value '{0}'")]
+    CompressionType(String),
+    /// More L1 entries than qcow2 allows.
+    #[error(
+        "The image size is too large for file format 'qcow2' (try using a larger cluster size)"
+    )]
+    L1TooLarge,
+    /// The file system refused the size.
+    #[error("The image size is too large for file format '{}'", .0.name())]
+    TooLarge(ImgFormat),
+    /// The file could not be resized.
+    #[error("Could not resize file: {}", os_msg(.0))]
+    Resize(#[source] io::Error),
+    /// Formatting failed otherwise.
+    #[error("could not format {} image: {}", fmt.name(), os_msg(source))]
+    Format {
+        /// The format being written.
+        fmt: ImgFormat,
+        /// The OS error.
+        source: io::Error,
+    },
+    /// The new file could not be created or put in place.
+    #[error(transparent)]
+    File(#[from] NewFileError),
+}
+
 /// A file being written under a temporary name in the target's directory; [`NewFile::commit`]
 /// renames it over the target, dropping it uncommitted removes it.
 pub(super) struct NewFile {
@@ -51,7 +164,7 @@ pub(super) struct NewFile {
 
 impl NewFile {
     /// Creates the temporary file; the error is qemu-img's "Could not create 'DEST': …".
-    pub(super) fn create(dest: &str) -> Result<Self, String> {
+    pub(super) fn create(dest: &str) -> Result<Self, NewFileError> {
         let path = Path::new(dest);
         let dir = match path.parent() {
             Some(p) if !p.as_os_str().is_empty() => p,
@@ -60,18 +173,20 @@ impl NewFile {
         let name = path
             .file_name()
             .map_or_else(|| "image".to_string(), |n| n.to_string_lossy().into_owned());
-        let could_not = |e: &io::Error| format!("Could not create '{dest}': {}", os_msg(e));
+        let could_not = |source| NewFileError::Create {
+            dest: dest.to_string(),
+            source,
+        };
         if path.is_dir() {
-            return Err(could_not(&io::Error::from_raw_os_error(libc::EISDIR)));
+            return Err(could_not(io::Error::from_raw_os_error(libc::EISDIR)));
         }
         let tmp = tempfile::Builder::new()
             .prefix(&format!(".{name}.kiln-"))
             .tempfile_in(dir)
-            .map_err(|e| could_not(&e))?;
+            .map_err(could_not)?;
         // qemu-img creates with mode 0644, or keeps the mode of the file it overwrites.
         let mode = fs::metadata(path).map_or(0o644, |m| m.permissions().mode() & 0o7777);
-        fs::set_permissions(tmp.path(), fs::Permissions::from_mode(mode))
-            .map_err(|e| could_not(&e))?;
+        fs::set_permissions(tmp.path(), fs::Permissions::from_mode(mode)).map_err(could_not)?;
         Ok(NewFile {
             tmp,
             dest: path.to_path_buf(),
@@ -88,16 +203,18 @@ impl NewFile {
     }
 
     /// Syncs and renames the file into place.
-    pub(super) fn commit(self) -> Result<(), String> {
+    pub(super) fn commit(self) -> Result<(), NewFileError> {
         let dest = self.dest.display().to_string();
-        self.tmp
-            .as_file()
-            .sync_all()
-            .map_err(|e| format!("Could not write '{dest}': {}", os_msg(&e)))?;
+        if let Err(source) = self.tmp.as_file().sync_all() {
+            return Err(NewFileError::Write { dest, source });
+        }
         self.tmp
             .persist(&self.dest)
             .map(|_| ())
-            .map_err(|e| format!("Could not create '{dest}': {}", os_msg(&e.error)))
+            .map_err(|e| NewFileError::Create {
+                dest,
+                source: e.error,
+            })
     }
 }
 
@@ -114,9 +231,9 @@ struct Plan {
 /// `kiln img create`: exit 0 on success, 1 on any error (qemu-img's codes).
 pub fn create(a: &CreateArgs) -> Output {
     let file = a.file.as_str();
-    let fail = |stdout: String, msg: String| Output {
+    let fail = |stdout: String, e: ImgError| Output {
         stdout,
-        ..Output::err(&ImgError::Usage(msg), 1)
+        ..Output::err(&e, status::FAILED)
     };
     let Some(fmt) = ImgFormat::parse(&a.fmt) else {
         let msg = match a.fmt.as_str() {
@@ -124,16 +241,20 @@ pub fn create(a: &CreateArgs) -> Output {
             | "cloop" | "bochs" => format!("{file}: unsupported (image format '{}')", a.fmt),
             other => format!("{file}: Unknown file format '{other}'"),
         };
-        return fail(String::new(), msg);
+        return fail(String::new(), ImgError::Usage(msg));
     };
     let size_arg = match a.size.as_deref().map(parse_size).transpose() {
         Ok(s) => s,
-        Err(e) => return fail(String::new(), e.to_string()),
+        Err(e) => return fail(String::new(), ImgError::Usage(e.to_string())),
+    };
+    let failed = |source: CreateError| ImgError::Create {
+        file: file.to_string(),
+        source,
     };
     let mut o = CreateOpts::default();
     for arg in &a.options {
         if let Err(e) = o.add(fmt, arg) {
-            return fail(String::new(), format!("{file}: {e}"));
+            return fail(String::new(), failed(e.into()));
         }
     }
     // -b/-F and the size argument take precedence over -o, as in qemu-img.
@@ -148,7 +269,7 @@ pub fn create(a: &CreateArgs) -> Output {
     }
     let size = match backing_and_size(file, fmt, &o) {
         Ok(s) => s,
-        Err(msg) => return fail(String::new(), format!("{file}: {msg}")),
+        Err(e) => return fail(String::new(), failed(e)),
     };
     let line = if a.quiet {
         String::new()
@@ -157,44 +278,37 @@ pub fn create(a: &CreateArgs) -> Output {
     };
     let plan = match validate(fmt, size, &o) {
         Ok(p) => p,
-        Err(msg) => return fail(line, format!("{file}: {msg}")),
+        Err(e) => return fail(line, failed(e)),
     };
     match write_image(file, &plan) {
         Ok(()) => Output::ok(line),
-        Err(msg) => fail(line, format!("{file}: {msg}")),
+        Err(e) => fail(line, failed(e)),
     }
 }
 
 /// Checks the backing file (it must open in the named format) and settles the size: the
 /// argument's, else the backing image's virtual size.
-fn backing_and_size(file: &str, fmt: ImgFormat, o: &CreateOpts) -> Result<u64, String> {
+fn backing_and_size(file: &str, fmt: ImgFormat, o: &CreateOpts) -> Result<u64, CreateError> {
     let Some(backing) = o.backing_file.as_deref() else {
-        return o
-            .size
-            .ok_or_else(|| "Image creation needs a size parameter".to_string());
+        return o.size.ok_or(CreateError::NeedsSize);
     };
     if fmt == ImgFormat::Raw {
-        return Err("Backing file not supported for file format 'raw'".into());
+        return Err(CreateError::RawBacking);
     }
     let combined = path_combine(file, backing);
     let open_err = |e: ImgError| match e {
-        ImgError::Io { source, .. } => format!(
-            "Could not open '{combined}': {} (could not open backing image)",
-            os_msg(&source)
-        ),
-        other => format!("could not open backing image: {other}"),
+        ImgError::Io { source, .. } => CreateError::BackingOpen {
+            path: combined.clone(),
+            source,
+        },
+        other => CreateError::BackingImage(Box::new(other)),
     };
     let Some(bfmt) = o.backing_fmt.as_deref() else {
         let probed = chain::open_layer(&combined, None).map_err(open_err)?;
-        return Err(format!(
-            "Backing file specified without backing format (detected format of {}; pass -F {0})",
-            probed.format.name()
-        ));
+        return Err(CreateError::BackingFormatMissing(probed.format.name()));
     };
     if ImgFormat::parse(bfmt).is_none() {
-        return Err(format!(
-            "backing_fmt={bfmt}: unsupported (kiln reads raw and qcow2 backing files)"
-        ));
+        return Err(CreateError::BackingFormatUnsupported(bfmt.into()));
     }
     let layer = chain::open_layer(&combined, Some(bfmt)).map_err(open_err)?;
     Ok(o.size.unwrap_or_else(|| layer.virtual_size()))
@@ -202,13 +316,11 @@ fn backing_and_size(file: &str, fmt: ImgFormat, o: &CreateOpts) -> Result<u64, S
 
 /// The checks qemu-img's qcow2 driver makes after printing the "Formatting" line, with its
 /// messages, and the options imago cannot create (refused, saying so).
-fn validate(fmt: ImgFormat, size: u64, o: &CreateOpts) -> Result<Plan, String> {
+fn validate(fmt: ImgFormat, size: u64, o: &CreateOpts) -> Result<Plan, CreateError> {
     // Raw and qcow2 sizes are whole sectors (QEMU rounds up to 512 bytes).
     let size = size.div_ceil(512) * 512;
     if let Some(p) = o.preallocation.as_deref().filter(|p| *p != "off") {
-        return Err(format!(
-            "preallocation={p}: unsupported (kiln creates sparse images only)"
-        ));
+        return Err(CreateError::Preallocation(p.into()));
     }
     let backing = o.backing_file.clone().zip(o.backing_fmt.clone());
     if fmt == ImgFormat::Raw {
@@ -224,62 +336,38 @@ fn validate(fmt: ImgFormat, size: u64, o: &CreateOpts) -> Result<Plan, String> {
     let v2 = match o.compat.as_deref() {
         None | Some("1.1") | Some("v3") => false,
         Some("0.10") | Some("v2") => true,
-        Some(other) => {
-            return Err(format!(
-                "Parameter 'version' does not accept value '{other}'"
-            ))
-        }
+        Some(other) => return Err(CreateError::Version(other.into())),
     };
     let cluster_size = o.cluster_size.unwrap_or(65536);
     if !cluster_size.is_power_of_two() || !(512..=2 << 20).contains(&cluster_size) {
-        return Err("Cluster size must be a power of two between 512 and 2048k".into());
+        return Err(CreateError::ClusterSize);
     }
     let refcount_bits = o.refcount_bits.unwrap_or(16);
     if !refcount_bits.is_power_of_two() || refcount_bits > 64 {
-        return Err("Refcount width must be a power of two and may not exceed 64 bits".into());
+        return Err(CreateError::RefcountWidth);
     }
     let lazy_refcounts = o.lazy_refcounts.as_ref().is_some_and(|(_, on)| *on);
     if v2 && refcount_bits != 16 {
-        return Err(
-            "Different refcount widths than 16 bits require compatibility level 1.1 or \
-                    above (use version=v3 or greater)"
-                .into(),
-        );
+        return Err(CreateError::V2RefcountWidth);
     }
     if v2 && lazy_refcounts {
-        return Err(
-            "Lazy refcounts only supported with compatibility level 1.1 and above (use \
-                    version=v3 or greater)"
-                .into(),
-        );
+        return Err(CreateError::V2LazyRefcounts);
     }
     if v2 {
-        return Err(format!(
-            "compat={}: unsupported (imago creates qcow2 version 3 images only; use compat=1.1)",
-            o.compat.as_deref().unwrap_or("0.10")
-        ));
+        let compat = o.compat.as_deref().unwrap_or("0.10");
+        return Err(CreateError::V2(compat.into()));
     }
     if o.extended_l2.as_ref().is_some_and(|(_, on)| *on) {
-        return Err("extended_l2=on: unsupported (imago cannot create subclusters)".into());
+        return Err(CreateError::ExtendedL2);
     }
     match o.compression_type.as_deref() {
         None | Some("zlib") => {}
-        Some("zstd") => {
-            return Err("compression_type=zstd: unsupported (imago writes zlib only)".into())
-        }
-        Some(other) => {
-            return Err(format!(
-                "Parameter 'compression-type' does not accept value '{other}'"
-            ))
-        }
+        Some("zstd") => return Err(CreateError::Zstd),
+        Some(other) => return Err(CreateError::CompressionType(other.into())),
     }
     let per_l1 = cluster_size * (cluster_size / 8);
     if size.div_ceil(per_l1) > MAX_L1_ENTRIES {
-        return Err(
-            "The image size is too large for file format 'qcow2' (try using a larger \
-                    cluster size)"
-                .into(),
-        );
+        return Err(CreateError::L1TooLarge);
     }
     Ok(Plan {
         fmt,
@@ -292,14 +380,11 @@ fn validate(fmt: ImgFormat, size: u64, o: &CreateOpts) -> Result<Plan, String> {
 }
 
 /// Maps an I/O error from formatting to qemu-img's wording.
-fn format_err(fmt: ImgFormat, e: &io::Error) -> String {
-    match e.raw_os_error() {
-        Some(libc::EFBIG) => format!(
-            "The image size is too large for file format '{}'",
-            fmt.name()
-        ),
-        Some(libc::EINVAL) => format!("Could not resize file: {}", os_msg(e)),
-        _ => format!("could not format {} image: {}", fmt.name(), os_msg(e)),
+fn format_err(fmt: ImgFormat) -> impl Fn(io::Error) -> CreateError {
+    move |source| match source.raw_os_error() {
+        Some(libc::EFBIG) => CreateError::TooLarge(fmt),
+        Some(libc::EINVAL) => CreateError::Resize(source),
+        _ => CreateError::Format { fmt, source },
     }
 }
 
@@ -310,16 +395,16 @@ fn imago_storage(new: &NewFile, path: &str) -> io::Result<ImagoFile> {
     )
 }
 
-fn write_image(file: &str, p: &Plan) -> Result<(), String> {
+fn write_image(file: &str, p: &Plan) -> Result<(), CreateError> {
     let new = NewFile::create(file)?;
-    let storage = imago_storage(&new, file).map_err(|e| format_err(p.fmt, &e))?;
+    let storage = imago_storage(&new, file).map_err(format_err(p.fmt))?;
     match p.fmt {
         ImgFormat::Raw => {
             Raw::create_builder(storage)
                 .size(p.size)
                 .create()
-                .map_err(|e| format_err(p.fmt, &e))?;
-            allocate_first_block(new.file(), p.size).map_err(|e| format_err(p.fmt, &e))?;
+                .map_err(format_err(p.fmt))?;
+            allocate_first_block(new.file(), p.size).map_err(format_err(p.fmt))?;
         }
         ImgFormat::Qcow2 => {
             let mut b = Qcow2::<ImagoFile>::create_builder(storage)
@@ -329,13 +414,13 @@ fn write_image(file: &str, p: &Plan) -> Result<(), String> {
             if let Some((name, fmt)) = &p.backing {
                 b = b.backing(name.clone(), fmt.clone());
             }
-            b.create().map_err(|e| format_err(p.fmt, &e))?;
+            b.create().map_err(format_err(p.fmt))?;
             if p.lazy_refcounts {
-                set_lazy_refcounts(new.file()).map_err(|e| format_err(p.fmt, &e))?;
+                set_lazy_refcounts(new.file()).map_err(format_err(p.fmt))?;
             }
         }
     }
-    new.commit()
+    Ok(new.commit()?)
 }
 
 /// Allocates the first block of a new raw image as QEMU's file driver does (so both report the

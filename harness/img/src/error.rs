@@ -40,6 +40,19 @@ pub enum ImgError {
     /// Metadata points somewhere it must not (e.g. past the end of the file).
     #[error("{}: {msg}", .path.display())]
     Corrupt { path: PathBuf, msg: String },
+    /// `kiln img create` refused or failed to make `file`.
+    #[error("{file}: {source}")]
+    Create {
+        file: String,
+        source: crate::create::CreateError,
+    },
+    /// `kiln img convert` failed to write `dst` as `fmt`.
+    #[error("{dst}: error while converting {}: {source}", .fmt.name())]
+    Convert {
+        dst: String,
+        fmt: crate::opts::ImgFormat,
+        source: Box<crate::convert::ConvertError>,
+    },
     /// A usage problem (bad argument combination) not tied to one file.
     #[error("{0}")]
     Usage(String),

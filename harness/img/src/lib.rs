@@ -15,6 +15,7 @@ pub mod layout;
 pub mod map;
 pub mod opts;
 pub mod qfmt;
+pub mod status;
 
 use std::fmt;
 
@@ -103,7 +104,7 @@ impl Output {
         Output {
             stdout,
             stderr: String::new(),
-            code: 0,
+            code: status::OK,
         }
     }
     fn err(e: &ImgError, code: i32) -> Self {
@@ -125,7 +126,7 @@ pub fn info(file: &str, json: bool, chain: bool, profile: Profile) -> Output {
     match layers {
         Ok(layers) if json => Output::ok(info::render_json(&layers, chain, profile)),
         Ok(layers) => Output::ok(info::render_human(&layers, chain, profile)),
-        Err(e) => Output::err(&e, 1),
+        Err(e) => Output::err(&e, status::FAILED),
     }
 }
 
@@ -133,13 +134,13 @@ pub fn info(file: &str, json: bool, chain: bool, profile: Profile) -> Output {
 pub fn check(file: &str, json: bool) -> Output {
     let layers = match chain::resolve_chain(file) {
         Ok(l) => l,
-        Err(e) => return Output::err(&e, 1),
+        Err(e) => return Output::err(&e, status::CHECK_FAILED),
     };
     if info::is_raw(&layers[0]) {
         return Output {
             stdout: String::new(),
             stderr: "kiln: This image format does not support checks\n".into(),
-            code: 63,
+            code: status::CHECK_UNSUPPORTED,
         };
     }
     let report =
@@ -154,7 +155,7 @@ pub fn check(file: &str, json: bool) -> Output {
             stderr: r.messages.iter().map(|m| format!("{m}\n")).collect(),
             code: r.exit_code(),
         },
-        Err(e) => Output::err(&e, 1),
+        Err(e) => Output::err(&e, status::CHECK_FAILED),
     }
 }
 
@@ -176,9 +177,9 @@ pub fn map(file: &str, json: bool, profile: Profile) -> Output {
         Ok((s, None)) => Output::ok(s),
         Ok((s, Some(e))) => Output {
             stdout: s,
-            ..Output::err(&e, 1)
+            ..Output::err(&e, status::FAILED)
         },
-        Err(e) => Output::err(&e, 1),
+        Err(e) => Output::err(&e, status::FAILED),
     }
 }
 
@@ -192,7 +193,7 @@ pub fn compare(a: &str, b: &str, strict: bool, profile: Profile) -> Output {
             stderr: String::new(),
             code: o.code,
         },
-        Err(e) => Output::err(&e, 2),
+        Err(e) => Output::err(&e, status::COMPARE_ERROR),
     }
 }
 

@@ -150,12 +150,32 @@ pub struct CreateOpts {
     pub preallocation: Option<String>,
 }
 
+/// A `-o` option qemu-img would refuse, in its words (without the file name).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum OptError {
+    /// No such option for this format.
+    #[error("Invalid parameter '{0}'")]
+    Invalid(String),
+    /// A boolean option with another value.
+    #[error("Parameter '{0}' expects 'on' or 'off'")]
+    NotABool(String),
+    /// A size option that is not a size.
+    #[error(
+        "Parameter '{0}' expects a non-negative number below 2^64\nOptional suffix k, M, G, T, \
+         P or E means kilo-, mega-, giga-, tera-, peta-\nand exabytes, respectively."
+    )]
+    NotASize(String),
+    /// A number option that is not a number.
+    #[error("Parameter '{0}' expects a number")]
+    NotANumber(String),
+}
+
 /// QEMU's boolean option spellings.
-fn parse_bool(key: &str, v: &str) -> Result<(String, bool), String> {
+fn parse_bool(key: &str, v: &str) -> Result<(String, bool), OptError> {
     match v {
         "on" | "yes" | "true" | "y" => Ok((v.to_string(), true)),
         "off" | "no" | "false" | "n" => Ok((v.to_string(), false)),
-        _ => Err(format!("Parameter '{key}' expects 'on' or 'off'")),
+        _ => Err(OptError::NotABool(key.into())),
     }
 }
 
@@ -182,7 +202,7 @@ fn split_opts(s: &str) -> Vec<String> {
 
 impl CreateOpts {
     /// Adds one `-o` argument for `fmt`. Errors are qemu-img's messages (without the file name).
-    pub fn add(&mut self, fmt: ImgFormat, arg: &str) -> Result<(), String> {
+    pub fn add(&mut self, fmt: ImgFormat, arg: &str) -> Result<(), OptError> {
         for item in split_opts(arg) {
             if item.is_empty() {
                 continue;
@@ -190,17 +210,9 @@ impl CreateOpts {
             let (key, value) = item.split_once('=').unwrap_or((item.as_str(), ""));
             let qcow2_only = !matches!(key, "size" | "preallocation");
             if fmt == ImgFormat::Raw && qcow2_only {
-                return Err(format!("Invalid parameter '{key}'"));
+                return Err(OptError::Invalid(key.into()));
             }
-            let size = |v: &str| {
-                parse_bytes(v).map_err(|_| {
-                    format!(
-                        "Parameter '{key}' expects a non-negative number below 2^64\nOptional \
-                         suffix k, M, G, T, P or E means kilo-, mega-, giga-, tera-, peta-\nand \
-                         exabytes, respectively."
-                    )
-                })
-            };
+            let size = |v: &str| parse_bytes(v).map_err(|_| OptError::NotASize(key.into()));
             match key {
                 "size" => self.size = Some(size(value)?),
                 "cluster_size" => self.cluster_size = Some(size(value)?),
@@ -212,12 +224,12 @@ impl CreateOpts {
                 "refcount_bits" => {
                     let n = value
                         .parse::<u64>()
-                        .map_err(|_| format!("Parameter '{key}' expects a number"))?;
+                        .map_err(|_| OptError::NotANumber(key.into()))?;
                     self.refcount_bits = Some(n);
                 }
                 "compression_type" => self.compression_type = Some(value.to_string()),
                 "preallocation" => self.preallocation = Some(value.to_string()),
-                _ => return Err(format!("Invalid parameter '{key}'")),
+                _ => return Err(OptError::Invalid(key.into())),
             }
         }
         Ok(())
@@ -365,23 +377,23 @@ mod tests {
              size=1048576 compat=1.1 lazy_refcounts=yes refcount_bits=8"
         );
         let mut o = CreateOpts::default();
+        let mut add = |fmt, arg| o.add(fmt, arg).map_err(|e| e.to_string());
         assert_eq!(
-            o.add(ImgFormat::Qcow2, "foo=bar"),
+            add(ImgFormat::Qcow2, "foo=bar"),
             Err("Invalid parameter 'foo'".into())
         );
         assert_eq!(
-            o.add(ImgFormat::Qcow2, "lazy_refcounts=maybe"),
+            add(ImgFormat::Qcow2, "lazy_refcounts=maybe"),
             Err("Parameter 'lazy_refcounts' expects 'on' or 'off'".into())
         );
         assert_eq!(
-            o.add(ImgFormat::Qcow2, "refcount_bits=abc"),
+            add(ImgFormat::Qcow2, "refcount_bits=abc"),
             Err("Parameter 'refcount_bits' expects a number".into())
         );
-        assert!(o
-            .add(ImgFormat::Qcow2, "cluster_size=abc")
+        assert!(add(ImgFormat::Qcow2, "cluster_size=abc")
             .is_err_and(|e| e.starts_with("Parameter 'cluster_size' expects a non-negative")));
         assert_eq!(
-            o.add(ImgFormat::Raw, "cluster_size=4k"),
+            add(ImgFormat::Raw, "cluster_size=4k"),
             Err("Invalid parameter 'cluster_size'".into())
         );
         o.add(ImgFormat::Qcow2, "backing_file=a,,b")

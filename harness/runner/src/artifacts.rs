@@ -259,6 +259,40 @@ pub enum KeepPolicy {
     Never,
 }
 
+/// Why a bundle could not be finished; each names the file.
+#[derive(Debug, thiserror::Error)]
+pub enum BundleError {
+    /// A bundle not to keep could not be removed.
+    #[error("cannot remove {}: {source}", path.display())]
+    Remove {
+        /// The staging directory.
+        path: PathBuf,
+        /// The OS error.
+        source: io::Error,
+    },
+    /// A result file could not be written.
+    #[error("cannot write {}: {source}", path.display())]
+    Write {
+        /// The file.
+        path: PathBuf,
+        /// The OS error.
+        source: io::Error,
+    },
+    /// The result record could not be serialized.
+    #[error("cannot serialize result.json: {0}")]
+    Serialize(#[source] serde_json::Error),
+    /// The staging directory could not be renamed into place.
+    #[error("cannot rename {} to {}: {source}", from.display(), to.display())]
+    Rename {
+        /// The staging directory.
+        from: PathBuf,
+        /// The bundle directory.
+        to: PathBuf,
+        /// The OS error.
+        source: io::Error,
+    },
+}
+
 /// A bundle being assembled.
 #[derive(Debug)]
 pub struct Bundle {
@@ -290,15 +324,21 @@ impl Bundle {
     /// (a full disk, say) the staging dir is removed rather than published: a bundle without its
     /// result.json must not look complete, and a full disk must not stay full of partial bundles
     /// for the scenarios still to run. The error names the file.
-    pub fn finish(self, result: &RunResult, keep: KeepPolicy) -> Result<Option<PathBuf>, String> {
+    pub fn finish(
+        self,
+        result: &RunResult,
+        keep: KeepPolicy,
+    ) -> Result<Option<PathBuf>, BundleError> {
         let kept = match keep {
             KeepPolicy::Always => true,
             KeepPolicy::Failed => !result.passed(),
             KeepPolicy::Never => false,
         };
         if !kept {
-            fs::remove_dir_all(&self.staging)
-                .map_err(|e| format!("cannot remove {}: {e}", self.staging.display()))?;
+            fs::remove_dir_all(&self.staging).map_err(|source| BundleError::Remove {
+                path: self.staging.clone(),
+                source,
+            })?;
             return Ok(None);
         }
         if let Err(e) = self.publish(result) {
@@ -316,25 +356,22 @@ impl Bundle {
     }
 
     /// result.json, failure-summary.txt, then the rename that makes the bundle visible.
-    fn publish(&self, result: &RunResult) -> Result<(), String> {
+    fn publish(&self, result: &RunResult) -> Result<(), BundleError> {
         let write = |name: &str, data: &[u8]| {
             let path = self.path(name);
-            write_atomic(&path, data).map_err(|e| format!("cannot write {}: {e}", path.display()))
+            write_atomic(&path, data).map_err(|source| BundleError::Write { path, source })
         };
         let mut record = result.clone();
         record.bundle = Some(self.dir.clone());
-        let json = serde_json::to_vec_pretty(&record)
-            .map_err(|e| format!("cannot serialize result.json: {e}"))?;
+        let json = serde_json::to_vec_pretty(&record).map_err(BundleError::Serialize)?;
         write("result.json", &json)?;
         if !result.passed() {
             write("failure-summary.txt", result.failure_summary().as_bytes())?;
         }
-        fs::rename(&self.staging, &self.dir).map_err(|e| {
-            format!(
-                "cannot rename {} to {}: {e}",
-                self.staging.display(),
-                self.dir.display()
-            )
+        fs::rename(&self.staging, &self.dir).map_err(|source| BundleError::Rename {
+            from: self.staging.clone(),
+            to: self.dir.clone(),
+            source,
         })
     }
 
@@ -463,7 +500,8 @@ mod tests {
         };
         let err = bundle
             .finish(&result, KeepPolicy::Always)
-            .expect_err("cannot finish");
+            .expect_err("cannot finish")
+            .to_string();
         let want = format!("cannot write {}/result.json: ", staging.display());
         assert!(err.starts_with(&want), "{err}");
         assert!(!dir.exists(), "not renamed into place");

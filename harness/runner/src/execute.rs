@@ -46,6 +46,36 @@ struct Driven {
     console_tail: Vec<String>,
 }
 
+/// Why a scenario could not be turned into a backend plan.
+#[derive(Debug, thiserror::Error)]
+enum PlanError {
+    /// The scenario wants the default guest and the resolver could not provide it.
+    #[error(transparent)]
+    DefaultGuest(#[from] super::GuestUnavailable),
+    /// The scenario wants the default guest and the run has no resolver.
+    #[error(
+        "the default guest is not available: build it with `kiln guest build` or set guest.kernel"
+    )]
+    NoDefaultGuest,
+    /// A work file or directory could not be created.
+    #[error("cannot create {}: {source}", path.display())]
+    Create {
+        /// The file or directory.
+        path: PathBuf,
+        /// The OS error.
+        source: std::io::Error,
+    },
+}
+
+impl PlanError {
+    fn create(path: &Path) -> impl FnOnce(std::io::Error) -> PlanError + '_ {
+        move |source| PlanError::Create {
+            path: path.to_path_buf(),
+            source,
+        }
+    }
+}
+
 fn fail(class: FailureClass, message: impl Into<String>, step: Option<usize>) -> Failure {
     Failure {
         class,
@@ -182,8 +212,8 @@ impl Attempt<'_> {
             (!self.opts.debug).then(|| self.control.register_work_dir(work.path()));
         let plan = match self.plan(run_id, work.path(), bundle) {
             Ok(p) => p,
-            Err(msg) => {
-                result.failure = Some(fail(FailureClass::InfraError, msg, None));
+            Err(e) => {
+                result.failure = Some(fail(FailureClass::InfraError, e.to_string(), None));
                 return;
             }
         };
@@ -285,7 +315,7 @@ impl Attempt<'_> {
     }
 
     /// Turns the scenario into a backend plan: images resolved, overlay and share paths chosen.
-    fn plan(&self, run_id: &str, work: &Path, bundle: &Bundle) -> Result<RunPlan, String> {
+    fn plan(&self, run_id: &str, work: &Path, bundle: &Bundle) -> Result<RunPlan, PlanError> {
         let s = self.scenario;
         let (kernel, initrd) = match &s.guest.kernel {
             ImageRef::Path(k) => (k.clone(), s.guest.initrd.clone()),
@@ -294,7 +324,7 @@ impl Attempt<'_> {
                     let (k, i) = resolve()?;
                     (k, Some(i))
                 }
-                None => return Err("the default guest is not available: build it with `kiln guest build` or set guest.kernel".into()),
+                None => return Err(PlanError::NoDefaultGuest),
             },
         };
         let mut cmdline = vec![s.guest.cmdline.clone()];
@@ -304,8 +334,7 @@ impl Attempt<'_> {
                 Some(dir) => dir.clone(),
                 None => {
                     let dir = work.join("shares").join(&share.tag);
-                    fs::create_dir_all(&dir)
-                        .map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+                    fs::create_dir_all(&dir).map_err(PlanError::create(&dir))?;
                     dir
                 }
             };
@@ -334,10 +363,9 @@ impl Attempt<'_> {
             .create(true)
             .append(true)
             .open(&console_log)
-            .map_err(|e| format!("cannot create {}: {e}", console_log.display()))?;
+            .map_err(PlanError::create(&console_log))?;
         let vm_dir = work.join("vm");
-        fs::create_dir_all(&vm_dir)
-            .map_err(|e| format!("cannot create {}: {e}", vm_dir.display()))?;
+        fs::create_dir_all(&vm_dir).map_err(PlanError::create(&vm_dir))?;
         Ok(RunPlan {
             scenario_id: s.id.clone(),
             run_id: run_id.to_string(),
@@ -689,12 +717,12 @@ impl Attempt<'_> {
             return fail(FailureClass::StepTimeout, msg, Some(index));
         }
         match e {
-            MachineError::Timeout(what) => fail(
-                FailureClass::StepTimeout,
-                format!("timed out: {what}"),
-                Some(index),
-            ),
-            MachineError::Agent(what) => fail(FailureClass::StepFailed, what, Some(index)),
+            MachineError::Timeout { .. } => {
+                fail(FailureClass::StepTimeout, e.to_string(), Some(index))
+            }
+            MachineError::Agent(what) => {
+                fail(FailureClass::StepFailed, what.to_string(), Some(index))
+            }
             other => fail(FailureClass::InfraError, other.to_string(), Some(index)),
         }
     }

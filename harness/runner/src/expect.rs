@@ -110,9 +110,31 @@ pub fn check_file(fixtures: &Path, scenario_dir: &Path, e: &FileExpect) -> Expec
     verdict(None)
 }
 
+/// Why a host-side verify command did not pass.
+#[derive(Debug, thiserror::Error)]
+pub enum VerifyError {
+    /// /bin/sh did not start.
+    #[error("cannot start /bin/sh: {0}")]
+    Spawn(#[source] std::io::Error),
+    /// The command exited unsuccessfully.
+    #[error("{status}{}", if last.is_empty() { String::new() } else { format!(": {last}") })]
+    Failed {
+        /// Its status.
+        status: std::process::ExitStatus,
+        /// The last line it wrote to stderr (empty when none).
+        last: String,
+    },
+    /// The command ran past its time limit and was killed.
+    #[error("did not finish within {}", humantime::format_duration(*.0))]
+    TimedOut(Duration),
+    /// Waiting for it failed.
+    #[error("wait failed: {0}")]
+    Wait(#[source] std::io::Error),
+}
+
 /// Runs a host-side verify command (`sh -c CMD sh FILE`; `$KILN_FILE` is the file,
 /// `$KILN_SCENARIO_DIR` the scenario file's directory) with a time limit.
-fn run_verify(cmd: &str, file: &Path, cwd: &Path, scenario_dir: &Path) -> Result<(), String> {
+fn run_verify(cmd: &str, file: &Path, cwd: &Path, scenario_dir: &Path) -> Result<(), VerifyError> {
     let mut child = Command::new("/bin/sh")
         .arg("-c")
         .arg(cmd)
@@ -128,7 +150,7 @@ fn run_verify(cmd: &str, file: &Path, cwd: &Path, scenario_dir: &Path) -> Result
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .spawn()
-        .map_err(|e| format!("cannot start /bin/sh: {e}"))?;
+        .map_err(VerifyError::Spawn)?;
     let until = Instant::now() + VERIFY_TIMEOUT;
     loop {
         match child.try_wait() {
@@ -139,25 +161,15 @@ fn run_verify(cmd: &str, file: &Path, cwd: &Path, scenario_dir: &Path) -> Result
                     let _ = std::io::Read::read_to_string(&mut e, &mut err);
                 }
                 let last = err.lines().last().unwrap_or("").trim().to_string();
-                return Err(format!(
-                    "{status}{}",
-                    if last.is_empty() {
-                        String::new()
-                    } else {
-                        format!(": {last}")
-                    }
-                ));
+                return Err(VerifyError::Failed { status, last });
             }
             Ok(None) if Instant::now() >= until => {
                 let _ = child.kill();
                 let _ = child.wait();
-                return Err(format!(
-                    "did not finish within {}",
-                    humantime::format_duration(VERIFY_TIMEOUT)
-                ));
+                return Err(VerifyError::TimedOut(VERIFY_TIMEOUT));
             }
             Ok(None) => std::thread::sleep(Duration::from_millis(5)),
-            Err(e) => return Err(format!("wait failed: {e}")),
+            Err(e) => return Err(VerifyError::Wait(e)),
         }
     }
 }

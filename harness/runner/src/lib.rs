@@ -24,7 +24,14 @@ use kiln_backends::{Backend, CancelFlag, KillSwitch};
 use kiln_scenario::Scenario;
 
 /// Resolves the default guest to (kernel, initrd).
-pub type GuestResolver = Arc<dyn Fn() -> Result<(PathBuf, PathBuf), String> + Send + Sync>;
+pub type GuestResolver =
+    Arc<dyn Fn() -> Result<(PathBuf, PathBuf), GuestUnavailable> + Send + Sync>;
+
+/// The default guest could not be had (built or found); the resolver's own error says why.
+/// Cheap to clone, so one answer can serve every scenario of a run.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("the default guest is not available: {0}")]
+pub struct GuestUnavailable(#[source] pub Arc<dyn std::error::Error + Send + Sync>);
 /// Called before a VM is torn down with `--pause-before-teardown`; returns when to continue.
 pub type PauseHook = Arc<dyn Fn(&str) + Send + Sync>;
 
@@ -120,15 +127,26 @@ pub struct RunSummary {
     pub elapsed: Duration,
 }
 
+/// How a run ended as a whole; the command line turns it into its exit code.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RunOutcome {
+    /// Every scenario ran and passed.
+    Passed,
+    /// A scenario failed, or was never started (fail-fast).
+    Failed,
+    /// Ctrl-C stopped the run.
+    Interrupted,
+}
+
 impl RunSummary {
-    /// 0 all passed, 1 some failed, 130 interrupted.
-    pub fn exit_code(&self) -> u8 {
+    /// Interrupted when cancelled, else Passed when every scenario ran and passed.
+    pub fn outcome(&self) -> RunOutcome {
         if self.cancelled {
-            130
+            RunOutcome::Interrupted
         } else if self.outcomes.iter().all(ScenarioOutcome::passed) && self.not_run.is_empty() {
-            0
+            RunOutcome::Passed
         } else {
-            1
+            RunOutcome::Failed
         }
     }
 }

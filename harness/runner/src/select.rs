@@ -25,31 +25,70 @@ pub enum Partition {
     },
 }
 
-impl FromStr for Partition {
-    type Err = String;
+/// Why a partition does not parse; each says what the syntax is.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{problem}; expected hash:I/N or count:I/N with 1 <= I <= N")]
+pub struct PartitionError {
+    /// What is wrong with it.
+    pub problem: PartitionProblem,
+}
 
-    fn from_str(s: &str) -> Result<Partition, String> {
-        let bad = |why: &str| format!("{why}; expected hash:I/N or count:I/N with 1 <= I <= N");
-        let (kind, rest) = s
-            .split_once(':')
-            .ok_or_else(|| bad("missing `hash:` or `count:`"))?;
-        let (i, n) = rest.split_once('/').ok_or_else(|| bad("missing `/N`"))?;
-        let shard: u64 = i
-            .parse()
-            .map_err(|_| bad(&format!("shard {i:?} is not a number")))?;
-        let total: u64 = n
-            .parse()
-            .map_err(|_| bad(&format!("total {n:?} is not a number")))?;
+/// What is wrong with a partition.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum PartitionProblem {
+    /// No `kind:` prefix.
+    #[error("missing `hash:` or `count:`")]
+    MissingKind,
+    /// No `/N`.
+    #[error("missing `/N`")]
+    MissingTotal,
+    /// I is not a number.
+    #[error("shard {0:?} is not a number")]
+    ShardNotANumber(String),
+    /// N is not a number.
+    #[error("total {0:?} is not a number")]
+    TotalNotANumber(String),
+    /// N is 0.
+    #[error("N must be at least 1")]
+    ZeroTotal,
+    /// I is not in 1..=N.
+    #[error("shard {shard} is outside 1..={total}")]
+    ShardOutOfRange {
+        /// I.
+        shard: u64,
+        /// N.
+        total: u64,
+    },
+    /// Neither `hash` nor `count`.
+    #[error("unknown kind {0:?}")]
+    UnknownKind(String),
+}
+
+impl From<PartitionProblem> for PartitionError {
+    fn from(problem: PartitionProblem) -> Self {
+        PartitionError { problem }
+    }
+}
+
+impl FromStr for Partition {
+    type Err = PartitionError;
+
+    fn from_str(s: &str) -> Result<Partition, PartitionError> {
+        use PartitionProblem as P;
+        let (kind, rest) = s.split_once(':').ok_or(P::MissingKind)?;
+        let (i, n) = rest.split_once('/').ok_or(P::MissingTotal)?;
+        let shard: u64 = i.parse().map_err(|_| P::ShardNotANumber(i.into()))?;
+        let total: u64 = n.parse().map_err(|_| P::TotalNotANumber(n.into()))?;
         if total == 0 {
-            return Err(bad("N must be at least 1"));
+            return Err(P::ZeroTotal.into());
         }
         if shard == 0 || shard > total {
-            return Err(bad(&format!("shard {shard} is outside 1..={total}")));
+            return Err(P::ShardOutOfRange { shard, total }.into());
         }
         match kind {
             "hash" => Ok(Partition::Hash { shard, total }),
             "count" => Ok(Partition::Count { shard, total }),
-            other => Err(bad(&format!("unknown kind {other:?}"))),
+            other => Err(P::UnknownKind(other.into()).into()),
         }
     }
 }
@@ -91,19 +130,25 @@ pub struct Filter {
     regex: Option<Regex>,
 }
 
-impl FromStr for Filter {
-    type Err = String;
+/// A filter that is not a valid regex (an id is always one).
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("neither an id nor a valid regex ({})", short_reason(.0))]
+pub struct FilterError(#[source] pub regex::Error);
 
-    fn from_str(s: &str) -> Result<Filter, String> {
-        let regex = Regex::new(s).map_err(|e| {
-            let why = e.to_string();
-            let why = why
-                .lines()
-                .find_map(|l| l.trim().strip_prefix("error: "))
-                .unwrap_or("invalid")
-                .to_string();
-            format!("neither an id nor a valid regex ({why})")
-        })?;
+/// The regex error's one-line reason (its `error: ` line), without the pattern drawing.
+fn short_reason(e: &regex::Error) -> String {
+    e.to_string()
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("error: "))
+        .unwrap_or("invalid")
+        .to_string()
+}
+
+impl FromStr for Filter {
+    type Err = FilterError;
+
+    fn from_str(s: &str) -> Result<Filter, FilterError> {
+        let regex = Regex::new(s).map_err(FilterError)?;
         Ok(Filter {
             text: s.to_string(),
             regex: Some(regex),
@@ -138,7 +183,7 @@ mod tests {
             Ok(Partition::Count { shard: 2, total: 2 })
         );
         assert_eq!(
-            "hash:3/2".parse::<Partition>(),
+            "hash:3/2".parse::<Partition>().map_err(|e| e.to_string()),
             Err("shard 3 is outside 1..=2; expected hash:I/N or count:I/N with 1 <= I <= N".into())
         );
         assert!("count:0/2".parse::<Partition>().is_err());

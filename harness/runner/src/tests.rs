@@ -102,7 +102,7 @@ fn fixture_generation_passes_and_leaves_a_complete_bundle() {
     let summary = env.run(&backend, &scenarios);
     let r = one(&summary);
     assert!(r.passed(), "{:?}", r.failure);
-    assert_eq!(summary.exit_code(), 0);
+    assert_eq!(summary.outcome(), RunOutcome::Passed);
     assert_eq!(r.expectations.len(), 4);
     let dir = bundle(r);
     for name in [
@@ -156,7 +156,7 @@ fn class_of(
     let summary = env.run(&backend, &scenarios);
     let r = one(&summary).clone();
     assert!(!r.passed());
-    assert_eq!(summary.exit_code(), 1);
+    assert_eq!(summary.outcome(), RunOutcome::Failed);
     let dir = bundle(&r);
     let text = fs::read_to_string(dir.join("failure-summary.txt")).expect("summary");
     assert!(
@@ -334,7 +334,7 @@ fn retries_rerun_a_failed_scenario_until_it_passes() {
     let outcome = &summary.outcomes[0];
     assert!(outcome.passed());
     assert_eq!((outcome.retries.len(), outcome.result.attempt), (1, 2));
-    assert_eq!(summary.exit_code(), 0);
+    assert_eq!(summary.outcome(), RunOutcome::Passed);
 }
 
 #[test]
@@ -360,7 +360,7 @@ fn fail_fast_stops_scheduling_after_the_first_failure() {
     let summary = env.run(&backend, &scenarios);
     assert_eq!(summary.outcomes.len(), 1);
     assert_eq!(summary.not_run, ["ff1", "ff2", "ff3"]);
-    assert_eq!(summary.exit_code(), 1);
+    assert_eq!(summary.outcome(), RunOutcome::Failed);
 }
 
 #[test]
@@ -388,7 +388,7 @@ fn jobs_run_scenarios_in_parallel() {
         })
     });
     let summary = env.run(&backend, &scenarios);
-    assert_eq!(summary.exit_code(), 0);
+    assert_eq!(summary.outcome(), RunOutcome::Passed);
     assert!(
         summary.elapsed < Duration::from_millis(1100),
         "{:?}",
@@ -456,7 +456,7 @@ fn ctrl_c_tears_down_running_scenarios_and_stops_scheduling() {
     assert!(control.interrupt(), "second Ctrl-C asks to exit at once");
     assert!(t.elapsed() < Duration::from_secs(5), "{:?}", t.elapsed());
     assert_eq!(backend.live(), 0);
-    assert_eq!(summary.exit_code(), 130);
+    assert_eq!(summary.outcome(), RunOutcome::Interrupted);
     assert_eq!(summary.outcomes.len(), 2);
     assert!(summary
         .outcomes
@@ -524,7 +524,7 @@ fn a_share_dir_deleted_mid_run_is_an_infra_error_and_the_others_pass() {
         _ => FakeGuest::ready(),
     });
     let summary = env.run(&backend, &scenarios);
-    assert_eq!(summary.exit_code(), 1);
+    assert_eq!(summary.outcome(), RunOutcome::Failed);
     let by_id = |id: &str| {
         summary
             .outcomes
@@ -572,7 +572,7 @@ fn panics_in_boot_and_exec_are_infra_errors_and_the_others_finish() {
         _ => FakeGuest::ready(),
     });
     let summary = env.run(&backend, &scenarios);
-    assert_eq!(summary.exit_code(), 1);
+    assert_eq!(summary.outcome(), RunOutcome::Failed);
     assert_eq!(summary.outcomes.len(), 4);
     assert!(summary.not_run.is_empty());
     for o in &summary.outcomes {
@@ -649,7 +649,7 @@ fn a_second_ctrl_c_removes_the_work_dirs_of_stuck_scenarios() {
         "work dirs left after the second Ctrl-C: {after:?}"
     );
     assert!(took < ABORT_CLEANUP_LIMIT, "{took:?}");
-    assert_eq!(summary.exit_code(), 130);
+    assert_eq!(summary.outcome(), RunOutcome::Interrupted);
     assert_eq!(backend.live(), 0);
 }
 
@@ -674,15 +674,19 @@ struct Tmpfs(PathBuf);
 
 impl Tmpfs {
     /// Mounts one, or says why not (not root, no CAP_SYS_ADMIN, no `mount`).
-    fn mount(dir: &std::path::Path, size: &str) -> Result<Tmpfs, String> {
-        fs::create_dir_all(dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+    fn mount(dir: &std::path::Path, size: &str) -> std::io::Result<Tmpfs> {
+        let context = |what: String| {
+            move |e: std::io::Error| std::io::Error::new(e.kind(), format!("{what}: {e}"))
+        };
+        fs::create_dir_all(dir).map_err(context(format!("cannot create {}", dir.display())))?;
         let out = std::process::Command::new("mount")
             .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
             .arg(dir)
             .output()
-            .map_err(|e| format!("cannot run mount: {e}"))?;
+            .map_err(context("cannot run mount".into()))?;
         if !out.status.success() {
-            return Err(String::from_utf8_lossy(&out.stderr).trim().to_string());
+            let why = String::from_utf8_lossy(&out.stderr).trim().to_string();
+            return Err(std::io::Error::other(why));
         }
         Ok(Tmpfs(dir.to_path_buf()))
     }
@@ -729,7 +733,7 @@ fn a_full_artifacts_disk_is_an_infra_error_without_a_half_written_bundle() {
         })
     });
     let summary = env.run(&backend, &scenarios);
-    assert_eq!(summary.exit_code(), 1);
+    assert_eq!(summary.outcome(), RunOutcome::Failed);
     assert_eq!(summary.outcomes.len(), 2, "both scenarios reported");
     let full = &summary.outcomes[0].result;
     assert_eq!(full.scenario, "fills-disk");

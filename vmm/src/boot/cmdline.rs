@@ -12,7 +12,7 @@ pub const DEFAULT_CMDLINE: &str = "console=ttyS0 reboot=k panic=-1";
 #[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
 pub enum CmdlineError {
     /// Longer than the kernel accepts.
-    #[error("--cmdline: the command line would be {len} bytes, the limit is {limit} bytes")]
+    #[error("the kernel command line would be {len} bytes, the limit is {limit} bytes")]
     TooLong {
         /// Length the full line would have (without the NUL).
         len: usize,
@@ -20,7 +20,7 @@ pub enum CmdlineError {
         limit: usize,
     },
     /// A character the boot protocol cannot carry.
-    #[error("--cmdline: {part:?} has a character that is not printable ASCII")]
+    #[error("the kernel command line: {part:?} has a character that is not printable ASCII")]
     BadCharacter {
         /// The offending part.
         part: String,
@@ -103,7 +103,7 @@ mod tests {
         );
         assert_eq!(
             err.to_string(),
-            "--cmdline: the command line would be 2048 bytes, the limit is 2047 bytes"
+            "the kernel command line would be 2048 bytes, the limit is 2047 bytes"
         );
         // A kernel announcing a smaller cmdline_size wins.
         assert!(matches!(

@@ -45,27 +45,47 @@ pub enum EntryPoint {
     Linux64(GuestAddress),
 }
 
+/// Which of the files a VM boots from an error is about.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BootFile {
+    /// [`crate::VmConfig::kernel`].
+    Kernel,
+    /// [`crate::VmConfig::initrd`].
+    Initrd,
+}
+
+impl std::fmt::Display for BootFile {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            BootFile::Kernel => "the kernel image",
+            BootFile::Initrd => "the initrd",
+        })
+    }
+}
+
 /// Kernel and initrd loading errors; each names the file.
 #[derive(Debug, thiserror::Error)]
 pub enum BootError {
     /// The kernel or initrd could not be opened or read.
-    #[error("{flag} {path}: {source}")]
+    #[error("{file} {path}: {source}")]
     Io {
-        /// `--kernel` or `--initrd`.
-        flag: &'static str,
+        /// The kernel or the initrd.
+        file: BootFile,
         /// The file.
         path: PathBuf,
         /// The OS error.
         source: std::io::Error,
     },
     /// Not a format kiln can boot.
-    #[error("--kernel {path}: neither an ELF nor a bzImage (no ELF magic, no \"HdrS\" at 0x202)")]
+    #[error(
+        "the kernel image {path}: neither an ELF nor a bzImage (no ELF magic, no \"HdrS\" at 0x202)"
+    )]
     UnknownFormat {
         /// The file.
         path: PathBuf,
     },
     /// An ELF for another machine or word size.
-    #[error("--kernel {path}: {what}; kiln boots 64-bit x86-64 (EM_X86_64 = 62) kernels")]
+    #[error("the kernel image {path}: {what}; kiln boots 64-bit x86-64 (EM_X86_64 = 62) kernels")]
     WrongMachine {
         /// The file.
         path: PathBuf,
@@ -73,7 +93,7 @@ pub enum BootError {
         what: String,
     },
     /// linux-loader refused the image (bad headers, does not fit in memory…).
-    #[error("--kernel {path}: {source}")]
+    #[error("the kernel image {path}: {source}")]
     Load {
         /// The file.
         path: PathBuf,
@@ -82,7 +102,7 @@ pub enum BootError {
     },
     /// An ELF whose entry point is below 1 MiB: a user-space program, not a kernel.
     #[error(
-        "--kernel {path}: the ELF entry point is below 1 MiB (0x100000); \
+        "the kernel image {path}: the ELF entry point is below 1 MiB (0x100000); \
          is this a program rather than a kernel?"
     )]
     LowEntry {
@@ -91,8 +111,8 @@ pub enum BootError {
     },
     /// The kernel image does not fit in guest memory.
     #[error(
-        "--kernel {path}: the image does not fit in guest memory (RAM ends at {mem_end:#x}); \
-         raise --memory"
+        "the kernel image {path}: the image does not fit in guest memory \
+         (RAM ends at {mem_end:#x}); raise VmConfig.memory_mib"
     )]
     KernelTooLarge {
         /// The file.
@@ -102,8 +122,9 @@ pub enum BootError {
     },
     /// Kernel and initrd do not fit in guest memory together.
     #[error(
-        "--initrd {path}: {size} bytes do not fit in guest memory above the kernel \
-         (kernel ends at {kernel_end:#x}, low memory ends at {mem_end:#x}); raise --memory"
+        "the initrd {path}: {size} bytes do not fit in guest memory above the kernel \
+         (kernel ends at {kernel_end:#x}, low memory ends at {mem_end:#x}); \
+         raise VmConfig.memory_mib"
     )]
     InitrdTooLarge {
         /// The initrd file.
@@ -203,7 +224,7 @@ pub fn load_kernel(
     initrd: Option<&Path>,
 ) -> Result<LoadedKernel, BootError> {
     let io = |source| BootError::Io {
-        flag: "--kernel",
+        file: BootFile::Kernel,
         path: path.into(),
         source,
     };
@@ -269,7 +290,7 @@ fn load_initrd(
     kernel: &LoadedKernel,
 ) -> Result<(GuestAddress, u64), BootError> {
     let io = |source| BootError::Io {
-        flag: "--initrd",
+        file: BootFile::Initrd,
         path: path.into(),
         source,
     };
@@ -350,7 +371,7 @@ mod tests {
         let err = detect_format(p, &elf_header(2, 183)).unwrap_err();
         assert_eq!(
             err.to_string(),
-            "--kernel k: ELF machine 183; kiln boots 64-bit x86-64 (EM_X86_64 = 62) kernels"
+            "the kernel image k: ELF machine 183; kiln boots 64-bit x86-64 (EM_X86_64 = 62) kernels"
         );
         assert!(matches!(
             detect_format(p, &elf_header(1, 3)),
@@ -390,11 +411,11 @@ mod tests {
         std::fs::write(&path, vec![0u8; 15 << 20]).unwrap();
         let err = load_initrd(&mem, &path, &kernel).unwrap_err();
         assert!(matches!(err, BootError::InitrdTooLarge { .. }), "{err}");
-        assert!(err.to_string().contains("raise --memory"));
+        assert!(err.to_string().contains("raise VmConfig.memory_mib"));
 
         let missing = dir.path().join("missing");
         let err = load_initrd(&mem, &missing, &kernel).unwrap_err();
-        assert!(err.to_string().starts_with("--initrd "));
+        assert!(err.to_string().starts_with("the initrd "));
     }
 
     /// A minimal ELF64 x86-64 image with one PT_LOAD of `filesz` bytes at 1 MiB.
@@ -434,7 +455,7 @@ mod tests {
             ),
             "{err}"
         );
-        assert!(err.to_string().ends_with("raise --memory"));
+        assert!(err.to_string().ends_with("raise VmConfig.memory_mib"));
         // The same image loads, as a 64-bit-entry ELF, when memory is large enough.
         let mem = create_guest_memory(8).unwrap();
         let k = load_kernel(&mem, &path, None).unwrap();

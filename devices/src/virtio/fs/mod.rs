@@ -28,14 +28,14 @@ use std::path::PathBuf;
 /// Longest mount tag the config space can carry (virtio 1.2 §5.11.4).
 pub const TAG_MAX_LEN: usize = 36;
 
-/// Why a share cannot be served.
+/// Why a share cannot be served; each names the share by its tag and directory.
 #[derive(Debug, thiserror::Error)]
 pub enum FsError {
     /// The tag is empty.
-    #[error("--share: the tag is empty; expected --share TAG=DIR with a tag of 1 to {TAG_MAX_LEN} bytes")]
+    #[error("share \"\": the tag is empty; a tag has 1 to {TAG_MAX_LEN} bytes")]
     EmptyTag,
     /// The tag does not fit the config space.
-    #[error("--share {tag}: the tag is {len} bytes long; at most {TAG_MAX_LEN} bytes fit in the virtio-fs config space")]
+    #[error("share {tag}: the tag is {len} bytes long; at most {TAG_MAX_LEN} bytes fit in the virtio-fs config space")]
     TagTooLong {
         /// The tag given.
         tag: String,
@@ -43,13 +43,13 @@ pub enum FsError {
         len: usize,
     },
     /// The tag contains a NUL byte, which would cut it short in the guest.
-    #[error("--share {tag:?}: the tag contains a NUL byte")]
+    #[error("share {tag:?}: the tag contains a NUL byte")]
     TagHasNul {
         /// The tag given.
         tag: String,
     },
     /// The shared directory does not exist or cannot be inspected.
-    #[error("--share {tag}={}: cannot use the directory: {source}", dir.display())]
+    #[error("share {tag} ({}): cannot use the directory: {source}", dir.display())]
     DirUnusable {
         /// The tag given.
         tag: String,
@@ -59,7 +59,7 @@ pub enum FsError {
         source: std::io::Error,
     },
     /// The shared path is not a directory.
-    #[error("--share {tag}={}: not a directory", dir.display())]
+    #[error("share {tag} ({}): not a directory", dir.display())]
     NotADir {
         /// The tag given.
         tag: String,
@@ -67,7 +67,7 @@ pub enum FsError {
         dir: PathBuf,
     },
     /// The shared path is not valid UTF-8 (the passthrough backend takes its root as a string).
-    #[error("--share {tag}={}: the directory path is not valid UTF-8", dir.display())]
+    #[error("share {tag} ({}): the directory path is not valid UTF-8", dir.display())]
     NonUtf8Dir {
         /// The tag given.
         tag: String,
@@ -75,7 +75,7 @@ pub enum FsError {
         dir: PathBuf,
     },
     /// The passthrough file system could not be set up.
-    #[error("--share {tag}={}: cannot start the file server: {source}", dir.display())]
+    #[error("share {tag} ({}): cannot start the file server: {source}", dir.display())]
     Backend {
         /// The tag given.
         tag: String,

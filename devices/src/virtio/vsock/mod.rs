@@ -44,12 +44,12 @@ pub const MAX_CONNECTIONS: usize = 1024;
 #[derive(Debug, thiserror::Error)]
 pub enum VsockError {
     /// The Unix socket path already exists.
-    #[error("--vsock {}: the path is in use (remove it or choose another path)", .0.display())]
+    #[error("vsock socket {}: the path is in use (remove it or choose another path)", .0.display())]
     PathInUse(PathBuf),
     /// Binding the Unix socket failed for another reason.
-    #[error("--vsock {}: cannot listen on the Unix socket: {source}", path.display())]
+    #[error("vsock socket {}: cannot listen on the Unix socket: {source}", path.display())]
     Listen {
-        /// The `--vsock` path.
+        /// The Unix socket path.
         path: PathBuf,
         /// What bind(2) said.
         source: std::io::Error,

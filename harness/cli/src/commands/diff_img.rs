@@ -7,6 +7,8 @@ use clap::{Args, Subcommand};
 use kiln_diff::ops::{diff_images, ALL_OPS, DEFAULT_OPS};
 use kiln_img::Profile;
 
+use crate::exit;
+
 /// `kiln diff` subcommands.
 #[derive(Debug, Subcommand)]
 pub enum DiffCommand {
@@ -49,12 +51,12 @@ pub struct DiffImgArgs {
     images: Vec<String>,
 }
 
-/// Runs `kiln diff`; exit 0 when nothing is DIVERGENT, 1 otherwise, 2 on usage errors, 3 when
-/// qemu-img is missing (nothing could be compared).
+/// Runs `kiln diff`: SUCCESS when nothing is DIVERGENT, FAILURES otherwise, USAGE on usage
+/// errors, UNAVAILABLE when qemu-img is missing (nothing could be compared).
 pub fn run(cmd: DiffCommand) -> i32 {
     match cmd {
         DiffCommand::Img(a) => diff_img(a),
-        DiffCommand::Run(a) => i32::from(super::diff_run::run(a)),
+        DiffCommand::Run(a) => super::diff_run::run(a),
     }
 }
 
@@ -65,13 +67,13 @@ fn diff_img(a: DiffImgArgs) -> i32 {
                 "kiln: error: --ops {op}: expected one of {}",
                 ALL_OPS.join(", ")
             );
-            return 2;
+            return exit::USAGE;
         }
     }
     let profile = match a.profile.as_deref().map(|p| Profile::parse(p).ok_or(p)) {
         Some(Err(p)) => {
             eprintln!("kiln: error: --profile {p}: expected 7.2 or 10.0");
-            return 2;
+            return exit::USAGE;
         }
         Some(Ok(p)) => Some(p),
         None => None,
@@ -89,7 +91,7 @@ fn diff_img(a: DiffImgArgs) -> i32 {
                     }
                     Err(e) => {
                         eprintln!("kiln: error: temporary directory: {e}");
-                        return 2;
+                        return exit::USAGE;
                     }
                 },
             };
@@ -102,16 +104,16 @@ fn diff_img(a: DiffImgArgs) -> i32 {
                 Err(e) => {
                     eprintln!("kiln: error: generating corpus: {e}");
                     return if kiln_diff::profile::detect(&a.qemu_img).is_err() {
-                        3
+                        exit::UNAVAILABLE
                     } else {
-                        2
+                        exit::USAGE
                     };
                 }
             }
         }
         None if a.images.is_empty() => {
             eprintln!("kiln: error: name images to compare, or use --generate N --seed S");
-            return 2;
+            return exit::USAGE;
         }
         None => a.images.clone(),
     };
@@ -125,10 +127,10 @@ fn diff_img(a: DiffImgArgs) -> i32 {
         print!("{}", report.to_text(a.verbose));
     }
     if report.divergent() > 0 {
-        1
+        exit::FAILURES
     } else if report.version.is_none() {
-        3
+        exit::UNAVAILABLE
     } else {
-        0
+        exit::SUCCESS
     }
 }

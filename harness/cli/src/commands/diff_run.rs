@@ -2,15 +2,18 @@
 //! runs the corpus on kiln's VMM and on QEMU through the ordinary runner (bundles under
 //! `<artifacts>/kiln/` and `<artifacts>/qemu/`), and compares each scenario's two bundles.
 //!
-//! Exit codes: 0 every scenario identical, tolerated or inconclusive; 1 any DIVERGENT; 2 usage
-//! or configuration error; 3 a backend is unavailable (nothing is run then: a one-sided run
-//! proves nothing differential, and the QEMU half alone costs minutes under TCG); 130 Ctrl-C.
+//! Exit codes (crate::exit): SUCCESS every scenario identical, tolerated or inconclusive;
+//! FAILURES any DIVERGENT; USAGE usage or configuration error; UNAVAILABLE a backend is
+//! unavailable (nothing is run then: a one-sided run proves nothing differential, and the QEMU
+//! half alone costs minutes under TCG); INTERRUPTED Ctrl-C.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::Arc;
 
 use clap::Args;
+
+use crate::exit;
 
 use kiln_backends::{self as backend, Backend};
 use kiln_diff::scenarios::report::{RunDiffReport, ScenarioDiff};
@@ -39,14 +42,14 @@ pub struct DiffRunArgs {
 }
 
 /// Runs `kiln diff run`; returns the exit code.
-pub fn run(args: DiffRunArgs) -> u8 {
+pub fn run(args: DiffRunArgs) -> i32 {
     let scenarios = match load_corpus(&args.paths) {
         Ok(s) => s,
         Err(errors) => {
             for e in &errors {
                 eprintln!("kiln: error: {e}");
             }
-            return 2;
+            return exit::USAGE;
         }
     };
     let (both, one): (Vec<Scenario>, Vec<Scenario>) = scenarios
@@ -89,19 +92,22 @@ pub fn run(args: DiffRunArgs) -> u8 {
     let (kiln, qemu) = match backends {
         Ok(b) => b,
         Err(message) => {
-            eprintln!("kiln: {message}; nothing was run (exit 3)");
+            eprintln!(
+                "kiln: {message}; nothing was run (exit {})",
+                exit::UNAVAILABLE
+            );
             if args.json {
-                let doc = serde_json::json!({"error": message, "exit_code": 3});
+                let doc = serde_json::json!({"error": message, "exit_code": exit::UNAVAILABLE});
                 println!("{doc}");
             }
-            return 3;
+            return exit::UNAVAILABLE;
         }
     };
     let control = Control::new();
     let handler_control = control.clone();
     if let Err(e) = ctrlc::set_handler(move || {
         if handler_control.interrupt() {
-            std::process::exit(130);
+            std::process::exit(exit::INTERRUPTED);
         }
         eprintln!("kiln: interrupted: tearing down running scenarios");
     }) {
@@ -111,7 +117,7 @@ pub fn run(args: DiffRunArgs) -> u8 {
     let kiln_runs = run_side(&both, kiln.as_ref(), &opts, "kiln", &control);
     let qemu_runs = run_side(&both, qemu.as_ref(), &opts, "qemu", &control);
     if control.cancelled() {
-        return 130;
+        return exit::INTERRUPTED;
     }
     let reader = QemuImg(args.qemu_img.clone());
     for s in &both {
@@ -124,7 +130,7 @@ pub fn run(args: DiffRunArgs) -> u8 {
                 &reader,
             ) {
                 Ok(facts) => ScenarioDiff::Compared(facts),
-                Err(e) => ScenarioDiff::Inconclusive(e),
+                Err(e) => ScenarioDiff::Inconclusive(e.to_string()),
             },
             _ => ScenarioDiff::Inconclusive("no bundle from one of the backends".into()),
         };
@@ -134,16 +140,17 @@ pub fn run(args: DiffRunArgs) -> u8 {
     print(&report, &args)
 }
 
-fn print(report: &RunDiffReport, args: &DiffRunArgs) -> u8 {
+fn print(report: &RunDiffReport, args: &DiffRunArgs) -> i32 {
+    let code = exit::of_diff_run(report);
     if args.json {
         println!(
             "{}",
-            serde_json::to_string_pretty(&report.to_json()).unwrap_or_default()
+            serde_json::to_string_pretty(&report.to_json(code)).unwrap_or_default()
         );
     } else {
         print!("{}", report.to_text());
     }
-    report.exit_code()
+    code
 }
 
 fn options(args: &DiffRunArgs, kvm_kind: &str, scenarios: &[Scenario]) -> RunOptions {

@@ -53,10 +53,10 @@ impl BuildArgs {
 /// Run a `kiln guest` command; returns the exit code.
 pub fn run(command: GuestCommand) -> i32 {
     match execute(command) {
-        Ok(()) => 0,
+        Ok(()) => crate::exit::SUCCESS,
         Err(e) => {
             eprintln!("kiln: error: {e}");
-            1
+            crate::exit::ERROR
         }
     }
 }

@@ -100,8 +100,13 @@ pub struct ProfileArg {
     profile: Option<Profile>,
 }
 
-fn parse_profile(s: &str) -> Result<Profile, String> {
-    Profile::parse(s).ok_or_else(|| format!("unknown profile '{s}': expected 7.2 or 10.0"))
+/// A `--profile` kiln has no answers for.
+#[derive(Debug, thiserror::Error)]
+#[error("unknown profile '{0}': expected 7.2 or 10.0")]
+struct UnknownProfile(String);
+
+fn parse_profile(s: &str) -> Result<Profile, UnknownProfile> {
+    Profile::parse(s).ok_or_else(|| UnknownProfile(s.to_string()))
 }
 
 impl ProfileArg {
@@ -114,7 +119,8 @@ impl ProfileArg {
     }
 }
 
-/// Runs one `kiln img` command, printing like qemu-img; returns the exit code.
+/// Runs one `kiln img` command, printing like qemu-img; returns qemu-img's exit status
+/// (crate::exit::img).
 pub fn run(cmd: ImgCommand) -> i32 {
     let out = match cmd {
         ImgCommand::Info {

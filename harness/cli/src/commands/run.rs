@@ -1,6 +1,7 @@
 //! `kiln run` and `kiln scenario check`: corpus loading, selection, backend choice, Ctrl-C,
-//! and the output layer (live lines, summary, `--json`, `--junit`). Exit codes: 0 all passed,
-//! 1 some failed, 2 usage or configuration error (nothing booted), 130 interrupted.
+//! and the output layer (live lines, summary, `--json`, `--junit`). Exit codes (crate::exit):
+//! SUCCESS all passed, FAILURES some failed, USAGE usage or configuration error (nothing
+//! booted), INTERRUPTED Ctrl-C.
 
 use std::io::BufRead;
 use std::path::PathBuf;
@@ -11,6 +12,7 @@ use clap::Args;
 use kiln_backends::{self as backend, Backend};
 
 use crate::args::{BackendArg, KeepArg};
+use crate::exit;
 use kiln_runner::report::{self, LiveReporter};
 use kiln_runner::select::{Filter, Partition};
 use kiln_runner::{self as runner, artifacts::write_atomic, Control, RunOptions};
@@ -67,19 +69,19 @@ fn print_errors(errors: &[impl std::fmt::Display]) {
 }
 
 /// `kiln scenario check PATH...`.
-pub fn check(paths: &[PathBuf]) -> u8 {
+pub fn check(paths: &[PathBuf]) -> i32 {
     match load_corpus(paths) {
         Ok(scenarios) => {
             println!(
                 "ok: {} valid",
                 runner::report::plural(scenarios.len(), "scenario")
             );
-            0
+            exit::SUCCESS
         }
         Err(errors) => {
             print_errors(&errors);
             eprintln!("kiln: {} error(s); nothing was run", errors.len());
-            2
+            exit::USAGE
         }
     }
 }
@@ -114,12 +116,12 @@ pub fn select(args: &RunArgs) -> Result<Vec<Scenario>, Vec<String>> {
 }
 
 /// `kiln run`.
-pub fn run(args: RunArgs) -> u8 {
+pub fn run(args: RunArgs) -> i32 {
     let scenarios = match select(&args) {
         Ok(s) => s,
         Err(errors) => {
             print_errors(&errors);
-            return 2;
+            return exit::USAGE;
         }
     };
     let doctor = kiln_backends::doctor::report();
@@ -133,7 +135,7 @@ pub fn run(args: RunArgs) -> u8 {
         Ok(b) => b,
         Err(e) => {
             eprintln!("kiln: error: {e}");
-            return 2;
+            return exit::USAGE;
         }
     };
     let mut opts = options(&args);
@@ -161,14 +163,14 @@ pub fn run(args: RunArgs) -> u8 {
 /// Resolves the default guest once per run: the first scenario that needs it builds it into the
 /// cache (progress on stderr) while the others wait; every later call gets the cached answer.
 pub(crate) fn default_guest_resolver() -> runner::GuestResolver {
-    type Resolved = Result<(PathBuf, PathBuf), String>;
+    type Resolved = Result<(PathBuf, PathBuf), runner::GuestUnavailable>;
     let resolved: Arc<Mutex<Option<Resolved>>> = Arc::default();
     Arc::new(move || {
         let mut slot = resolved.lock().unwrap_or_else(|p| p.into_inner());
         slot.get_or_insert_with(|| {
             kiln_guest_build::default_guest()
                 .map(|g| (g.kernel, g.initrd))
-                .map_err(|e| format!("the default guest is not available: {e}"))
+                .map_err(|e| runner::GuestUnavailable(Arc::new(e)))
         })
         .clone()
     })
@@ -205,7 +207,7 @@ pub fn run_with(
     scenarios: Vec<Scenario>,
     backend: &dyn Backend,
     opts: RunOptions,
-) -> u8 {
+) -> i32 {
     let (runnable, skipped): (Vec<Scenario>, Vec<Scenario>) = scenarios
         .into_iter()
         .partition(|s| s.allows(backend.kind()));
@@ -218,7 +220,7 @@ pub fn run_with(
     let handler = ctrlc::set_handler(move || {
         if handler_control.interrupt() {
             eprintln!("kiln: interrupted again: killed every VM, removed work dirs; exiting");
-            std::process::exit(130);
+            std::process::exit(exit::INTERRUPTED);
         }
         eprintln!(
             "kiln: interrupted: tearing down running scenarios (Ctrl-C again to exit at once)"
@@ -232,12 +234,10 @@ pub fn run_with(
         reporter.on_event(e)
     });
     reporter.finish();
-    let code = summary.exit_code();
+    let code = exit::of_run(summary.outcome());
     eprint!("{}", report::summary_text(&summary, backend.name()));
     if let Some(path) = &args.junit {
-        let written = report::junit::to_xml(&summary)
-            .and_then(|xml| write_atomic(path, xml.as_bytes()).map_err(|e| e.to_string()));
-        if let Err(e) = written {
+        if let Err(e) = write_junit(path, &summary) {
             eprintln!("kiln: error: --junit {}: {e}", path.display());
         }
     }
@@ -245,6 +245,21 @@ pub fn run_with(
         println!("{}", report::json_document(&summary, backend.name(), code));
     }
     code
+}
+
+/// Why the `--junit` report was not written.
+#[derive(Debug, thiserror::Error)]
+enum JunitError {
+    #[error(transparent)]
+    Xml(#[from] quick_junit::SerializeError),
+    #[error(transparent)]
+    Write(#[from] std::io::Error),
+}
+
+fn write_junit(path: &std::path::Path, summary: &runner::RunSummary) -> Result<(), JunitError> {
+    let xml = report::junit::to_xml(summary)?;
+    write_atomic(path, xml.as_bytes())?;
+    Ok(())
 }
 
 #[cfg(test)]

@@ -3,16 +3,47 @@
 //! overlay reader it is given), so it is tested with synthetic runs and no VM.
 
 pub mod report;
+/// Why two bundles could not be compared (the comparison is inconclusive then).
+#[derive(Debug, thiserror::Error)]
+pub enum CompareError {
+    /// A bundle could not be read back.
+    #[error(transparent)]
+    Load(#[from] LoadError),
+    /// No work directory for the flattened disks.
+    #[error(transparent)]
+    TempDir(#[from] crate::TempDirError),
+}
+
+/// Why a kept bundle could not be read back; each names its result.json.
+#[derive(Debug, thiserror::Error)]
+pub enum LoadError {
+    /// result.json could not be read.
+    #[error("{}: {source}", path.display())]
+    Read {
+        /// result.json.
+        path: PathBuf,
+        /// The OS error.
+        source: io::Error,
+    },
+    /// result.json is not a run result.
+    #[error("{}: {source}", path.display())]
+    Parse {
+        /// result.json.
+        path: PathBuf,
+        /// What serde_json said.
+        source: serde_json::Error,
+    },
+}
+
 /// Compares two kept bundles of one scenario (`<artifacts>/<id>/latest` or a run dir).
 pub fn compare_bundles(
     a: (&str, &Path),
     b: (&str, &Path),
     rules: &DiffRules,
     reader: &dyn OverlayReader,
-) -> Result<Vec<Fact>, String> {
+) -> Result<Vec<Fact>, CompareError> {
     let (ba, bb) = (load_bundle(a.1)?, load_bundle(b.1)?);
-    let work =
-        crate::TempDir::new("kiln-diff-run").map_err(|e| format!("temporary directory: {e}"))?;
+    let work = crate::TempDir::new("kiln-diff-run").map_err(crate::TempDirError)?;
     let side = |label, l: &'_ LoadedBundle| (label, l.result.clone(), l.fixtures.clone());
     let (sa, sb) = (side(a.0, &ba), side(b.0, &bb));
     Ok(compare_runs(
@@ -537,11 +568,16 @@ pub struct LoadedBundle {
 }
 
 /// Reads the bundle at `dir` (`<artifacts>/<scenario>/<run-id>` or `…/latest`).
-pub fn load_bundle(dir: &Path) -> Result<LoadedBundle, String> {
+pub fn load_bundle(dir: &Path) -> Result<LoadedBundle, LoadError> {
     let path = dir.join("result.json");
-    let data = fs::read(&path).map_err(|e| format!("{}: {e}", path.display()))?;
-    let result: RunResult =
-        serde_json::from_slice(&data).map_err(|e| format!("{}: {e}", path.display()))?;
+    let data = match fs::read(&path) {
+        Ok(d) => d,
+        Err(source) => return Err(LoadError::Read { path, source }),
+    };
+    let result: RunResult = match serde_json::from_slice(&data) {
+        Ok(r) => r,
+        Err(source) => return Err(LoadError::Parse { path, source }),
+    };
     Ok(LoadedBundle {
         result,
         fixtures: dir.join("fixtures"),

@@ -75,9 +75,9 @@ impl RunDiffReport {
             .count()
     }
 
-    /// 0 when nothing is DIVERGENT, 1 otherwise.
-    pub fn exit_code(&self) -> u8 {
-        u8::from(self.count(Overall::Divergent) > 0)
+    /// Whether any scenario is DIVERGENT (the command line's exit code says so).
+    pub fn has_divergent(&self) -> bool {
+        self.count(Overall::Divergent) > 0
     }
 
     /// The human report.
@@ -111,8 +111,8 @@ impl RunDiffReport {
         s
     }
 
-    /// The `--json` report.
-    pub fn to_json(&self) -> Value {
+    /// The `--json` report, with the command's `exit_code`.
+    pub fn to_json(&self, exit_code: i32) -> Value {
         json!({
             "backends": [self.labels.0, self.labels.1],
             "summary": {
@@ -128,7 +128,7 @@ impl RunDiffReport {
                 };
                 json!({"id": id, "verdict": d.overall().as_str(), "reason": reason, "facts": facts})
             }).collect::<Vec<_>>(),
-            "exit_code": self.exit_code(),
+            "exit_code": exit_code,
         })
     }
 }

@@ -60,8 +60,8 @@ pub fn report(summary: &RunSummary) -> Report {
 }
 
 /// The report as XML.
-pub fn to_xml(summary: &RunSummary) -> Result<String, String> {
-    report(summary).to_string().map_err(|e| e.to_string())
+pub fn to_xml(summary: &RunSummary) -> Result<String, quick_junit::SerializeError> {
+    report(summary).to_string()
 }
 
 #[cfg(test)]

@@ -156,7 +156,7 @@ pub fn summary_text(summary: &RunSummary, backend: &str) -> String {
 }
 
 /// The `--json` document: one object with the run and every result record.
-pub fn json_document(summary: &RunSummary, backend: &str, exit_code: u8) -> serde_json::Value {
+pub fn json_document(summary: &RunSummary, backend: &str, exit_code: i32) -> serde_json::Value {
     json!({
         "kiln_version": env!("CARGO_PKG_VERSION"),
         "backend": backend,

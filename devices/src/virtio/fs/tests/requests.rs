@@ -32,7 +32,7 @@ fn config_space_holds_tag_and_one_request_queue() {
 }
 
 #[test]
-fn bad_tags_and_dirs_are_one_line_errors_naming_the_option() {
+fn bad_tags_and_dirs_are_one_line_errors_naming_the_share() {
     let tmp = tempfile::tempdir().expect("tempdir");
     let file = tmp.path().join("file");
     std::fs::write(&file, b"x").expect("write");
@@ -63,7 +63,7 @@ fn bad_tags_and_dirs_are_one_line_errors_naming_the_option() {
     ];
     for (err, needle) in cases {
         let msg = err.to_string();
-        assert!(msg.starts_with("--share"), "{msg}");
+        assert!(msg.starts_with("share "), "{msg}");
         assert!(msg.contains(needle), "{msg} lacks {needle}");
         assert!(!msg.contains('\n'), "{msg}");
     }

@@ -422,7 +422,7 @@ fn driver_reset_drops_every_connection() {
 }
 
 #[test]
-fn socket_path_in_use_is_one_line_naming_the_option() {
+fn socket_path_in_use_is_one_line_naming_the_path() {
     let dir = tempfile::tempdir().expect("temp dir");
     let path = dir.path().join("busy.sock");
     std::fs::write(&path, b"").expect("create file");
@@ -432,7 +432,7 @@ fn socket_path_in_use_is_one_line_naming_the_option() {
     assert!(matches!(err, VsockError::PathInUse(_)));
     let msg = err.to_string();
     assert!(
-        msg.starts_with("--vsock ") && msg.contains(&path.display().to_string()),
+        msg.starts_with("vsock socket ") && msg.contains(&path.display().to_string()),
         "{msg}"
     );
     assert!(!msg.contains('\n'));
