@@ -121,6 +121,11 @@ fn two_qemu_runs_of_one_scenario_compare_identical_or_tolerated() {
 #[test]
 fn with_hardware_kvm_the_corpus_has_no_divergence() {
     or_skip!(common::hardware_kvm());
+    // The nested stage provides QEMU, qemu-img and the default guest: there a missing one is a
+    // failure, not a skip.
+    if let (Err(reason), Some(_)) = (can_run_qemu(), std::env::var_os("KILN_REQUIRE_LINUX_KVM")) {
+        panic!("KILN_REQUIRE_LINUX_KVM is set but the QEMU side cannot run: {reason}");
+    }
     or_skip!(can_run_qemu());
     let tmp = tempfile::tempdir().expect("tempdir");
     let corpus = root().join("scenarios");

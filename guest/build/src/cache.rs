@@ -186,7 +186,11 @@ impl Cache {
         manifest.name = sha256_hex(key.as_bytes())[..NAME_LEN].to_owned();
         let dir = self.root.join(&manifest.name);
         if let Ok(image) = self.open_dir(&dir) {
-            if image.manifest.kernel == manifest.kernel && image.manifest.initrd == manifest.initrd
+            // Same bytes from the same recipe: nothing to do. Same bytes written by an older
+            // recipe: rewritten below, or the default guest would be rebuilt forever.
+            if image.manifest.kernel == manifest.kernel
+                && image.manifest.initrd == manifest.initrd
+                && image.manifest.format == manifest.format
             {
                 return Ok(image);
             }
@@ -382,6 +386,22 @@ mod tests {
             .filter(|e| e.file_name().to_string_lossy().starts_with(".building"))
             .collect();
         assert!(leftovers.is_empty());
+    }
+
+    #[test]
+    fn the_same_bytes_stored_by_a_newer_recipe_take_its_recipe_version() {
+        let dir = tempfile::tempdir().unwrap();
+        let cache = Cache::new(dir.path());
+        let old = cache.store(b"kernel", b"initrd", manifest()).unwrap();
+        assert_eq!(old.manifest.format, 1);
+        let newer = Manifest {
+            format: 2,
+            ..manifest()
+        };
+        let image = cache.store(b"kernel", b"initrd", newer).unwrap();
+        assert_eq!(image.dir, old.dir);
+        assert_eq!(image.manifest.format, 2);
+        assert_eq!(cache.open_dir(&old.dir).unwrap().manifest.format, 2);
     }
 
     #[test]

@@ -231,10 +231,18 @@ pub fn default_guest_in(cache: &Cache, progress: &Progress) -> Result<GuestImage
     if let Some(image) = current() {
         return Ok(image);
     }
-    progress(&format!(
-        "no default guest in {} yet: building one (once)",
-        cache.root().display()
-    ));
+    match cache.find(DEFAULT_ALIAS) {
+        Ok(stale) => progress(&format!(
+            "the default guest in {} was built by an older kiln (recipe {}, now {RECIPE_VERSION}): \
+             rebuilding it",
+            cache.root().display(),
+            stale.manifest.format
+        )),
+        Err(_) => progress(&format!(
+            "no default guest in {} yet: building one (once)",
+            cache.root().display()
+        )),
+    }
     let image = build(cache, &KernelFrom::default(), progress)?;
     cache.set_alias(DEFAULT_ALIAS, &image.manifest.name)?;
     Ok(image)

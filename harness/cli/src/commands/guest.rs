@@ -13,7 +13,8 @@ pub enum GuestCommand {
     Build(BuildArgs),
     /// List cached guests.
     List,
-    /// Print the cache directory of a guest (alias, or hash prefix; default: the default guest).
+    /// Print the cache directory of a guest (alias, or hash prefix). Without a name: the default
+    /// guest as `kiln run` uses it, built (or rebuilt for this kiln) first if needed.
     Path {
         /// Alias or hash prefix.
         name: Option<String>,
@@ -95,7 +96,10 @@ fn execute(command: GuestCommand) -> Result<(), GuestError> {
             }
         }
         GuestCommand::Path { name } => {
-            let image = cache.find(name.as_deref().unwrap_or(DEFAULT_ALIAS))?;
+            let image = match name {
+                Some(name) => cache.find(&name)?,
+                None => kiln_guest_build::default_guest_in(&cache, &stderr_progress)?,
+            };
             println!("{}", image.dir.display());
         }
     }
