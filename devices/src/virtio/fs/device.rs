@@ -216,6 +216,11 @@ impl VirtioDevice for VirtioFs {
         }
     }
 
+    fn stop(&mut self) {
+        // The transport refuses notifications until a reset: nothing may reach the queues.
+        self.active = None;
+    }
+
     fn reset(&mut self) -> bool {
         self.active = None;
         // A new driver starts a new FUSE session with INIT: forget the old one's inodes and

@@ -66,11 +66,14 @@ impl Vsock {
 
     /// Moves packets both ways until neither queue can make progress.
     fn process(&mut self) {
+        if self.broken {
+            return;
+        }
         loop {
             let tx_blocked = self.process_tx();
             let rx_progress = self.process_rx();
             // Tx only stops early when resets back up; go again once the guest took some.
-            if !(tx_blocked && rx_progress) {
+            if !(tx_blocked && rx_progress) || self.broken {
                 break;
             }
         }
@@ -252,7 +255,15 @@ impl VirtioDevice for Vsock {
 
     fn process_host_event(&mut self, fd: RawFd, events: EventSet) {
         self.muxer.on_host_event(fd, events);
+        // Does nothing unless the device holds its queues (see `stop`).
         self.process();
+    }
+
+    fn stop(&mut self) {
+        // The driver is gone until it resets the device: give up the queues so host events
+        // cannot reach guest memory, and close host streams rather than leave them hanging.
+        self.active = None;
+        self.muxer.reset();
     }
 
     fn reset(&mut self) -> bool {
