@@ -1,5 +1,6 @@
 //! A minimal virtio-fs driver over queues in fake guest memory, and the tests that use it.
 
+mod budget;
 mod confinement;
 mod privileges;
 mod requests;
