@@ -286,9 +286,16 @@ impl MmioTransport {
     }
 
     /// One of the device's host file descriptors is ready: let the device handle it.
+    ///
+    /// The event always reaches the device, so that it drains the fd (a ready fd left alone
+    /// would spin the event loop). What keeps it from writing guest memory outside DRIVER_OK,
+    /// or after FAILED or DEVICE_NEEDS_RESET, is that the device holds queues only in between:
+    /// it gets them at activation and gives them up at [`VirtioDevice::stop`], which the
+    /// transport calls whenever it starts refusing notifications, and at reset. That holds
+    /// as well for host events delivered through [`MmioTransport::device_mut`].
     pub fn process_host_event(&mut self, fd: RawFd, events: EventSet) {
+        self.device.process_host_event(fd, events);
         if self.is_running() {
-            self.device.process_host_event(fd, events);
             self.check_broken();
         }
     }
@@ -296,6 +303,13 @@ impl MmioTransport {
     /// Activated and neither failed nor waiting for a reset.
     fn is_running(&self) -> bool {
         self.activated && self.status & (DEVICE_NEEDS_RESET | FAILED) == 0
+    }
+
+    /// Notifications stop here until a reset: take the queues away from the device too.
+    fn stop_device(&mut self) {
+        if self.activated {
+            self.device.stop();
+        }
     }
 
     fn check_broken(&mut self) {
@@ -311,6 +325,7 @@ impl MmioTransport {
             return;
         }
         self.status |= DEVICE_NEEDS_RESET;
+        self.stop_device();
         if self.status & DRIVER_OK != 0 {
             self.interrupt.signal_config_change();
         }
@@ -357,6 +372,7 @@ impl MmioTransport {
         }
         if value & FAILED != 0 {
             self.status |= FAILED;
+            self.stop_device();
             return;
         }
         // Only the reset (0) above may clear bits; each step adds exactly the next one.

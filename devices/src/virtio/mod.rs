@@ -182,8 +182,16 @@ pub trait VirtioDevice: Send {
         Vec::new()
     }
 
-    /// One of [`VirtioDevice::host_fds`] is ready.
+    /// One of [`VirtioDevice::host_fds`] is ready. Called whatever the driver's state (so that a
+    /// ready fd is drained and does not spin the event loop): a device touches its queues here
+    /// only while it holds them, between `activate` and `stop` or `reset`.
     fn process_host_event(&mut self, _fd: RawFd, _events: EventSet) {}
+
+    /// The transport stopped passing notifications until the driver resets the device (the
+    /// driver set FAILED, or the device needs a reset): drop the queues, so that host events
+    /// can no longer make the device write guest memory. The default suits devices that only
+    /// act on notifications.
+    fn stop(&mut self) {}
 
     /// The driver reset the device: drop queues and per-activation state. Returns false if the
     /// device cannot be reset (the transport then keeps it failed).

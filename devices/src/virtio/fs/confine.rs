@@ -9,10 +9,21 @@
 //! - No device nodes: MKNOD of a character or block device is EPERM. The passthrough would never
 //!   open one for the guest, but a node created as root in a host directory is a way out for
 //!   whoever on the host can reach that directory.
+//! - No setuid or setgid files: CREATE, MKNOD, MKDIR and SETATTR(mode) never set S_ISUID or
+//!   S_ISGID (a directory made in a setgid directory loses the inherited bit too), and WRITE,
+//!   FALLOCATE, truncation (SETATTR(size), OPEN or CREATE with O_TRUNC) and chown clear them
+//!   first, whatever the guest's credentials (kill-priv, as virtiofsd does for callers without
+//!   CAP_FSETID; a guest's request to keep them is not trusted). With kiln running as root, the
+//!   guest's uid and gid are honoured, so without this a guest could leave a setuid-root binary
+//!   in the host directory.
 //! - Credentials: an unprivileged kiln cannot switch to the guest's uid, so requests then run as
 //!   the host user (files the guest creates belong to the user who runs kiln).
-//! - The process umask: the passthrough sets it to 0 at INIT (right for a dedicated daemon); kiln
-//!   shares its process with the harness, so the previous umask is put back.
+//! - Modes and the umask: a new file, directory or node gets exactly the mode the guest asked
+//!   for minus the guest's umask (from the FUSE request), set explicitly after creation, so the
+//!   process umask (which the harness owns) neither takes bits away nor is changed. The
+//!   passthrough sets the umask to 0 at INIT; INIT therefore runs on a short-lived thread with
+//!   its own umask (`unshare(CLONE_FS)`), as does DESTROY (which imports the root again), and the
+//!   rest of the process never sees the change.
 
 use std::ffi::CStr;
 use std::io;
@@ -28,15 +39,38 @@ use fuse_backend_rs::api::filesystem::{
 use fuse_backend_rs::passthrough::PassthroughFs;
 use fuse_backend_rs::transport::FsCacheReqHandler;
 
-/// Serializes the umask swap around INIT: two shares initialising at once would otherwise save
-/// each other's temporary mask and "restore" that.
-pub(super) static UMASK_LOCK: Mutex<()> = Mutex::new(());
+/// Mode bits a guest may never leave on a host file.
+const PRIV_BITS: u32 = libc::S_ISUID | libc::S_ISGID;
+/// Mode bits a guest may set: permissions and the sticky bit.
+const GUEST_MODE_BITS: u32 = 0o1777;
 
 type Inode = u64;
 type Handle = u64;
 
 fn erofs() -> io::Error {
     io::Error::from_raw_os_error(libc::EROFS)
+}
+
+/// Runs `f` on a short-lived thread with its own umask, cwd and root (`unshare(CLONE_FS)`).
+///
+/// The passthrough calls umask(0) whenever it imports the shared root (INIT and DESTROY); in
+/// kiln's thread that would apply to every thread of the process (other VMs' devices, the
+/// harness writing results). On the helper thread the change dies with the thread.
+fn with_own_umask<T: Send>(f: impl FnOnce() -> T + Send) -> io::Result<T> {
+    std::thread::scope(|scope| {
+        let helper = scope.spawn(|| {
+            // SAFETY: unshare(CLONE_FS) only detaches this thread's fs attributes (umask, cwd,
+            // root) from the rest of the process; it touches no memory.
+            if unsafe { libc::unshare(libc::CLONE_FS) } != 0 {
+                return Err(io::Error::last_os_error());
+            }
+            Ok(f())
+        });
+        match helper.join() {
+            Ok(result) => result,
+            Err(panic) => std::panic::resume_unwind(panic),
+        }
+    })
 }
 
 /// `PassthroughFs` with kiln's confinement and read-only rules.
@@ -68,6 +102,59 @@ impl ConfinedFs {
         }
     }
 
+    /// Gives a node the guest just created exactly `mode & !umask` (permission and sticky bits
+    /// only), whatever the process umask or a setgid parent added or took away. `entry` gets
+    /// the new attributes. On failure the node stays, with no more than the requested bits
+    /// and no setuid/setgid (see the callers), and the error goes to the guest.
+    fn settle_mode(
+        &self,
+        ctx: &Context,
+        entry: &mut Entry,
+        mode: u32,
+        umask: u32,
+    ) -> io::Result<()> {
+        let want = mode & !umask & GUEST_MODE_BITS;
+        if entry.attr.st_mode & 0o7777 == want {
+            return Ok(());
+        }
+        let mut attr = entry.attr;
+        attr.st_mode = (attr.st_mode & libc::S_IFMT) | want;
+        let result = self
+            .inner
+            .setattr(ctx, entry.inode, attr, None, SetattrValid::MODE);
+        match result {
+            Ok((st, _)) => {
+                entry.attr = st;
+                Ok(())
+            }
+            Err(e) => {
+                self.inner.forget(ctx, entry.inode, 1);
+                Err(e)
+            }
+        }
+    }
+
+    /// Kill-priv: clears S_ISUID and S_ISGID on a non-directory before the guest changes its
+    /// data or owner, as the kernel does for callers without CAP_FSETID.
+    fn kill_priv(&self, ctx: &Context, inode: Inode) -> io::Result<()> {
+        let (st, _) = self.inner.getattr(ctx, inode, None)?;
+        if st.st_mode & PRIV_BITS == 0 || st.st_mode & libc::S_IFMT == libc::S_IFDIR {
+            return Ok(());
+        }
+        let mut attr = st;
+        attr.st_mode &= !PRIV_BITS;
+        match self
+            .inner
+            .setattr(ctx, inode, attr, None, SetattrValid::MODE)
+        {
+            Ok(_) => Ok(()),
+            // An unprivileged kiln may not chmod another user's file, but it has no CAP_FSETID
+            // either, so the kernel clears the bits itself when the operation goes ahead.
+            Err(_) if self.unprivileged => Ok(()),
+            Err(e) => Err(e),
+        }
+    }
+
     /// Whether `inode` is the shared root directory on the host.
     fn is_root(&self, ctx: &Context, inode: Inode) -> bool {
         if inode == ROOT_ID {
@@ -89,16 +176,7 @@ impl FileSystem for ConfinedFs {
     type Handle = Handle;
 
     fn init(&self, capable: FsOptions) -> io::Result<FsOptions> {
-        let guard = UMASK_LOCK
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner());
-        // SAFETY: umask only swaps the process file-mode mask; it has no failure mode.
-        let saved = unsafe { libc::umask(0o022) };
-        let result = self.inner.init(capable);
-        // SAFETY: as above; restores the mask the process had before INIT.
-        unsafe { libc::umask(saved) };
-        drop(guard);
-        let opts = result?;
+        let opts = with_own_umask(|| self.inner.init(capable))??;
         let (st, _) = self.inner.getattr(&Context::new(), ROOT_ID, None)?;
         match self.root_id.lock() {
             Ok(mut guard) => *guard = Some((st.st_dev, st.st_ino)),
@@ -108,7 +186,10 @@ impl FileSystem for ConfinedFs {
     }
 
     fn destroy(&self) {
-        self.inner.destroy()
+        // The passthrough's DESTROY imports the root again, umask(0) included.
+        if let Err(e) = with_own_umask(|| self.inner.destroy()) {
+            tracing::warn!("virtio-fs: cannot reset the file server: {e}");
+        }
     }
 
     fn lookup(&self, ctx: &Context, parent: Inode, name: &CStr) -> io::Result<Entry> {
@@ -145,6 +226,13 @@ impl FileSystem for ConfinedFs {
         valid: SetattrValid,
     ) -> io::Result<(stat64, Duration)> {
         self.check_writable()?;
+        let mut attr = attr;
+        if valid.contains(SetattrValid::MODE) {
+            attr.st_mode &= !PRIV_BITS;
+        }
+        if valid.intersects(SetattrValid::SIZE | SetattrValid::UID | SetattrValid::GID) {
+            self.kill_priv(ctx, inode)?;
+        }
         self.inner.setattr(ctx, inode, attr, handle, valid)
     }
 
@@ -177,7 +265,11 @@ impl FileSystem for ConfinedFs {
         if kind == libc::S_IFCHR || kind == libc::S_IFBLK {
             return Err(io::Error::from_raw_os_error(libc::EPERM));
         }
-        self.inner.mknod(ctx, parent, name, mode, rdev, umask)
+        let mut entry = self
+            .inner
+            .mknod(ctx, parent, name, mode & !PRIV_BITS, rdev, umask)?;
+        self.settle_mode(ctx, &mut entry, mode, umask)?;
+        Ok(entry)
     }
 
     fn mkdir(
@@ -189,7 +281,11 @@ impl FileSystem for ConfinedFs {
         umask: u32,
     ) -> io::Result<Entry> {
         self.check_writable()?;
-        self.inner.mkdir(ctx, parent, name, mode, umask)
+        let mut entry = self
+            .inner
+            .mkdir(ctx, parent, name, mode & !PRIV_BITS, umask)?;
+        self.settle_mode(ctx, &mut entry, mode, umask)?;
+        Ok(entry)
     }
 
     fn unlink(&self, ctx: &Context, parent: Inode, name: &CStr) -> io::Result<()> {
@@ -238,6 +334,9 @@ impl FileSystem for ConfinedFs {
         if flags_i & libc::O_ACCMODE != libc::O_RDONLY || flags_i & libc::O_TRUNC != 0 {
             self.check_writable()?;
         }
+        if flags_i & libc::O_TRUNC != 0 {
+            self.kill_priv(ctx, inode)?;
+        }
         self.inner.open(ctx, inode, flags, fuse_flags)
     }
 
@@ -249,7 +348,40 @@ impl FileSystem for ConfinedFs {
         args: CreateIn,
     ) -> io::Result<(Entry, Option<Handle>, OpenOptions, Option<u32>)> {
         self.check_writable()?;
-        self.inner.create(ctx, parent, name, args)
+        let safe = CreateIn {
+            mode: args.mode & !PRIV_BITS,
+            ..args
+        };
+        let flags = args.flags as i32;
+        // Create exclusively first, to know whether the node is new (its mode is then settled)
+        // or existed (its mode is left alone, bar kill-priv on truncation).
+        let exclusive = CreateIn {
+            flags: (flags | libc::O_EXCL) as u32,
+            ..safe
+        };
+        match self.inner.create(ctx, parent, name, exclusive) {
+            Ok((mut entry, handle, opts, passthrough)) => {
+                if let Err(e) = self.settle_mode(ctx, &mut entry, args.mode, args.umask) {
+                    if let Some(handle) = handle {
+                        let _ = self
+                            .inner
+                            .release(ctx, entry.inode, 0, handle, false, false, None);
+                    }
+                    return Err(e);
+                }
+                Ok((entry, handle, opts, passthrough))
+            }
+            Err(e) if e.raw_os_error() == Some(libc::EEXIST) && flags & libc::O_EXCL == 0 => {
+                if flags & libc::O_TRUNC != 0 {
+                    let existing = self.inner.lookup(ctx, parent, name)?;
+                    let killed = self.kill_priv(ctx, existing.inode);
+                    self.inner.forget(ctx, existing.inode, 1);
+                    killed?;
+                }
+                self.inner.create(ctx, parent, name, safe)
+            }
+            Err(e) => Err(e),
+        }
     }
 
     fn read(
@@ -281,6 +413,7 @@ impl FileSystem for ConfinedFs {
         fuse_flags: u32,
     ) -> io::Result<usize> {
         self.check_writable()?;
+        self.kill_priv(ctx, inode)?;
         self.inner.write(
             ctx,
             inode,
@@ -319,6 +452,7 @@ impl FileSystem for ConfinedFs {
         length: u64,
     ) -> io::Result<()> {
         self.check_writable()?;
+        self.kill_priv(ctx, inode)?;
         self.inner
             .fallocate(ctx, inode, handle, mode, offset, length)
     }

@@ -2,6 +2,7 @@
 
 use std::io::Write;
 use std::mem::size_of;
+use std::os::fd::{AsRawFd, RawFd};
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::Path;
 use std::sync::Arc;
@@ -13,6 +14,8 @@ use fuse_backend_rs::passthrough::{CachePolicy, Config, PassthroughFs};
 use fuse_backend_rs::transport::{Reader, VirtioFsWriter, Writer};
 use virtio_queue::{DescriptorChain, Queue, QueueT};
 use vm_memory::ByteValued;
+use vmm_sys_util::epoll::EventSet;
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use super::confine::ConfinedFs;
 use super::{FsError, TAG_MAX_LEN};
@@ -29,6 +32,11 @@ const NUM_REQUEST_QUEUES: u32 = 1;
 const QUEUE_SIZE: u16 = 256;
 /// `tag[36]` followed by `le32 num_request_queues` (virtio 1.2 §5.11.4).
 const CONFIG_LEN: usize = TAG_MAX_LEN + 4;
+/// Most requests one call into the device serves per queue. A driver that refills the queue
+/// from another vCPU as fast as the device empties it would otherwise keep the event loop (and
+/// every other device of the VM, and teardown) waiting; past the budget the device kicks itself
+/// and carries on at the next turn of the loop.
+pub const CHAINS_PER_EVENT: usize = 32;
 
 /// What happened to one descriptor chain.
 enum Outcome {
@@ -46,6 +54,9 @@ pub struct VirtioFs {
     server: Server<Arc<ConfinedFs>>,
     active: Option<Active>,
     broken: bool,
+    /// Written when a queue still had requests after [`CHAINS_PER_EVENT`]; watched as a host
+    /// fd, so the event loop comes back for the rest after serving everything else.
+    kick: EventFd,
 }
 
 struct Active {
@@ -103,6 +114,11 @@ impl VirtioFs {
             source,
         })?;
         let fs = Arc::new(ConfinedFs::new(passthrough, read_only));
+        let kick = EventFd::new(EFD_NONBLOCK).map_err(|source| FsError::Backend {
+            tag: tag.to_string(),
+            dir: shared_dir.to_path_buf(),
+            source,
+        })?;
 
         let mut config = [0u8; CONFIG_LEN];
         config[..tag.len()].copy_from_slice(tag.as_bytes());
@@ -115,6 +131,7 @@ impl VirtioFs {
             fs,
             active: None,
             broken: false,
+            kick,
         })
     }
 
@@ -193,7 +210,12 @@ impl VirtioDevice for VirtioFs {
             return;
         }
         let mut used_any = false;
-        while let Some(chain) = queue.pop_descriptor_chain(mem) {
+        let mut served = 0;
+        while served < CHAINS_PER_EVENT {
+            let Some(chain) = queue.pop_descriptor_chain(mem) else {
+                break;
+            };
+            served += 1;
             let head = chain.head_index();
             let len = match handle_chain(&self.server, mem, chain) {
                 Outcome::Used(len) => len,
@@ -214,6 +236,31 @@ impl VirtioDevice for VirtioFs {
         if used_any {
             active.interrupt.signal_used_queue();
         }
+        if served == CHAINS_PER_EVENT && !self.broken {
+            if let Err(e) = self.kick.write(1) {
+                tracing::warn!(tag = %self.tag, "virtio-fs: cannot schedule the rest of the queue: {e}");
+            }
+        }
+    }
+
+    fn host_fds(&self) -> Vec<(RawFd, EventSet)> {
+        vec![(self.kick.as_raw_fd(), EventSet::IN)]
+    }
+
+    fn process_host_event(&mut self, fd: RawFd, _events: EventSet) {
+        if fd != self.kick.as_raw_fd() {
+            return;
+        }
+        // Drain first: a queue that fills the budget again below kicks anew.
+        let _ = self.kick.read();
+        for index in 0..NUM_QUEUES {
+            self.process_queue(index);
+        }
+    }
+
+    fn stop(&mut self) {
+        // The transport refuses notifications until a reset: nothing may reach the queues.
+        self.active = None;
     }
 
     fn reset(&mut self) -> bool {

@@ -1,13 +1,14 @@
 //! The virtio-vsock device: config space, queue handling, and the bridge between guest
 //! descriptor chains and the [`Muxer`].
 
-use std::os::fd::RawFd;
+use std::os::fd::{AsRawFd, RawFd};
 use std::path::PathBuf;
 
 use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT};
 use virtio_vsock::packet::VsockPacket;
 use vm_memory::Bytes;
 use vmm_sys_util::epoll::EventSet;
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use super::muxer::Muxer;
 use super::packet::{Header, HEADER_SIZE};
@@ -24,6 +25,18 @@ pub const EVENT_QUEUE: usize = 2;
 
 const QUEUE_SIZES: [u16; 3] = [QUEUE_SIZE; 3];
 
+/// Most tx chains, and separately most rx chains, one call into the device moves. A driver
+/// that refills a queue from another vCPU as fast as the device empties it would otherwise keep
+/// the event loop (and every other device of the VM, and teardown) waiting; past the budget the
+/// device kicks itself and carries on at the next turn of the loop.
+pub const CHAINS_PER_EVENT: usize = 64;
+
+/// What one call into the device may still do.
+struct Budget {
+    tx: usize,
+    rx: usize,
+}
+
 struct Active {
     mem: GuestMem,
     rxq: Queue,
@@ -37,6 +50,9 @@ pub struct Vsock {
     pub(super) muxer: Muxer,
     active: Option<Active>,
     broken: bool,
+    /// Written when a budget ran out with work left; watched with the host fds, so the event
+    /// loop comes back for the rest after serving everything else.
+    kick: EventFd,
 }
 
 impl Vsock {
@@ -46,11 +62,17 @@ impl Vsock {
         if guest_cid < GUEST_CID || guest_cid >= u64::from(u32::MAX) {
             return Err(VsockError::BadCid(guest_cid));
         }
+        let uds_path = uds_path.into();
+        let kick = EventFd::new(EFD_NONBLOCK).map_err(|source| VsockError::Listen {
+            path: uds_path.clone(),
+            source,
+        })?;
         Ok(Self {
             guest_cid,
-            muxer: Muxer::new(uds_path.into(), guest_cid)?,
+            muxer: Muxer::new(uds_path, guest_cid)?,
             active: None,
             broken: false,
+            kick,
         })
     }
 
@@ -64,21 +86,34 @@ impl Vsock {
         self.muxer.connection_count()
     }
 
-    /// Moves packets both ways until neither queue can make progress.
+    /// Moves packets both ways until neither queue can make progress or the budget of this
+    /// call is spent; in the latter case the device kicks itself to go on later.
     fn process(&mut self) {
+        if self.broken {
+            return;
+        }
+        let mut budget = Budget {
+            tx: CHAINS_PER_EVENT,
+            rx: CHAINS_PER_EVENT,
+        };
         loop {
-            let tx_blocked = self.process_tx();
-            let rx_progress = self.process_rx();
+            let tx_blocked = self.process_tx(&mut budget);
+            let rx_progress = self.process_rx(&mut budget);
             // Tx only stops early when resets back up; go again once the guest took some.
-            if !(tx_blocked && rx_progress) {
+            if !(tx_blocked && rx_progress) || self.broken {
                 break;
+            }
+        }
+        if (budget.tx == 0 || budget.rx == 0) && !self.broken {
+            if let Err(e) = self.kick.write(1) {
+                tracing::warn!("vsock: cannot schedule the rest of the queue work: {e}");
             }
         }
     }
 
     /// Hands the guest's tx packets to the muxer. Returns true if it stopped because the
     /// guest is not taking resets.
-    fn process_tx(&mut self) -> bool {
+    fn process_tx(&mut self, budget: &mut Budget) -> bool {
         let Some(act) = self.active.as_mut() else {
             return false;
         };
@@ -90,9 +125,13 @@ impl Vsock {
                 blocked = true;
                 break;
             }
+            if budget.tx == 0 {
+                break;
+            }
             let Some(mut chain) = act.txq.pop_descriptor_chain(mem) else {
                 break;
             };
+            budget.tx -= 1;
             let head = chain.head_index();
             let probe = chain.clone();
             match VsockPacket::from_tx_virtq_chain(mem, &mut chain, MAX_PKT_DATA) {
@@ -120,16 +159,17 @@ impl Vsock {
     }
 
     /// Fills the guest's rx buffers with what the muxer has. Returns whether any was used.
-    fn process_rx(&mut self) -> bool {
+    fn process_rx(&mut self, budget: &mut Budget) -> bool {
         let Some(act) = self.active.as_mut() else {
             return false;
         };
         let mem = &act.mem;
         let mut used = false;
-        while self.muxer.has_rx() {
+        while self.muxer.has_rx() && budget.rx > 0 {
             let Some(mut chain) = act.rxq.pop_descriptor_chain(mem) else {
                 break;
             };
+            budget.rx -= 1;
             let head = chain.head_index();
             let len = match VsockPacket::from_rx_virtq_chain(mem, &mut chain, MAX_PKT_DATA) {
                 Err(e) => {
@@ -145,6 +185,7 @@ impl Vsock {
                         let Some(hdr) = self.muxer.next_rx(&data) else {
                             // Nothing to send after all: leave the buffer for later.
                             act.rxq.go_to_previous_position();
+                            budget.rx += 1;
                             break;
                         };
                         match pkt.set_header_from_raw(&hdr.to_bytes()) {
@@ -247,12 +288,27 @@ impl VirtioDevice for Vsock {
     }
 
     fn host_fds(&self) -> Vec<(RawFd, EventSet)> {
-        self.muxer.host_fds()
+        let mut fds = self.muxer.host_fds();
+        fds.push((self.kick.as_raw_fd(), EventSet::IN));
+        fds
     }
 
     fn process_host_event(&mut self, fd: RawFd, events: EventSet) {
-        self.muxer.on_host_event(fd, events);
+        if fd == self.kick.as_raw_fd() {
+            // Drain first: a budget that runs out again below kicks anew.
+            let _ = self.kick.read();
+        } else {
+            self.muxer.on_host_event(fd, events);
+        }
+        // Does nothing unless the device holds its queues (see `stop`).
         self.process();
+    }
+
+    fn stop(&mut self) {
+        // The driver is gone until it resets the device: give up the queues so host events
+        // cannot reach guest memory, and close host streams rather than leave them hanging.
+        self.active = None;
+        self.muxer.reset();
     }
 
     fn reset(&mut self) -> bool {

@@ -1,6 +1,8 @@
 //! A minimal virtio-fs driver over queues in fake guest memory, and the tests that use it.
 
+mod budget;
 mod confinement;
+mod privileges;
 mod requests;
 
 use std::path::PathBuf;
@@ -111,6 +113,21 @@ impl Harness {
             rings,
             unique: 0,
         }
+    }
+
+    /// Resets the device and activates it again on fresh queues (a new driver, before INIT).
+    pub fn reactivate(&mut self) {
+        assert!(self.dev.reset(), "reset");
+        let (queues, rings) = make_queues(&self.mem);
+        self.rings = rings;
+        self.dev
+            .activate(
+                self.mem.clone(),
+                queues,
+                self.irq.clone(),
+                self.dev.features(),
+            )
+            .expect("reactivate");
     }
 
     pub fn share(&self) -> PathBuf {

@@ -101,8 +101,8 @@ fn unanswered_host_connect_times_out() {
     assert_eq!(h.dev.connection_count(), 0);
     assert_eq!(
         h.dev.host_fds().len(),
-        1,
-        "timer disarmed, only the listener left"
+        2,
+        "timer disarmed, only the listener and the device's own kick left"
     );
 }
 

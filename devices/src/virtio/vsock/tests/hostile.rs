@@ -429,12 +429,156 @@ fn silent_host_connections_are_bounded() {
         .map(|_| UnixStream::connect(&h.uds).expect("connect"))
         .collect();
     h.pump();
+    // The listener, the device's own kick, and at most 64 handshakes.
     assert!(
-        h.dev.host_fds().len() <= 1 + 64,
+        h.dev.host_fds().len() <= 2 + 64,
         "{} fds",
         h.dev.host_fds().len()
     );
     drop(streams);
     h.pump();
-    assert_eq!(h.dev.host_fds().len(), 1);
+    assert_eq!(h.dev.host_fds().len(), 2);
+}
+
+#[test]
+fn a_tx_queue_refilled_from_another_vcpu_returns_to_the_event_loop_after_the_budget() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Arc;
+
+    use crate::virtio::vsock::device::CHAINS_PER_EVENT;
+
+    let mem = test_mem();
+    let mut h = Harness::new(&mem);
+    // A packet for another CID: dropped without an answer, so only tx moves.
+    let d = h.tx.take_desc();
+    let hdr = Header {
+        dst_cid: 99,
+        ..g2h(1234, 5000, op::REQUEST)
+    };
+    mem.write_slice(&hdr.to_bytes(), h.tx.buf(d))
+        .expect("header");
+    let desc = SplitDescriptor::new(h.tx.buf(d).0, HEADER_SIZE as u32, 0, 0);
+    mem.write_obj(
+        RawDescriptor::from(desc),
+        h.tx.desc.unchecked_add(16 * u64::from(d)),
+    )
+    .expect("descriptor");
+    let (avail, used) = (h.tx.avail, h.tx.used);
+    let top_up = move |mem: &GuestMem, mut idx: u16| -> u16 {
+        let done: u16 = mem.read_obj(used.unchecked_add(2)).expect("used idx");
+        while idx.wrapping_sub(done) < QUEUE_SIZE {
+            let slot = avail.unchecked_add(4 + 2 * u64::from(idx % QUEUE_SIZE));
+            mem.write_obj(d, slot).expect("avail slot");
+            idx = idx.wrapping_add(1);
+            mem.write_obj(idx, avail.unchecked_add(2))
+                .expect("avail idx");
+        }
+        idx
+    };
+    let start: u16 = mem.read_obj(used.unchecked_add(2)).expect("used idx");
+    let avail_start = h.tx.avail_idx;
+    // The ring starts full, and a second vCPU keeps it full.
+    let first = top_up(&mem, avail_start);
+    let stop = Arc::new(AtomicBool::new(false));
+    let refill = {
+        let (mem, stop) = (mem.clone(), Arc::clone(&stop));
+        std::thread::spawn(move || {
+            let mut idx = first;
+            while !stop.load(Ordering::Relaxed) && idx.wrapping_sub(avail_start) < 16 * QUEUE_SIZE {
+                idx = top_up(&mem, idx);
+                std::hint::spin_loop();
+            }
+            idx
+        })
+    };
+
+    h.dev.process_queue(crate::virtio::vsock::TX_QUEUE);
+    let after: u16 = mem.read_obj(used.unchecked_add(2)).expect("used idx");
+    stop.store(true, Ordering::Relaxed);
+    let published = refill.join().expect("refill thread");
+    assert_eq!(
+        usize::from(after.wrapping_sub(start)),
+        CHAINS_PER_EVENT,
+        "one notification moved {} tx packets",
+        after.wrapping_sub(start)
+    );
+
+    // The device asked the event loop for another turn; turns finish the queue.
+    h.pump();
+    let done: u16 = mem.read_obj(used.unchecked_add(2)).expect("used idx");
+    assert_eq!(done, published, "every tx packet was taken");
+    assert!(
+        h.recv().is_empty(),
+        "nothing answers a packet for another CID"
+    );
+    assert!(!h.dev.is_broken());
+}
+
+#[test]
+fn host_bytes_streamed_into_a_refilled_rx_queue_return_to_the_event_loop_after_the_budget() {
+    use crate::virtio::vsock::device::CHAINS_PER_EVENT;
+
+    let mem = test_mem();
+    let mut h = Harness::new(&mem);
+    let (mut s, _hp) = h.established_from_host(77);
+    // Twice a budget of rx buffers (the most 2-descriptor chains the ring holds), and more host
+    // bytes waiting in the stream than one budget of them carries.
+    h.give_rx(usize::from(QUEUE_SIZE) / 2 - 64);
+    let fd = std::os::fd::AsRawFd::as_raw_fd(&s);
+    let sndbuf: libc::c_int = 1 << 20;
+    // SAFETY: setsockopt reads `sndbuf` for its size; `fd` is the open host stream.
+    let rc = unsafe {
+        libc::setsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            libc::SO_SNDBUF,
+            std::ptr::addr_of!(sndbuf).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    assert_eq!(rc, 0, "SO_SNDBUF");
+    s.set_nonblocking(true).expect("non-blocking");
+    let chunk = [0x5au8; RX_DATA as usize];
+    let mut sent = 0;
+    // 1.5 budgets' worth, well inside the guest's credit.
+    while sent < 3 * CHAINS_PER_EVENT * RX_DATA as usize / 2 {
+        match s.write(&chunk) {
+            Ok(n) => sent += n,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+            Err(e) => panic!("host write: {e}"),
+        }
+    }
+    assert!(
+        sent > CHAINS_PER_EVENT * RX_DATA as usize,
+        "only {sent} bytes fit in the host stream; the test needs more than a budget"
+    );
+    let rx_start: u16 = mem.read_obj(h.rx.used.unchecked_add(2)).expect("used idx");
+    // One host event (the stream is readable): the device moves at most one budget of rx
+    // buffers.
+    let ep = Epoll::new().expect("epoll");
+    for (fd, ev) in h.dev.host_fds() {
+        ep.ctl(ControlOperation::Add, fd, EpollEvent::new(ev, fd as u64))
+            .expect("epoll add");
+    }
+    let mut evs = [EpollEvent::default(); 8];
+    let n = ep.wait(1000, &mut evs).expect("epoll wait");
+    assert_eq!(n, 1, "only the host stream is ready");
+    h.dev
+        .process_host_event(evs[0].fd() as RawFd, evs[0].event_set());
+    let rx_after: u16 = mem.read_obj(h.rx.used.unchecked_add(2)).expect("used idx");
+    assert!(
+        usize::from(rx_after.wrapping_sub(rx_start)) <= CHAINS_PER_EVENT,
+        "one host event filled {} rx buffers",
+        rx_after.wrapping_sub(rx_start)
+    );
+    let mut got = 0;
+    for _ in 0..100 {
+        h.pump();
+        got += h.recv().iter().map(|p| p.data.len()).sum::<usize>();
+        if got >= sent {
+            break;
+        }
+    }
+    assert_eq!(got, sent, "every byte reached the guest in later turns");
+    drop(s);
 }

@@ -3,6 +3,7 @@
 
 mod flow;
 mod hostile;
+mod state;
 
 use std::collections::HashMap;
 use std::io::{Read, Write};
