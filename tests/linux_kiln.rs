@@ -165,10 +165,15 @@ fn each_expected_failure_fails_with_its_class_on_the_kiln_backend() {
 
 /// The guest-cache alias of a guest built from `guest/kernel/kiln.config`
 /// (`kiln guest build --from-source linux.tar.xz --alias kiln-config`, about 9 minutes on two
-/// cores; docs/nested.md). Not built in CI: the test skips, saying so, when it is not cached.
+/// cores; docs/nested.md). Not built in CI: the test runs only with KILN_TEST_KILN_CONFIG_GUEST=1.
 const KILN_CONFIG_ALIAS: &str = "kiln-config";
 
 fn kiln_config_guest() -> Result<kiln::guest::GuestImage, String> {
+    // Opt-in: the guest takes minutes to build and CI does not build it (docs/nested.md has the
+    // result and the command).
+    if std::env::var_os("KILN_TEST_KILN_CONFIG_GUEST").is_none() {
+        return Err("set KILN_TEST_KILN_CONFIG_GUEST=1 to boot the kiln.config guest".into());
+    }
     let cache = kiln::guest::Cache::default_location().map_err(|e| e.to_string())?;
     cache.find(KILN_CONFIG_ALIAS).map_err(|e| {
         format!(
