@@ -33,7 +33,10 @@ pub const EBDA_START: u64 = 0x9fc00;
 pub const ACPI_START: u64 = 0xe0000;
 /// RSDP location (in the 0xE0000-0xFFFFF scan area, 16-byte aligned).
 pub const RSDP_START: u64 = ACPI_START;
-/// End (exclusive) of the ACPI area.
+/// The MP table (for guests without ACPI), in the upper half of the area, which Linux scans for
+/// its floating pointer; the ACPI tables stay below it.
+pub const MPTABLE_START: u64 = 0xf_0000;
+/// End (exclusive) of the ACPI area (ACPI tables, then the MP table); reserved in the e820 map.
 pub const ACPI_END: u64 = 0x10_0000;
 /// Where high RAM, and the kernel, start.
 pub const HIMEM_START: u64 = 0x10_0000;

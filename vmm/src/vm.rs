@@ -21,6 +21,7 @@ use vmm_sys_util::eventfd::EventFd;
 use vmm_sys_util::signal::{register_signal_handler, Killable, SIGRTMIN};
 
 use crate::arch::x86_64::acpi::{create_acpi_tables, AcpiError};
+use crate::arch::x86_64::mptable::{setup_mptable, MptableError};
 use crate::arch::x86_64::{cpuid, regs};
 use crate::boot::cmdline::{build_cmdline, CmdlineError};
 use crate::boot::{self, BootError, EntryPoint, LoadedKernel};
@@ -230,6 +231,9 @@ pub enum Error {
     /// ACPI tables.
     #[error(transparent)]
     Acpi(#[from] AcpiError),
+    /// The MP table.
+    #[error(transparent)]
+    Mptable(#[from] MptableError),
     /// Console setup.
     #[error(transparent)]
     Console(#[from] ConsoleError),
@@ -365,6 +369,7 @@ impl Vm {
             .map(|c| c.to_string_lossy().into_owned())
             .unwrap_or_default();
         let rsdp = create_acpi_tables(&mem, config.vcpus, devices.slots())?;
+        setup_mptable(&mem, config.vcpus)?;
         write_boot_structures(&mem, &kernel, cmdline_text.len(), rsdp)?;
 
         let latch = Arc::new(ExitLatch::default());

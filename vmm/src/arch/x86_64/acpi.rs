@@ -151,7 +151,7 @@ pub struct AcpiTable {
     pub bytes: Vec<u8>,
 }
 
-/// Writes RSDP at layout::RSDP_START and XSDT/FADT/MADT/DSDT after it, all inside layout::ACPI_START..ACPI_END. Returns the RSDP address.
+/// Writes RSDP at layout::RSDP_START and XSDT/FADT/MADT/DSDT after it, all inside layout::ACPI_START..MPTABLE_START. Returns the RSDP address.
 pub fn create_acpi_tables<M: GuestMemory>(
     mem: &M,
     num_cpus: u8,
@@ -172,7 +172,7 @@ pub fn create_acpi_tables<M: GuestMemory>(
 
 /// Builds all tables for the layout's ACPI area, RSDP first, without touching guest memory.
 pub fn build_tables(num_cpus: u8, virtio: &[VirtioMmioSlot]) -> Result<Vec<AcpiTable>, AcpiError> {
-    build_tables_in(layout::RSDP_START, layout::ACPI_END, num_cpus, virtio)
+    build_tables_in(layout::RSDP_START, layout::MPTABLE_START, num_cpus, virtio)
 }
 
 /// Hands out consecutive, aligned addresses inside `[next, limit)`.
@@ -635,7 +635,7 @@ mod tests {
         }
         assert!(ranges
             .iter()
-            .all(|r| r.0 >= layout::ACPI_START && r.1 <= layout::ACPI_END));
+            .all(|r| r.0 >= layout::ACPI_START && r.1 <= layout::MPTABLE_START));
     }
 
     #[test]

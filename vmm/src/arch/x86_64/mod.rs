@@ -1,5 +1,6 @@
-//! x86_64 platform: ACPI tables, CPUID, registers, MSRs, page tables.
+//! x86_64 platform: ACPI tables, the MP table, CPUID, registers, MSRs, page tables.
 
 pub mod acpi;
 pub mod cpuid;
+pub mod mptable;
 pub mod regs;
