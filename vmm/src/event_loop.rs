@@ -196,7 +196,8 @@ mod tests {
         assert!(entered.load(Ordering::Acquire));
         let t = Instant::now();
         assert!(!lp.stop(), "a busy loop cannot have been joined");
-        assert!(t.elapsed() < STOP_WAIT + Duration::from_millis(300));
+        // STOP_WAIT, plus slack for a loaded test host.
+        assert!(t.elapsed() < Duration::from_secs(1), "{:?}", t.elapsed());
         drop(lp);
         // The subscriber is still alive: the thread owns it while it runs.
         assert!(weak.upgrade().is_some());
