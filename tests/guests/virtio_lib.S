@@ -62,7 +62,9 @@
     .equ VQ_META_USED, VQ_META + 2      /* u16: the device ring index consumed so far */
     .equ VQ_META_SIZE, VQ_META + 4      /* u16: QueueNum */
     .equ VQ_META_INDEX, VQ_META + 6     /* u16: the queue's index */
+    .ifndef VQ_WANT                     /* an including guest may ask for more (at most 256) */
     .equ VQ_WANT, 16                    /* queue size asked for (less if QueueNumMax is less) */
+    .endif
     .equ VQ_CLEAR, 0x200                /* bytes of each ring page zeroed at setup (16 entries fit) */
     .equ BUF_AREA, 0x400000
     .equ BUF_DEVICE_STRIDE, 0x10000

@@ -199,8 +199,18 @@ impl MutEventSubscriber for VirtioSubscriber {
         } else if let Some(evt) = self.queue_evts.get(data as usize) {
             // Drain the counter first so a notify that lands during processing re-arms it.
             let _ = evt.read();
-            let mut t = self.transport.lock().unwrap_or_else(|e| e.into_inner());
-            t.notify(data as usize);
+            let backlog = {
+                let mut t = self.transport.lock().unwrap_or_else(|e| e.into_inner());
+                t.notify(data as usize);
+                t.backlog(data as usize)
+            };
+            // The device stopped at its per-turn budget: come back after the other ready
+            // devices had their turn, as if the driver had notified again.
+            if backlog {
+                if let Err(e) = evt.write(1) {
+                    tracing::warn!("cannot re-raise queue {data}'s notification: {e}");
+                }
+            }
         }
         self.sync_host_fds();
     }

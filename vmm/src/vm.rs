@@ -36,6 +36,11 @@ use crate::vcpu::{run_vcpu, ExitContext, RunState, VcpuState};
 const KVM_TSS_ADDRESS: usize = 0xfffb_d000;
 /// Longest a vCPU may take to leave KVM_RUN after being kicked before teardown gives up on it.
 const KICK_DEADLINE: Duration = Duration::from_secs(5);
+/// Longest [`VmHandle::kill`] (and wait, and drop) waits for the VM's threads. A vCPU can be
+/// held up by a device that is busy on the event loop (its MMIO access waits for the device);
+/// past this the rest of the teardown runs on a background thread, which frees the memory and
+/// the VM fd only after every thread that could touch them has ended.
+pub const TEARDOWN_WAIT: Duration = Duration::from_millis(300);
 /// Offset from SIGRTMIN of the signal that kicks vCPUs out of KVM_RUN.
 const KICK_SIGNAL_OFFSET: i32 = 0;
 
@@ -594,18 +599,34 @@ fn install_kick_handler() {
     });
 }
 
-/// Stops every vCPU thread: mark it stopping, kick it out of KVM_RUN until it returns, join.
-fn stop_vcpus(threads: &mut Vec<(JoinHandle<()>, Arc<RunState>)>) {
-    for (_, state) in threads.iter() {
+/// Marks every vCPU stopping and kicks the unfinished ones out of KVM_RUN until all returned
+/// or `deadline` passed; returns whether all did.
+fn kick_vcpus(threads: &[(JoinHandle<()>, Arc<RunState>)], deadline: Instant) -> bool {
+    for (_, state) in threads {
         state.set(VcpuState::Stopping);
     }
-    for (handle, state) in threads.drain(..) {
-        let deadline = Instant::now() + KICK_DEADLINE;
+    loop {
+        let mut all = true;
         // A kick that lands just before KVM_RUN is lost, so kick until the thread is gone.
-        while !handle.is_finished() && Instant::now() < deadline {
+        for (handle, _) in threads.iter().filter(|(h, _)| !h.is_finished()) {
+            all = false;
             let _ = handle.kill(SIGRTMIN() + KICK_SIGNAL_OFFSET);
-            std::thread::sleep(Duration::from_millis(1));
         }
+        if all {
+            return true;
+        }
+        if Instant::now() >= deadline {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    }
+}
+
+/// Stops every vCPU thread: mark it stopping, kick it out of KVM_RUN until it returns (at
+/// most [`KICK_DEADLINE`]), join; a vCPU that never returns is leaked.
+fn stop_vcpus(threads: &mut Vec<(JoinHandle<()>, Arc<RunState>)>) {
+    kick_vcpus(threads, Instant::now() + KICK_DEADLINE);
+    for (handle, state) in threads.drain(..) {
         if handle.is_finished() {
             let _ = handle.join();
         } else {
@@ -719,18 +740,49 @@ impl VmHandle {
         self.latch.at().map(|t| t.duration_since(self.started))
     }
 
+    /// Stops the VM's threads and frees everything, waiting at most [`TEARDOWN_WAIT`]: what
+    /// has not ended by then finishes on a background thread.
     fn teardown(&mut self) -> ExitReason {
-        if let Some(mut r) = self.running.take() {
-            stop_vcpus(&mut r.threads);
-            r.events.stop();
-            // The joined threads dropped the last bus clones, so the serial device and its
-            // console sink are gone and the writer thread can drain and end.
-            drop(r);
-        }
-        if let Some(w) = self.console_writer.take() {
-            w.finish();
+        if let Some(r) = self.running.take() {
+            let deadline = Instant::now() + TEARDOWN_WAIT;
+            r.events.signal_stop();
+            let vcpus_done = kick_vcpus(&r.threads, deadline);
+            let events_done = r.events.wait_until(deadline);
+            let writer = self.console_writer.take();
+            if vcpus_done && events_done {
+                finish(r, writer);
+            } else {
+                tracing::warn!(
+                    "the VM's threads did not end within {TEARDOWN_WAIT:?} (a device is busy); finishing the teardown in the background"
+                );
+                let spawned = std::thread::Builder::new()
+                    .name("kiln-teardown".into())
+                    .spawn(move || finish(r, writer));
+                if let Err(e) = spawned {
+                    tracing::error!("cannot start the teardown thread ({e}); leaking the VM");
+                }
+            }
         }
         self.latch.get().unwrap_or(ExitReason::Killed)
+    }
+}
+
+/// Ends the VM's threads however long that takes, then frees its memory and fds, then lets the
+/// console writer drain.
+fn finish(mut r: Running, writer: Option<ConsoleWriter>) {
+    if !kick_vcpus(&r.threads, Instant::now() + KICK_DEADLINE) {
+        tracing::error!("a vCPU did not leave KVM_RUN within {KICK_DEADLINE:?}; still waiting");
+    }
+    // The memory and the VM fd below must outlive every vCPU, however long one takes.
+    for (handle, _) in r.threads.drain(..) {
+        let _ = handle.join();
+    }
+    r.events.join();
+    // The joined threads dropped the last bus clones, so the serial device and its console
+    // sink are gone and the writer thread can drain and end.
+    drop(r);
+    if let Some(w) = writer {
+        w.finish();
     }
 }
 

@@ -285,6 +285,12 @@ impl MmioTransport {
         }
     }
 
+    /// The device stopped at its per-turn budget with work left on `queue`: the caller should
+    /// call [`MmioTransport::notify`] again on a later turn (see [`crate::virtio::Budget`]).
+    pub fn backlog(&self, queue: usize) -> bool {
+        self.is_running() && self.device.queue_backlog(queue)
+    }
+
     /// One of the device's host file descriptors is ready: let the device handle it.
     ///
     /// The event always reaches the device, so that it drains the fd (a ready fd left alone

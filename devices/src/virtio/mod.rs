@@ -133,6 +133,58 @@ pub fn pending_chains(queue: &Queue, mem: &GuestMem) -> Result<u16, RingError> {
     Ok(pending)
 }
 
+/// Most descriptor chains a device serves per call of [`VirtioDevice::process_queue`].
+pub const CHAINS_PER_TURN: u32 = 64;
+/// Most bytes a device moves (guest memory <-> host) per call of
+/// [`VirtioDevice::process_queue`].
+pub const BYTES_PER_TURN: u64 = 8 << 20;
+
+/// The work one device may do for one queue notification before it gives the event loop back.
+///
+/// All devices share one event-loop thread, so a driver that keeps its ring full (or asks for
+/// huge transfers) must not keep the others from their turn. A device charges every chain and
+/// every byte it moves here; once [`Budget::exhausted`] it stops, keeps whatever it has not
+/// finished, and answers true from [`VirtioDevice::queue_backlog`]. The event loop then raises
+/// the queue's notification again itself, so the rest is served on a later loop turn, after
+/// the other ready devices.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Budget {
+    chains: u32,
+    bytes: u64,
+}
+
+impl Budget {
+    /// [`CHAINS_PER_TURN`] chains and [`BYTES_PER_TURN`] bytes.
+    pub fn per_turn() -> Self {
+        Self::new(CHAINS_PER_TURN, BYTES_PER_TURN)
+    }
+
+    /// A budget of `chains` chains and `bytes` bytes.
+    pub fn new(chains: u32, bytes: u64) -> Self {
+        Self { chains, bytes }
+    }
+
+    /// Charges one descriptor chain.
+    pub fn charge_chain(&mut self) {
+        self.chains = self.chains.saturating_sub(1);
+    }
+
+    /// Charges `n` bytes moved.
+    pub fn charge_bytes(&mut self, n: u64) {
+        self.bytes = self.bytes.saturating_sub(n);
+    }
+
+    /// Bytes still allowed this turn.
+    pub fn bytes_left(&self) -> u64 {
+        self.bytes
+    }
+
+    /// Nothing more may be done this turn.
+    pub fn exhausted(&self) -> bool {
+        self.chains == 0 || self.bytes == 0
+    }
+}
+
 /// Why a device could not be activated.
 #[derive(Debug, thiserror::Error)]
 pub enum ActivateError {
@@ -174,7 +226,15 @@ pub trait VirtioDevice: Send {
     /// The driver notified queue `index`: process what it made available. Guest data is
     /// untrusted: errors go back to the guest as status codes or mark the device broken (see
     /// [`VirtioDevice::is_broken`]), never as a panic.
+    /// Bounded: at most one [`Budget::per_turn`] of work per call (see [`Budget`]).
     fn process_queue(&mut self, index: usize);
+
+    /// Whether the last [`VirtioDevice::process_queue`] for queue `index` stopped at its
+    /// [`Budget`] with work left. The event loop then notifies the queue again on a later turn
+    /// (as if the driver had), so the device needs no timer of its own. Default: never.
+    fn queue_backlog(&self, _index: usize) -> bool {
+        false
+    }
 
     /// Host-side file descriptors the device wants watched (sockets, timers), with the events
     /// of interest. Asked again after every call into the device, so the set may change.

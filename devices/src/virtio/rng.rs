@@ -5,8 +5,8 @@ use virtio_queue::{DescriptorChain, Queue, QueueT};
 use vm_memory::Bytes;
 
 use super::{
-    device_type, pending_chains, ActivateError, GuestMem, Interrupt, RingError, VirtioDevice,
-    VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC,
+    device_type, pending_chains, ActivateError, Budget, GuestMem, Interrupt, RingError,
+    VirtioDevice, VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC,
 };
 
 /// Size of the one request queue.
@@ -48,6 +48,8 @@ struct Active {
 pub struct Rng {
     active: Option<Active>,
     broken: bool,
+    /// The last turn stopped at its [`Budget`]; the event loop notifies again.
+    backlog: bool,
     // Reused for every request; never larger than MAX_BYTES_PER_CHAIN.
     buf: Vec<u8>,
 }
@@ -64,12 +66,16 @@ impl Rng {
         Self {
             active: None,
             broken: false,
+            backlog: false,
             buf: vec![0; MAX_BYTES_PER_CHAIN as usize],
         }
     }
 
-    /// Serves every available chain, then re-enables notifications (the EVENT_IDX-safe loop).
+    /// Serves available chains until the ring is empty, then re-enables notifications (the
+    /// EVENT_IDX-safe loop); stops early, with notifications still off and `backlog` set, once
+    /// one turn's [`Budget`] is spent, however fast the driver refills the ring.
     fn process(&mut self) -> Result<(), RngError> {
+        self.backlog = false;
         let Some(Active {
             mem,
             queue,
@@ -79,9 +85,13 @@ impl Rng {
             return Ok(());
         };
         let mut used = false;
+        let mut budget = Budget::per_turn();
         loop {
             queue.disable_notification(mem).map_err(RngError::Queue)?;
-            while let Some(chain) = queue.pop_descriptor_chain(&*mem) {
+            while !budget.exhausted() {
+                let Some(chain) = queue.pop_descriptor_chain(&*mem) else {
+                    break;
+                };
                 let head = chain.head_index();
                 let len = match fill_chain(mem, chain, &mut self.buf) {
                     Ok(len) => len,
@@ -94,6 +104,13 @@ impl Rng {
                 };
                 queue.add_used(mem, head, len).map_err(RngError::Queue)?;
                 used = true;
+                budget.charge_chain();
+                budget.charge_bytes(u64::from(len));
+            }
+            if budget.exhausted() {
+                // The next turn re-enables notifications once the ring is empty.
+                self.backlog = true;
+                break;
             }
             if !queue.enable_notification(mem).map_err(RngError::Queue)? {
                 break;
@@ -194,9 +211,14 @@ impl VirtioDevice for Rng {
         }
     }
 
+    fn queue_backlog(&self, index: usize) -> bool {
+        index == 0 && self.backlog && !self.broken
+    }
+
     fn reset(&mut self) -> bool {
         self.active = None;
         self.broken = false;
+        self.backlog = false;
         true
     }
 
@@ -409,5 +431,60 @@ mod tests {
         assert!(rng.reset());
         rng.process_queue(0);
         assert_eq!(tq.used_idx(), 0);
+    }
+
+    #[test]
+    fn a_ring_refilled_from_another_thread_is_served_one_budget_per_turn() {
+        use crate::virtio::testing::Refiller;
+        use crate::virtio::CHAINS_PER_TURN;
+        use virtio_bindings::bindings::virtio_ring::VRING_DESC_F_WRITE;
+        let mem = guest_memory(MEM_SIZE);
+        let tq = TestQueue::new(&mem, 0x1000, QUEUE_SIZE);
+        let mut rng = Rng::new();
+        rng.activate(
+            mem.clone(),
+            vec![tq.queue()],
+            interrupt(),
+            VIRTIO_F_VERSION_1,
+        )
+        .unwrap();
+        // One 4 KiB buffer, made available again and again: a hostile driver's flood.
+        tq.set_desc(0, raw_desc(0x40000, 4096, VRING_DESC_F_WRITE as u16, 0));
+        for _ in 0..QUEUE_SIZE {
+            tq.publish(0);
+        }
+        let refiller = Refiller::start(&tq, 0);
+        let mut before = tq.used_idx();
+        for turn in 0..50 {
+            rng.process_queue(0);
+            let served = u32::from(tq.used_idx().wrapping_sub(before));
+            assert!(served <= CHAINS_PER_TURN, "one turn served {served} chains");
+            // A full turn leaves work for later and says so; the refiller may fall behind
+            // later, and a turn that empties the ring has nothing left.
+            if turn == 0 {
+                assert_eq!(served, CHAINS_PER_TURN);
+            }
+            if served == CHAINS_PER_TURN {
+                assert!(
+                    rng.queue_backlog(0),
+                    "work left, but no later turn asked for"
+                );
+            }
+            before = tq.used_idx();
+        }
+        assert!(refiller.stop() > 0);
+        // Once the driver stops, a few more turns empty the ring and the backlog ends.
+        let mut turns = 0;
+        loop {
+            rng.process_queue(0);
+            turns += 1;
+            if !rng.queue_backlog(0) {
+                break;
+            }
+            assert!(turns < 10, "the backlog never ends");
+        }
+        let avail: u16 = mem.read_obj(GuestAddress(tq.avail_ring() + 2)).unwrap();
+        assert_eq!(tq.used_idx(), avail);
+        assert!(!rng.is_broken());
     }
 }

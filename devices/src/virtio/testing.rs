@@ -326,3 +326,68 @@ impl<'a> MmioDriver<'a> {
         self.read(regs::STATUS)
     }
 }
+
+/// A driver on another thread (think: a second vCPU) that keeps a queue's available ring full
+/// with one head, as fast as the device frees room, until stopped. For tests that a device's
+/// work per notification stays bounded however fast the ring is refilled.
+pub struct Refiller {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: Option<std::thread::JoinHandle<u64>>,
+}
+
+impl Refiller {
+    /// Starts refilling `tq` with `head` (whose descriptors the caller wrote).
+    pub fn start(tq: &TestQueue, head: u16) -> Self {
+        Self::start_raw(&tq.mem, tq.size, tq.avail_ring, tq.used_ring, head)
+    }
+
+    /// Starts refilling the ring of `size` entries whose avail and used rings are at `avail`
+    /// and `used`.
+    pub fn start_raw(mem: &GuestMem, size: u16, avail: u64, used: u64, head: u16) -> Self {
+        use std::sync::atomic::{AtomicBool, Ordering};
+        let stop = std::sync::Arc::new(AtomicBool::new(false));
+        let mem = mem.clone();
+        let flag = stop.clone();
+        let thread = std::thread::spawn(move || {
+            let mut published = 0u64;
+            while !flag.load(Ordering::Acquire) {
+                let a: u16 = mem.read_obj(GuestAddress(avail + 2)).unwrap();
+                let u: u16 = mem.read_obj(GuestAddress(used + 2)).unwrap();
+                if a.wrapping_sub(u) >= size {
+                    std::hint::spin_loop();
+                    continue;
+                }
+                let slot = GuestAddress(avail + 4 + 2 * u64::from(a % size));
+                mem.write_obj(head, slot).unwrap();
+                std::sync::atomic::fence(Ordering::Release);
+                mem.write_obj(a.wrapping_add(1), GuestAddress(avail + 2))
+                    .unwrap();
+                published += 1;
+            }
+            published
+        });
+        Self {
+            stop,
+            thread: Some(thread),
+        }
+    }
+
+    /// Stops refilling; returns how many chains it published.
+    pub fn stop(mut self) -> u64 {
+        self.halt()
+    }
+
+    fn halt(&mut self) -> u64 {
+        self.stop.store(true, std::sync::atomic::Ordering::Release);
+        self.thread
+            .take()
+            .map(|t| t.join().expect("refiller thread"))
+            .unwrap_or(0)
+    }
+}
+
+impl Drop for Refiller {
+    fn drop(&mut self) {
+        self.halt();
+    }
+}

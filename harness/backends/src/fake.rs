@@ -18,6 +18,9 @@ pub enum FakeExec {
     Output(Output),
     /// Never answers: returns at the deadline (timeout) or when killed.
     Hang,
+    /// Never answers and ignores the deadline: returns only when killed (a guest that only
+    /// the runner's watchdog stops).
+    HangUntilKilled,
     /// Prints this line on the console as a kernel panic, and the VM dies.
     KernelPanic(String),
     /// The harness itself panics inside exec (tests the worker's catch_unwind).
@@ -56,6 +59,8 @@ pub struct FakeGuest {
     pub boot_error: Option<String>,
     /// When set, `boot` panics (tests the worker's catch_unwind before a VM exists).
     pub boot_panic: bool,
+    /// How long the kill switch blocks before the machine dies (a VMM stuck in teardown).
+    pub kill_delay: Duration,
     /// Answers exec requests.
     pub exec: ExecHandler,
 }
@@ -73,6 +78,7 @@ impl FakeGuest {
             ],
             boot_error: None,
             boot_panic: false,
+            kill_delay: Duration::ZERO,
             exec: Box::new(|_, _| FakeExec::exit(0, "")),
         }
     }
@@ -172,6 +178,7 @@ impl Backend for FakeBackend {
             exec: guest.exec,
             files: BTreeMap::new(),
             killed,
+            kill_delay: guest.kill_delay,
             live: Some(self.live.clone()),
         }))
     }
@@ -217,6 +224,7 @@ struct FakeMachine {
     exec: ExecHandler,
     files: BTreeMap<String, Vec<u8>>,
     killed: Killed,
+    kill_delay: Duration,
     live: Option<Arc<AtomicUsize>>,
 }
 
@@ -269,6 +277,10 @@ impl Machine for FakeMachine {
                     after: None,
                 })
             }
+            FakeExec::HangUntilKilled => {
+                sleep_unless_killed(&self.killed, Instant::now() + Duration::from_secs(3600));
+                Err(Gone::Killed { vm: "fake VM" }.into())
+            }
             FakeExec::KernelPanic(line) => {
                 self.console.push(format!("{line}\n").as_bytes());
                 self.console.close();
@@ -313,7 +325,9 @@ impl Machine for FakeMachine {
 
     fn kill_switch(&self) -> KillSwitch {
         let killed = self.killed.clone();
+        let delay = self.kill_delay;
         Arc::new(move || {
+            std::thread::sleep(delay);
             *killed.0.lock().unwrap_or_else(|p| p.into_inner()) = true;
             killed.1.notify_all();
         })

@@ -159,6 +159,8 @@ struct ActiveRun {
 
 /// How long the second Ctrl-C spends removing work dirs before the process exits anyway.
 pub const ABORT_CLEANUP_LIMIT: Duration = Duration::from_secs(3);
+/// How long the second Ctrl-C waits for the kills it fired before it removes work dirs.
+pub const ABORT_KILL_WAIT: Duration = Duration::from_secs(1);
 
 /// Cancellation and the registries of running VMs and their work dirs, shared with the Ctrl-C
 /// handler and the global-timeout watchdog.
@@ -261,25 +263,33 @@ impl Control {
     pub fn interrupt(&self) -> bool {
         let n = self.interrupts.fetch_add(1, Ordering::SeqCst);
         self.cancel.store(true, Ordering::SeqCst);
-        // Kill first, so no VM writes into a work dir while it is being removed.
-        self.kill_all();
+        // Kill first, so no VM writes into a work dir while it is being removed; the kills run
+        // on their own threads, so one stuck VM cannot keep this handler (and the next Ctrl-C)
+        // waiting.
+        let kills = self.kill_all();
         if n == 0 {
             return false;
+        }
+        if !kills.wait(ABORT_KILL_WAIT) {
+            tracing::warn!(
+                "VMs not dead within {}; removing work dirs anyway",
+                humantime::format_duration(ABORT_KILL_WAIT)
+            );
         }
         let dirs: Vec<PathBuf> = self.work_dirs().values().cloned().collect();
         remove_dirs_within(dirs, ABORT_CLEANUP_LIMIT);
         true
     }
 
-    /// Kills every running VM.
-    pub fn kill_all(&self) {
+    /// Starts killing every running VM, each on its own thread; the returned [`Kills`] says
+    /// when they are done.
+    pub fn kill_all(&self) -> Kills {
         let kills: Vec<KillSwitch> = self.lock().values().map(|a| a.kill.clone()).collect();
-        for kill in kills {
-            kill();
-        }
+        Kills::start(kills)
     }
 
-    /// Kills VMs past their deadline.
+    /// Starts killing the VMs past their deadline, each on its own thread: the watchdog goes
+    /// straight back to the other deadlines, however long one VM takes to die.
     fn reap_expired(&self) {
         let now = Instant::now();
         let kills: Vec<KillSwitch> = self
@@ -288,10 +298,50 @@ impl Control {
             .filter(|a| a.deadline <= now && !a.expired.swap(true, Ordering::SeqCst))
             .map(|a| a.kill.clone())
             .collect();
-        for kill in kills {
+        if !kills.is_empty() {
             tracing::warn!("scenario deadline passed: stopping its VM");
-            kill();
+            Kills::start(kills);
         }
+    }
+}
+
+/// Kill switches running on their own threads (`kiln-kill`). A kill switch may block for as
+/// long as its VM takes to die; nobody has to wait for it.
+pub struct Kills {
+    done: std::sync::mpsc::Receiver<()>,
+    count: usize,
+}
+
+impl Kills {
+    fn start(kills: Vec<KillSwitch>) -> Kills {
+        let (tx, done) = std::sync::mpsc::channel();
+        let mut count = 0;
+        for kill in kills {
+            let tx = tx.clone();
+            let spawned = std::thread::Builder::new()
+                .name("kiln-kill".into())
+                .spawn(move || {
+                    kill();
+                    let _ = tx.send(());
+                });
+            match spawned {
+                Ok(_) => count += 1,
+                Err(e) => tracing::warn!("cannot start a kill thread ({e}); the VM lives on"),
+            }
+        }
+        Kills { done, count }
+    }
+
+    /// Waits up to `limit` for every kill to return; returns whether they all did.
+    pub fn wait(&self, limit: Duration) -> bool {
+        let deadline = Instant::now() + limit;
+        for _ in 0..self.count {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if self.done.recv_timeout(left).is_err() {
+                return false;
+            }
+        }
+        true
     }
 }
 

@@ -773,3 +773,64 @@ fn the_summary_counts_one_scenario_in_the_singular() {
         "{text}"
     );
 }
+
+#[test]
+fn a_vm_whose_kill_blocks_does_not_delay_another_jobs_deadline() {
+    let mut env = env();
+    env.opts.jobs = 2;
+    env.opts.keep = KeepPolicy::Never;
+    let step = "[[steps]]\nrun = [\"flood\"]\ntimeout = 600\n";
+    let scenarios = env.scenarios(&[
+        ("a.toml", &format!("id = \"stuck\"\ntimeout = 0.2\n{step}")),
+        ("b.toml", &format!("id = \"victim\"\ntimeout = 0.6\n{step}")),
+    ]);
+    // Both guests ignore their deadline (only the watchdog stops them); the first one's VMM
+    // takes 3 s to die once killed.
+    let backend = FakeBackend::new(BackendKind::Qemu, |plan| FakeGuest {
+        kill_delay: if plan.scenario_id == "stuck" {
+            Duration::from_secs(3)
+        } else {
+            Duration::ZERO
+        },
+        ..FakeGuest::ready().with_exec(|_, _| FakeExec::HangUntilKilled)
+    });
+    let finished: Mutex<BTreeMap<String, Instant>> = Mutex::default();
+    let started = Instant::now();
+    let summary = run(&scenarios, &backend, &env.opts, &Control::default(), &|e| {
+        if let RunEvent::Finished(o) = e {
+            finished
+                .lock()
+                .unwrap()
+                .insert(o.result.scenario.clone(), Instant::now());
+        }
+    });
+    assert_eq!(backend.live(), 0, "every machine torn down");
+    assert!(summary.outcomes.iter().all(|o| !o.passed()));
+    let victim = finished.lock().unwrap()["victim"] - started;
+    assert!(
+        victim < Duration::from_millis(1500),
+        "the second job ended {victim:?} after the start (deadline 600ms)"
+    );
+}
+
+#[test]
+fn ctrl_c_returns_at_once_while_a_kill_blocks() {
+    let control = Control::new();
+    let stuck: KillSwitch = Arc::new(|| std::thread::sleep(Duration::from_secs(3)));
+    let _guard = control.register(stuck, Instant::now() + Duration::from_secs(600));
+    let t = Instant::now();
+    assert!(!control.interrupt());
+    assert!(
+        t.elapsed() < Duration::from_millis(500),
+        "{:?}",
+        t.elapsed()
+    );
+    // The second Ctrl-C is heard and exits after a bounded wait for the kill.
+    let t = Instant::now();
+    assert!(control.interrupt());
+    assert!(
+        t.elapsed() < ABORT_KILL_WAIT + Duration::from_millis(500),
+        "{:?}",
+        t.elapsed()
+    );
+}

@@ -5,6 +5,12 @@
 //! status byte (OK, IOERR or UNSUPP) and a used entry whose length counts the bytes written to
 //! the guest, status included; a chain without a usable status descriptor gets a used entry of
 //! length 0; a ring the device cannot use at all marks the device broken.
+//!
+//! Work per notification is bounded by a [`Budget`]: at most [`crate::virtio::CHAINS_PER_TURN`]
+//! requests and [`crate::virtio::BYTES_PER_TURN`] bytes. A larger transfer (a request may move
+//! up to [`MAX_DATA_LEN`], a DISCARD or WRITE_ZEROES up to 1 GiB) is split: the device keeps it
+//! in flight and continues on the next turn, which the event loop schedules because
+//! [`VirtioDevice::queue_backlog`] says so.
 
 use std::ops::Deref;
 
@@ -20,7 +26,7 @@ use virtio_queue::{DescriptorChain, Queue, QueueT};
 use vm_memory::{Address, Bytes, GuestAddress};
 
 use crate::virtio::{
-    device_type, pending_chains, ActivateError, GuestMem, Interrupt, VirtioDevice,
+    device_type, pending_chains, ActivateError, Budget, GuestMem, Interrupt, VirtioDevice,
     VIRTIO_F_VERSION_1, VIRTIO_RING_F_INDIRECT_DESC,
 };
 use kiln_disk::{DiskBackend, DISK_ID_LEN};
@@ -71,6 +77,42 @@ pub struct Block {
     active: Option<Active>,
     broken: bool,
     bounce: Vec<u8>,
+    /// A request split across turns, continued before any new chain is popped.
+    in_flight: Option<Transfer>,
+    /// The last turn stopped at its budget with work left.
+    backlog: bool,
+}
+
+/// What a split request does with the disk.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Op {
+    Read,
+    Write,
+    Discard,
+    WriteZeroes { unmap: bool },
+}
+
+/// A request whose disk work may take several turns.
+struct Transfer {
+    head: u16,
+    op: Op,
+    /// Data descriptors (IN / OUT only).
+    data: Vec<Descriptor>,
+    status: Descriptor,
+    /// Disk byte offset of the request.
+    offset: u64,
+    total: u64,
+    done: u64,
+    /// Bytes written into guest buffers so far (IN).
+    written: u32,
+}
+
+/// How far one request got this turn.
+enum Progress {
+    /// Answered: the used length.
+    Done(u32),
+    /// Budget spent; continue on a later turn.
+    Pending(Transfer),
 }
 
 impl Block {
@@ -97,6 +139,8 @@ impl Block {
             active: None,
             broken: false,
             bounce: Vec::new(),
+            in_flight: None,
+            backlog: false,
         }
     }
 
@@ -165,6 +209,8 @@ impl VirtioDevice for Block {
             ));
         }
         self.bounce.resize(BOUNCE_LEN, 0);
+        self.in_flight = None;
+        self.backlog = false;
         self.active = Some(Active {
             mem,
             queue,
@@ -175,6 +221,7 @@ impl VirtioDevice for Block {
     }
 
     fn process_queue(&mut self, index: usize) {
+        self.backlog = false;
         if index != 0 || self.broken {
             return;
         }
@@ -186,22 +233,52 @@ impl VirtioDevice for Block {
         else {
             return;
         };
-        // Only what is available now: bounded work per notification, and a driver that adds
-        // more notifies again.
-        let pending = match pending_chains(queue, mem) {
-            Ok(pending) => pending,
-            Err(e) => return self.mark_broken(&e.to_string()),
-        };
+        let mut budget = Budget::per_turn();
         let mut used = false;
         let mut failure = None;
-        for _ in 0..pending {
-            let Some(chain) = queue.pop_descriptor_chain(&*mem) else {
-                break;
+        let mut next = self.in_flight.take().map(|t| (t.head, Step::Continue(t)));
+        loop {
+            let (head, step) = match next.take() {
+                Some(n) => n,
+                None => {
+                    if budget.exhausted() {
+                        // A ring the next turn cannot use is reported there.
+                        self.backlog = !matches!(pending_chains(queue, mem), Ok(0));
+                        break;
+                    }
+                    // Only what is available now (rechecked every chain); a driver that adds
+                    // more notifies again.
+                    match pending_chains(queue, mem) {
+                        Ok(0) => break,
+                        Ok(_) => {}
+                        Err(e) => {
+                            failure = Some(e.to_string());
+                            break;
+                        }
+                    }
+                    let Some(chain) = queue.pop_descriptor_chain(&*mem) else {
+                        break;
+                    };
+                    budget.charge_chain();
+                    let head = chain.head_index();
+                    (head, start_chain(self.disk.as_mut(), mem, head, chain))
+                }
             };
-            let head = chain.head_index();
-            let len = process_chain(self.disk.as_mut(), &mut self.bounce, mem, chain);
+            let len = match step {
+                Step::Answer(len) => len,
+                Step::Continue(t) => {
+                    match advance(self.disk.as_mut(), &mut self.bounce, mem, t, &mut budget) {
+                        Progress::Done(len) => len,
+                        Progress::Pending(t) => {
+                            self.in_flight = Some(t);
+                            self.backlog = true;
+                            break;
+                        }
+                    }
+                }
+            };
             if queue.add_used(&*mem, head, len).is_err() {
-                failure = Some("cannot add a used entry (bad head index or used ring)");
+                failure = Some("cannot add a used entry (bad head index or used ring)".into());
                 break;
             }
             used = true;
@@ -210,13 +287,21 @@ impl VirtioDevice for Block {
             interrupt.signal_used_queue();
         }
         if let Some(why) = failure {
-            self.mark_broken(why);
+            self.in_flight = None;
+            self.backlog = false;
+            self.mark_broken(&why);
         }
+    }
+
+    fn queue_backlog(&self, index: usize) -> bool {
+        index == 0 && self.backlog && !self.broken
     }
 
     fn reset(&mut self) -> bool {
         self.active = None;
         self.broken = false;
+        self.in_flight = None;
+        self.backlog = false;
         true
     }
 
@@ -263,44 +348,144 @@ where
     }
 }
 
-/// Serves one request; returns the used length (bytes written to the guest incl. status).
-fn process_chain(
+/// A popped chain: answered at once, or a disk transfer to run under the budget.
+enum Step {
+    Answer(u32),
+    Continue(Transfer),
+}
+
+/// Parses one request and answers it unless it moves data to or from the disk (IN, OUT,
+/// DISCARD, WRITE_ZEROES): those become a [`Transfer`].
+fn start_chain(
     disk: &mut dyn DiskBackend,
-    bounce: &mut Vec<u8>,
     mem: &GuestMem,
+    head: u16,
     chain: DescriptorChain<&GuestMem>,
-) -> u32 {
+) -> Step {
     let parsed = collect(chain);
     let Some(status) = parsed.last.filter(|d| d.is_write_only() && d.len() >= 1) else {
         tracing::debug!("virtio-blk: chain without a writable status descriptor");
-        return 0;
+        return Step::Answer(0);
     };
-    let (status_byte, written) = if status.len() != 1 || parsed.too_long || parsed.descs.len() < 2 {
-        (S_IOERR, 0)
+    let answer = if status.len() != 1 || parsed.too_long || parsed.descs.len() < 2 {
+        Served::Now(S_IOERR, 0)
     } else {
         let data = &parsed.descs[1..parsed.descs.len() - 1];
-        serve(disk, bounce, mem, &parsed.descs[0], data)
+        serve(disk, mem, &parsed.descs[0], data)
     };
+    match answer {
+        Served::Now(status_byte, written) => {
+            Step::Answer(finish(mem, status, status_byte, written))
+        }
+        Served::Later { op, offset, total } => {
+            let data = match op {
+                Op::Read | Op::Write => parsed.descs[1..parsed.descs.len() - 1].to_vec(),
+                Op::Discard | Op::WriteZeroes { .. } => Vec::new(),
+            };
+            Step::Continue(Transfer {
+                head,
+                op,
+                data,
+                status,
+                offset,
+                total,
+                done: 0,
+                written: 0,
+            })
+        }
+    }
+}
+
+/// Writes the status byte; returns the used length (bytes written to the guest incl. status).
+fn finish(mem: &GuestMem, status: Descriptor, status_byte: u8, written: u32) -> u32 {
     if mem.write_obj(status_byte, status.addr()).is_err() {
         return 0;
     }
     written.saturating_add(1)
 }
 
-/// A request type and the checks all types share; returns (status, data bytes written).
-fn serve(
+/// Moves as much of `t` as the budget allows.
+fn advance(
     disk: &mut dyn DiskBackend,
     bounce: &mut Vec<u8>,
     mem: &GuestMem,
+    mut t: Transfer,
+    budget: &mut Budget,
+) -> Progress {
+    let piece = (t.total - t.done).min(budget.bytes_left());
+    let r = match t.op {
+        Op::Read => read_into_guest(disk, bounce, mem, &t.data, t.offset, t.done, piece)
+            .map(|n| t.written = t.written.saturating_add(n)),
+        Op::Write => write_from_guest(disk, bounce, mem, &t.data, t.offset, t.done, piece),
+        Op::Discard | Op::WriteZeroes { .. } => {
+            // Pieces end on BYTES_PER_TURN-aligned disk offsets, so every cut is aligned to
+            // any discard granularity the backend has.
+            let at = t.offset + t.done;
+            let aligned_end =
+                (at / crate::virtio::BYTES_PER_TURN + 1) * crate::virtio::BYTES_PER_TURN;
+            let end = (at + piece).min(aligned_end).min(t.offset + t.total);
+            let piece = end - at;
+            let r = match t.op {
+                Op::Discard => disk.discard(at, piece),
+                Op::WriteZeroes { unmap } => disk.write_zeroes(at, piece, unmap),
+                _ => unreachable!(),
+            };
+            return step_done(
+                mem,
+                t,
+                budget,
+                piece,
+                r.map_err(|e| {
+                    tracing::warn!("virtio-blk: disk I/O failed: {e}");
+                }),
+            );
+        }
+    };
+    step_done(mem, t, budget, piece, r)
+}
+
+/// Books `piece` bytes of `t` as done (or the whole request as failed).
+fn step_done(
+    mem: &GuestMem,
+    mut t: Transfer,
+    budget: &mut Budget,
+    piece: u64,
+    r: Result<(), ()>,
+) -> Progress {
+    budget.charge_bytes(piece);
+    if r.is_err() {
+        return Progress::Done(finish(mem, t.status, S_IOERR, t.written));
+    }
+    t.done += piece;
+    if t.done >= t.total {
+        Progress::Done(finish(mem, t.status, S_OK, t.written))
+    } else {
+        Progress::Pending(t)
+    }
+}
+
+/// How [`serve`] answers a request.
+enum Served {
+    /// Status and data bytes written, now.
+    Now(u8, u32),
+    /// A disk transfer of `total` bytes at `offset`, run under the budget.
+    Later { op: Op, offset: u64, total: u64 },
+}
+
+/// A request type and the checks all types share.
+fn serve(
+    disk: &mut dyn DiskBackend,
+    mem: &GuestMem,
     header: &Descriptor,
     data: &[Descriptor],
-) -> (u8, u32) {
+) -> Served {
+    use Served::Now;
     if header.is_write_only() || header.len() < HEADER_LEN {
-        return (S_IOERR, 0);
+        return Now(S_IOERR, 0);
     }
     let mut raw = [0u8; HEADER_LEN as usize];
     if mem.read_slice(&mut raw, header.addr()).is_err() {
-        return (S_IOERR, 0);
+        return Now(S_IOERR, 0);
     }
     let kind = u32::from_le_bytes([raw[0], raw[1], raw[2], raw[3]]);
     let mut sector = [0u8; 8];
@@ -317,35 +502,42 @@ fn serve(
             VIRTIO_BLK_T_IN | VIRTIO_BLK_T_FLUSH | VIRTIO_BLK_T_GET_ID
         );
     if !known {
-        return (S_UNSUPP, 0);
+        return Now(S_UNSUPP, 0);
     }
     if writes_disk && disk.read_only() {
-        return (S_IOERR, 0);
+        return Now(S_IOERR, 0);
     }
     // IN and GET_ID fill device-writable buffers; everything else only reads from the driver.
     let want_writable = matches!(kind, VIRTIO_BLK_T_IN | VIRTIO_BLK_T_GET_ID);
     if data.iter().any(|d| d.is_write_only() != want_writable) {
-        return (S_IOERR, 0);
+        return Now(S_IOERR, 0);
     }
     let total: u64 = data.iter().map(|d| u64::from(d.len())).sum();
     if total > MAX_DATA_LEN {
-        return (S_IOERR, 0);
+        return Now(S_IOERR, 0);
     }
     match kind {
         VIRTIO_BLK_T_IN | VIRTIO_BLK_T_OUT => {
             let Some(offset) = disk_range(disk, sector, total) else {
-                return (S_IOERR, 0);
+                return Now(S_IOERR, 0);
             };
-            if kind == VIRTIO_BLK_T_IN {
-                read_into_guest(disk, bounce, mem, data, offset)
+            let op = if kind == VIRTIO_BLK_T_IN {
+                Op::Read
             } else {
-                (write_from_guest(disk, bounce, mem, data, offset), 0)
-            }
+                Op::Write
+            };
+            Served::Later { op, offset, total }
         }
-        VIRTIO_BLK_T_FLUSH if data.is_empty() => (status_of(disk.flush()), 0),
-        VIRTIO_BLK_T_FLUSH => (S_IOERR, 0),
-        VIRTIO_BLK_T_GET_ID => get_id(disk.id(), mem, data),
-        _ => (discard_or_zero(disk, mem, data, total, kind), 0),
+        VIRTIO_BLK_T_FLUSH if data.is_empty() => {
+            // Not split: one flush per request, and each request costs a chain.
+            Now(status_of(disk.flush()), 0)
+        }
+        VIRTIO_BLK_T_FLUSH => Now(S_IOERR, 0),
+        VIRTIO_BLK_T_GET_ID => {
+            let (status, written) = get_id(disk.id(), mem, data);
+            Now(status, written)
+        }
+        _ => discard_or_zero(disk, mem, data, total, kind),
     }
 }
 
@@ -371,36 +563,48 @@ fn disk_range(disk: &dyn DiskBackend, sector: u64, len: u64) -> Option<u64> {
 }
 
 /// Calls `f(guest address, chunk length, byte offset in the request)` for every piece of at
-/// most `BOUNCE_LEN` bytes of `data`, in order; stops at the first error.
+/// most `BOUNCE_LEN` bytes of the `len` bytes of `data` that start `from` bytes into it, in
+/// order; stops at the first error.
 fn for_each_chunk(
     data: &[Descriptor],
+    from: u64,
+    len: u64,
     mut f: impl FnMut(GuestAddress, usize, u64) -> Result<(), ()>,
 ) -> Result<(), ()> {
-    let mut done = 0u64;
+    let end = from.saturating_add(len);
+    let mut base = 0u64; // request offset of `d`'s first byte
     for d in data {
-        let len = u64::from(d.len());
-        let mut off = 0u64;
-        while off < len {
-            let n = (len - off).min(BOUNCE_LEN as u64);
-            let addr = d.addr().checked_add(off).ok_or(())?;
-            f(addr, n as usize, done)?;
-            off += n;
-            done += n;
+        let d_len = u64::from(d.len());
+        let (lo, hi) = (from.max(base), end.min(base + d_len));
+        let mut at = lo;
+        while at < hi {
+            let n = (hi - at).min(BOUNCE_LEN as u64);
+            let addr = d.addr().checked_add(at - base).ok_or(())?;
+            f(addr, n as usize, at)?;
+            at += n;
+        }
+        base += d_len;
+        if base >= end {
+            break;
         }
     }
     Ok(())
 }
 
+/// Reads `len` bytes of the request, `from` bytes into it, from the disk into the guest;
+/// returns the bytes written to the guest.
 fn read_into_guest(
     disk: &mut dyn DiskBackend,
     bounce: &mut Vec<u8>,
     mem: &GuestMem,
     data: &[Descriptor],
     offset: u64,
-) -> (u8, u32) {
+    from: u64,
+    len: u64,
+) -> Result<u32, ()> {
     bounce.resize(BOUNCE_LEN, 0);
     let mut written = 0u32;
-    let r = for_each_chunk(data, |addr, n, at| {
+    for_each_chunk(data, from, len, |addr, n, at| {
         let buf = &mut bounce[..n];
         disk.read_at(buf, offset + at)
             .map_err(|e| tracing::warn!("virtio-blk: read failed: {e}"))?;
@@ -408,29 +612,27 @@ fn read_into_guest(
         // `n` fits: the total was bounded by MAX_DATA_LEN (< 4 GiB) above.
         written = written.saturating_add(n as u32);
         Ok(())
-    });
-    (if r.is_ok() { S_OK } else { S_IOERR }, written)
+    })?;
+    Ok(written)
 }
 
+/// Writes `len` bytes of the request, `from` bytes into it, from the guest to the disk.
 fn write_from_guest(
     disk: &mut dyn DiskBackend,
     bounce: &mut Vec<u8>,
     mem: &GuestMem,
     data: &[Descriptor],
     offset: u64,
-) -> u8 {
+    from: u64,
+    len: u64,
+) -> Result<(), ()> {
     bounce.resize(BOUNCE_LEN, 0);
-    let r = for_each_chunk(data, |addr, n, at| {
+    for_each_chunk(data, from, len, |addr, n, at| {
         let buf = &mut bounce[..n];
         mem.read_slice(buf, addr).map_err(|_| ())?;
         disk.write_at(buf, offset + at)
             .map_err(|e| tracing::warn!("virtio-blk: write failed: {e}"))
-    });
-    if r.is_ok() {
-        S_OK
-    } else {
-        S_IOERR
-    }
+    })
 }
 
 /// Writes as much of the 20-byte ID as the buffers hold (the spec's ID is not NUL-terminated
@@ -472,20 +674,22 @@ fn gather(mem: &GuestMem, data: &[Descriptor], out: &mut [u8]) -> Result<(), ()>
     }
 }
 
+/// Checks a DISCARD or WRITE_ZEROES segment; the disk work runs under the budget.
 fn discard_or_zero(
-    disk: &mut dyn DiskBackend,
+    disk: &dyn DiskBackend,
     mem: &GuestMem,
     data: &[Descriptor],
     total: u64,
     kind: u32,
-) -> u8 {
+) -> Served {
+    use Served::Now;
     // One segment per request: max_discard_seg and max_write_zeroes_seg are 1.
     if total != SEGMENT_LEN {
-        return S_IOERR;
+        return Now(S_IOERR, 0);
     }
     let mut seg = [0u8; SEGMENT_LEN as usize];
     if gather(mem, data, &mut seg).is_err() {
-        return S_IOERR;
+        return Now(S_IOERR, 0);
     }
     let mut sector = [0u8; 8];
     sector.copy_from_slice(&seg[0..8]);
@@ -495,7 +699,7 @@ fn discard_or_zero(
     let unmap = flags & VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP != 0;
     // §5.2.6.2: unknown flags, and UNMAP on a discard, are UNSUPP.
     if flags & !VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP != 0 || (kind == VIRTIO_BLK_T_DISCARD && unmap) {
-        return S_UNSUPP;
+        return Now(S_UNSUPP, 0);
     }
     let max = if kind == VIRTIO_BLK_T_DISCARD {
         MAX_DISCARD_SECTORS
@@ -503,19 +707,24 @@ fn discard_or_zero(
         MAX_WRITE_ZEROES_SECTORS
     };
     if sectors > max {
-        return S_IOERR;
+        return Now(S_IOERR, 0);
     }
     let len = u64::from(sectors) * SECTOR_SIZE;
     let Some(offset) = disk_range(disk, sector, len) else {
-        return S_IOERR;
+        return Now(S_IOERR, 0);
     };
     if len == 0 {
-        return S_OK;
+        return Now(S_OK, 0);
     }
-    if kind == VIRTIO_BLK_T_DISCARD {
-        status_of(disk.discard(offset, len))
+    let op = if kind == VIRTIO_BLK_T_DISCARD {
+        Op::Discard
     } else {
-        status_of(disk.write_zeroes(offset, len, unmap))
+        Op::WriteZeroes { unmap }
+    };
+    Served::Later {
+        op,
+        offset,
+        total: len,
     }
 }
 

@@ -121,7 +121,11 @@ impl Env {
     }
 
     fn with_disk(read_only: bool) -> Self {
-        let data = (0..DISK_SECTORS * SECTOR_SIZE)
+        Self::with_sectors(read_only, DISK_SECTORS)
+    }
+
+    fn with_sectors(read_only: bool, sectors: u64) -> Self {
+        let data = (0..sectors * SECTOR_SIZE)
             .map(|i| (i % 251) as u8)
             .collect();
         let disk = Arc::new(Mutex::new(DiskState {
@@ -851,4 +855,122 @@ fn queue_outside_memory_is_refused_at_activation() {
     let far = GuestMem::from_ranges(&[(GuestAddress(0), 0x1000)]).unwrap();
     let err = block.activate(far, vec![test_queue()], env.interrupt.clone(), 0);
     assert!(matches!(err, Err(ActivateError::BadQueue(_))));
+}
+
+/// Runs turns until the device has no backlog; returns how many it took.
+fn turns_until_done(env: &mut Env) -> u32 {
+    let mut turns = 0;
+    loop {
+        env.block.process_queue(0);
+        turns += 1;
+        if !env.block.queue_backlog(0) {
+            return turns;
+        }
+        assert!(turns < 1000, "the backlog never ends");
+    }
+}
+
+#[test]
+fn a_huge_read_is_split_across_turns() {
+    use crate::virtio::BYTES_PER_TURN;
+    // 24 MiB in three 8 MiB descriptors over the same guest buffer: three turns' worth.
+    let len = 3 * BYTES_PER_TURN;
+    let mut env = Env::with_sectors(false, len / SECTOR_SIZE);
+    env.header(VIRTIO_BLK_T_IN, 0);
+    env.mem.write_obj(0xffu8, GuestAddress(STATUS)).unwrap();
+    let piece = BYTES_PER_TURN as u32;
+    let head = env.add_chain(&[
+        r(HDR, 16),
+        w(DATA, piece),
+        w(DATA, piece),
+        w(DATA, piece),
+        w(STATUS, 1),
+    ]);
+    env.block.process_queue(0);
+    assert_eq!(
+        env.used_idx(),
+        0,
+        "the whole request was served in one turn"
+    );
+    assert!(env.block.queue_backlog(0));
+    assert_eq!(env.status(), 0xff);
+    assert_eq!(turns_until_done(&mut env), 2);
+    assert_eq!(env.used_idx(), 1);
+    assert_eq!(env.last_used(), (u32::from(head), len as u32 + 1));
+    assert_eq!(env.status(), S_OK);
+    // The last third landed in the buffer.
+    assert_eq!(
+        env.guest_bytes(DATA, 4096),
+        env.disk_bytes(2 * BYTES_PER_TURN, 4096)
+    );
+    assert!(env.interrupted());
+}
+
+#[test]
+fn a_huge_write_zeroes_is_cut_on_aligned_offsets() {
+    use crate::virtio::BYTES_PER_TURN;
+    let sectors = 3 * BYTES_PER_TURN / SECTOR_SIZE;
+    let mut env = Env::with_sectors(false, sectors);
+    // From sector 1 to the end: 24 MiB - 512, cut at the 8 MiB and 16 MiB marks.
+    env.header(VIRTIO_BLK_T_WRITE_ZEROES, 0);
+    env.segment(DATA, 1, (sectors - 1) as u32, 0);
+    env.mem.write_obj(0xffu8, GuestAddress(STATUS)).unwrap();
+    env.add_chain(&[r(HDR, 16), r(DATA, 16), w(STATUS, 1)]);
+    assert_eq!(turns_until_done(&mut env), 3);
+    assert_eq!(env.status(), S_OK);
+    let m = BYTES_PER_TURN;
+    assert_eq!(
+        env.disk.lock().unwrap().zeroes,
+        vec![(512, m - 512, false), (m, m, false), (2 * m, m, false)]
+    );
+}
+
+#[test]
+fn a_ring_refilled_from_another_thread_is_served_one_budget_per_turn() {
+    use crate::virtio::testing::Refiller;
+    use crate::virtio::CHAINS_PER_TURN;
+    let mut env = Env::new();
+    // One 4 KiB read, made available again and again: a hostile driver's flood.
+    env.header(VIRTIO_BLK_T_IN, 0);
+    let head = env.add_chain(&[r(HDR, 16), w(DATA, 4096), w(STATUS, 1)]);
+    for _ in 1..QUEUE_SIZE {
+        env.publish(head);
+    }
+    let refiller = Refiller::start_raw(&env.mem, QUEUE_SIZE, AVAIL_RING, USED_RING, head);
+    let mut before = env.used_idx();
+    for turn in 0..50 {
+        env.block.process_queue(0);
+        let served = u32::from(env.used_idx().wrapping_sub(before));
+        assert!(served <= CHAINS_PER_TURN, "one turn served {served} chains");
+        // The prefilled ring still holds work after the first turn (later ones may empty a
+        // ring the refiller has not caught up with).
+        if turn == 0 {
+            assert_eq!(served, CHAINS_PER_TURN);
+            assert!(
+                env.block.queue_backlog(0),
+                "work left, but no later turn asked for"
+            );
+        }
+        before = env.used_idx();
+    }
+    assert!(refiller.stop() > 0);
+    turns_until_done(&mut env);
+    assert_eq!(env.used_idx(), env.avail_idx());
+    assert_eq!(env.status(), S_OK);
+    assert!(!env.block.is_broken());
+}
+
+#[test]
+fn reset_drops_a_request_in_flight() {
+    use crate::virtio::BYTES_PER_TURN;
+    let mut env = Env::with_sectors(false, 2 * BYTES_PER_TURN / SECTOR_SIZE);
+    env.header(VIRTIO_BLK_T_IN, 0);
+    let piece = BYTES_PER_TURN as u32;
+    env.add_chain(&[r(HDR, 16), w(DATA, piece), w(DATA, piece), w(STATUS, 1)]);
+    env.block.process_queue(0);
+    assert!(env.block.queue_backlog(0));
+    assert!(env.block.reset());
+    assert!(!env.block.queue_backlog(0));
+    env.block.process_queue(0);
+    assert_eq!(env.used_idx(), 0);
 }
