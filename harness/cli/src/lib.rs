@@ -297,8 +297,16 @@ fn boot(args: BootArgs) -> i32 {
     } else {
         vm.wait_forever()
     };
-    for hit in vm.console().markers() {
+    let log = vm.console();
+    for hit in log.markers() {
         eprintln!("kiln: marker {:>10.3?} {}", hit.at, hit.line);
+    }
+    if log.dropped_markers() > 0 {
+        eprintln!(
+            "kiln: {} more marker lines not shown (only the first {} are kept)",
+            log.dropped_markers(),
+            kiln_devices::console::MAX_MARKER_HITS
+        );
     }
     match &ended {
         ExitReason::Timeout => eprintln!("kiln: guest timed out after {}s", args.timeout),
