@@ -18,6 +18,7 @@ use regex::Regex;
 use serde::{Serialize, Serializer};
 
 pub use error::{ScenarioError, SourceFile};
+pub use raw::{parse_size, MAX_DURATION};
 pub use resolve::{parse_scenario, DefaultsSource};
 
 /// Names of the defaults/profile file looked up in a corpus directory, in order.
