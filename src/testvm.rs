@@ -200,6 +200,7 @@ impl TestVmBuilder {
             disks: Vec::new(),
             shares: self.shares,
             console_log,
+            console_log_limit: kiln_backends::console::DEFAULT_CONSOLE_LOG_LIMIT,
         };
         let mut machine = backend.boot(&plan, run_dir.path())?;
         let readiness = Readiness {

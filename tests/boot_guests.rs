@@ -672,3 +672,97 @@ fn cli_boot_refuses_a_timeout_too_large_for_a_duration() {
         describe(&output)
     );
 }
+
+/// `kiln boot --console FILE --vsock SOCK --disk IMG` on the spinning guest, with its temporary
+/// overlay under `tmp`; returns once the guest has printed and the socket exists.
+fn spawn_spinning_boot(kernel: &str, dir: &Path, tmp: &Path) -> std::process::Child {
+    let console = dir.join("console.txt");
+    let _ = fs::remove_file(&console);
+    let child = Command::new(env!("CARGO_BIN_EXE_kiln"))
+        .args(["boot", "--kernel", kernel, "--timeout", "60", "--console"])
+        .arg(&console)
+        .arg("--vsock")
+        .arg(dir.join("vsock.sock"))
+        .arg("--disk")
+        .arg(dir.join("disk.img"))
+        .env("TMPDIR", tmp)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn kiln boot");
+    let started = Instant::now();
+    while !(fs::read_to_string(&console).is_ok_and(|t| t.contains("spin guest"))
+        && dir.join("vsock.sock").exists())
+    {
+        assert!(
+            started.elapsed() < Duration::from_secs(20),
+            "the spin guest did not start"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    child
+}
+
+/// Ctrl-C (and SIGTERM) on `kiln boot`: exit 130, the VM killed, its vsock socket and temporary
+/// overlay gone, so a second run with the same paths works.
+#[test]
+fn cli_boot_ctrl_c_kills_the_vm_and_cleans_up() {
+    let kernel = or_skip!(runnable_guest("spin"));
+    let kernel = kernel.to_str().expect("utf-8 path");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let tmp = dir.path().join("tmp");
+    fs::create_dir(&tmp).expect("mkdir");
+    fs::write(dir.path().join("disk.img"), vec![0u8; 1 << 20]).expect("disk");
+    for signal in ["-INT", "-TERM", "-INT"] {
+        let child = spawn_spinning_boot(kernel, dir.path(), &tmp);
+        let sent = Command::new("kill")
+            .arg(signal)
+            .arg(child.id().to_string())
+            .status()
+            .expect("kill");
+        assert!(sent.success());
+        let started = Instant::now();
+        let output = child.wait_with_output().expect("wait");
+        assert_eq!(
+            output.status.code(),
+            Some(130),
+            "{signal}: {}",
+            describe(&output)
+        );
+        assert!(started.elapsed() < Duration::from_secs(5));
+        assert!(
+            !dir.path().join("vsock.sock").exists(),
+            "{signal}: the vsock socket is left"
+        );
+        let left: Vec<_> = fs::read_dir(&tmp).expect("ls").collect();
+        assert!(left.is_empty(), "{signal}: left in TMPDIR: {left:?}");
+    }
+}
+
+/// Durations that are not a number of seconds a deadline can hold: a usage error, never a panic.
+#[test]
+fn cli_durations_out_of_range_are_usage_errors() {
+    for bad in ["2e19", "-1", "nan", "inf", "1e400"] {
+        let output = kiln(&["boot", "--kernel", "/nonexistent", "--timeout", bad]);
+        assert_eq!(
+            output.status.code(),
+            Some(2),
+            "--timeout {bad}: {}",
+            describe(&output)
+        );
+        assert!(!String::from_utf8_lossy(&output.stderr).contains("panicked"));
+    }
+    let dir = tempfile::tempdir().expect("tempdir");
+    for bad in ["9000000000000000000", "1e300", "\"300000000 years\"", "-5"] {
+        let path = dir.path().join("s.toml");
+        fs::write(&path, format!("id = \"t\"\ntimeout = {bad}\n")).expect("write");
+        let output = kiln(&["scenario", "check", path.to_str().expect("utf-8")]);
+        assert_eq!(
+            output.status.code(),
+            Some(2),
+            "timeout = {bad}: {}",
+            describe(&output)
+        );
+        assert!(!String::from_utf8_lossy(&output.stderr).contains("panicked"));
+    }
+}

@@ -17,6 +17,8 @@ use regex::Regex;
 pub const MAX_CONSOLE_MEMORY: usize = 16 << 20;
 /// Lines longer than this are cut into pieces for the watcher and the writer.
 const MAX_LINE: usize = 4096;
+/// Most marker hits kept: a guest printing a matching line in a loop must not grow them forever.
+pub const MAX_MARKER_HITS: usize = 1024;
 /// Chunks waiting for the writer thread before new ones are dropped (and counted).
 const WRITER_BACKLOG: usize = 4096;
 
@@ -49,6 +51,7 @@ struct Shared {
     truncated: bool,
     dropped_output: u64,
     hits: Vec<MarkerHit>,
+    dropped_hits: u64,
 }
 
 /// A cheap, cloneable read handle on a console.
@@ -67,6 +70,20 @@ impl ConsoleLog {
     /// The raw bytes the guest wrote so far.
     pub fn bytes(&self) -> Vec<u8> {
         self.lock().bytes.clone()
+    }
+
+    /// The bytes after the first `offset` (empty when there are none yet).
+    pub fn bytes_since(&self, offset: usize) -> Vec<u8> {
+        self.lock()
+            .bytes
+            .get(offset..)
+            .map(<[u8]>::to_vec)
+            .unwrap_or_default()
+    }
+
+    /// Marker hits not kept because [`MAX_MARKER_HITS`] were kept already.
+    pub fn dropped_markers(&self) -> u64 {
+        self.lock().dropped_hits
     }
 
     /// Whether output beyond [`MAX_CONSOLE_MEMORY`] was discarded from memory.
@@ -222,7 +239,9 @@ impl ConsoleSink {
             .collect();
         if !hits.is_empty() {
             let mut s = self.shared.lock().unwrap_or_else(|e| e.into_inner());
-            s.hits.extend(hits);
+            let room = MAX_MARKER_HITS.saturating_sub(s.hits.len());
+            s.dropped_hits += hits.len().saturating_sub(room) as u64;
+            s.hits.extend(hits.into_iter().take(room));
         }
         if let Some(tx) = &self.tx {
             let len = line.len() as u64;
@@ -340,5 +359,17 @@ mod tests {
         }
         assert_eq!(log.bytes().len(), MAX_CONSOLE_MEMORY);
         assert!(log.truncated());
+    }
+
+    #[test]
+    fn marker_hits_are_capped() {
+        let (mut sink, log, _writer) = console(&ConsoleOutput::None, &["^M".to_string()]).unwrap();
+        for _ in 0..(MAX_MARKER_HITS + 500) {
+            sink.write_all(b"M hit\n").unwrap();
+        }
+        assert_eq!(log.markers().len(), MAX_MARKER_HITS);
+        assert_eq!(log.dropped_markers(), 500);
+        assert_eq!(log.bytes_since(3), log.bytes()[3..]);
+        assert!(log.bytes_since(usize::MAX).is_empty());
     }
 }

@@ -3,6 +3,12 @@
 //!
 //! A test that cannot run here (no assembler, no usable /dev/kvm, no kernel given) prints
 //! `skipped: <reason>` to stderr and returns; a guest that does not assemble is a failure.
+//!
+//! On CI (`CI` set) a missing tool that `.ci/install-deps` installs is a failure, never a quiet
+//! skip ([`ci_requires`]): binutils, QEMU, qemu-img, iasl, nix-instantiate. What CI cannot have
+//! by design stays a skip with its reason: hardware KVM (the nested stage runs those tests, with
+//! `KILN_REQUIRE_LINUX_KVM` making a missing one a failure there), and the reference daemons
+//! Debian bookworm does not package (virtiofsd, vhost-device-vsock).
 
 #![allow(dead_code)]
 
@@ -121,13 +127,27 @@ fn build(name: &str, out_name: &str, as_args: &[&str]) -> Result<PathBuf, String
     Ok(elf)
 }
 
+/// Whether this is a CI run (`CI` set, and not to "false" or "0").
+pub fn on_ci() -> bool {
+    std::env::var("CI").is_ok_and(|v| !v.is_empty() && v != "false" && v != "0")
+}
+
+/// `reason` (a tool CI installs is missing) as an `Err` to skip on locally; on CI a failure:
+/// .ci/install-deps installs it, so its absence is a broken CI machine, not a reason to pass.
+pub fn ci_requires<T>(reason: String) -> Result<T, String> {
+    if on_ci() {
+        panic!("CI is set and {reason}; .ci/install-deps installs it, so this is a failure");
+    }
+    Err(reason)
+}
+
 fn tool_available(tool: &str) -> Result<(), String> {
     match Command::new(tool).arg("--version").output() {
         Ok(_) => Ok(()),
-        Err(e) if e.kind() == ErrorKind::NotFound => Err(format!(
+        Err(e) if e.kind() == ErrorKind::NotFound => ci_requires(format!(
             "`{tool}` not found on PATH (install binutils to build the test guests)"
         )),
-        Err(e) => Err(format!("cannot run `{tool}`: {e}")),
+        Err(e) => ci_requires(format!("cannot run `{tool}`: {e}")),
     }
 }
 
@@ -199,9 +219,14 @@ pub fn qemu() -> Result<PathBuf, String> {
     std::env::split_paths(&path)
         .map(|dir| dir.join("qemu-system-x86_64"))
         .find(|candidate| candidate.is_file())
-        .ok_or_else(|| {
-            "qemu-system-x86_64 not found on PATH (apt-get install qemu-system-x86)".into()
-        })
+        .map_or_else(
+            || {
+                ci_requires(
+                    "qemu-system-x86_64 not found on PATH (apt-get install qemu-system-x86)".into(),
+                )
+            },
+            Ok,
+        )
 }
 
 /// The scenario ids of a corpus directory, with the class named on an `# expected: CLASS` line.

@@ -25,8 +25,13 @@ pub fn qemu_img(args: &[&str]) -> Option<(bool, String)> {
 
 pub fn have_qemu_img() -> bool {
     let found = qemu_img(&["--version"]).is_some_and(|(ok, _)| ok);
+    let on_ci = std::env::var("CI").is_ok_and(|v| !v.is_empty() && v != "false" && v != "0");
+    assert!(
+        found || !on_ci,
+        "CI is set and qemu-img is not found; .ci/install-deps installs qemu-utils"
+    );
     if !found {
-        println!("skipped: qemu-img not found");
+        println!("skipped: qemu-img not found (apt-get install qemu-utils)");
     }
     found
 }

@@ -1,6 +1,12 @@
 //! The guest's serial console as the harness sees it: every byte teed into console.log, split
 //! into timestamped lines that readiness, `wait_console` steps and panic detection wait on.
+//!
+//! A guest controls what it prints, so everything the console keeps is bounded
+//! ([`ConsoleLimits`]): the lines kept in memory (oldest dropped first; line indexes stay
+//! absolute), the length of one line (a longer one is cut into pieces), and console.log on disk
+//! (cut with a note saying so).
 
+use std::collections::VecDeque;
 use std::fs::File;
 use std::io::Write;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -18,6 +24,33 @@ pub const PANIC_PATTERNS: [&str; 3] = [
 
 /// How long one condition-variable wait lasts before cancellation is re-checked.
 const POLL: Duration = Duration::from_millis(50);
+
+/// Bounds on what a console keeps of a guest's output.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ConsoleLimits {
+    /// Most complete lines kept in memory (waits and tails see the newest).
+    pub lines: usize,
+    /// Most bytes of line text kept in memory, all lines together.
+    pub bytes: usize,
+    /// Longest line: a line growing past this is cut and handed on in pieces.
+    pub line_len: usize,
+    /// Most bytes written to console.log; a note marks where it was cut.
+    pub log_bytes: u64,
+}
+
+/// console.log's default cap: 64 MiB.
+pub const DEFAULT_CONSOLE_LOG_LIMIT: u64 = 64 << 20;
+
+impl Default for ConsoleLimits {
+    fn default() -> Self {
+        ConsoleLimits {
+            lines: 20_000,
+            bytes: 8 << 20,
+            line_len: 64 << 10,
+            log_bytes: DEFAULT_CONSOLE_LOG_LIMIT,
+        }
+    }
+}
 
 /// One complete console line.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -50,11 +83,57 @@ pub enum ConsoleWait {
 
 #[derive(Debug)]
 struct State {
-    lines: Vec<ConsoleLine>,
+    /// The newest lines; `lines[0]` has index `dropped`.
+    lines: VecDeque<ConsoleLine>,
+    /// Lines dropped from the front to stay within the limits.
+    dropped: usize,
+    /// Bytes of text in `lines`.
+    bytes: usize,
     partial: Vec<u8>,
     closed: bool,
     panic: Option<String>,
     log: Option<File>,
+    /// Bytes written to `log` so far.
+    logged: u64,
+    /// Whether console.log was cut (the note is written once).
+    log_cut: bool,
+    limits: ConsoleLimits,
+}
+
+impl State {
+    fn get(&self, index: usize) -> Option<&ConsoleLine> {
+        index
+            .checked_sub(self.dropped)
+            .and_then(|i| self.lines.get(i))
+    }
+
+    /// Appends to console.log up to its limit; past it, writes the note once.
+    fn log(&mut self, bytes: &[u8]) {
+        let Some(log) = self.log.as_mut() else {
+            return;
+        };
+        let room = self.limits.log_bytes.saturating_sub(self.logged);
+        let keep = bytes.len().min(usize::try_from(room).unwrap_or(usize::MAX));
+        let mut result = log.write_all(&bytes[..keep]);
+        self.logged += keep as u64;
+        if keep < bytes.len() && !self.log_cut {
+            self.log_cut = true;
+            let note = format!(
+                "\n[kiln: console.log cut here at its limit of {} bytes; the guest's further \
+                 output is not logged]\n",
+                self.limits.log_bytes
+            );
+            result = result.and_then(|()| log.write_all(note.as_bytes()));
+            tracing::warn!(
+                "console.log reached its limit of {} bytes; the rest is not logged",
+                self.limits.log_bytes
+            );
+        }
+        if let Err(e) = result {
+            tracing::warn!("console.log write failed: {e}");
+            self.log = None;
+        }
+    }
 }
 
 /// A shared, cloneable console: backends `push` bytes, the runner waits on lines.
@@ -65,16 +144,32 @@ pub struct Console {
 }
 
 impl Console {
-    /// A console that also appends every byte to `log` (console.log in the bundle).
+    /// A console that also appends every byte to `log` (console.log in the bundle), with the
+    /// default limits.
     pub fn new(log: Option<File>) -> Console {
+        Console::with_limits(log, ConsoleLimits::default())
+    }
+
+    /// A console that keeps at most what `limits` allow.
+    pub fn with_limits(log: Option<File>, limits: ConsoleLimits) -> Console {
+        let limits = ConsoleLimits {
+            lines: limits.lines.max(1),
+            line_len: limits.line_len.max(1),
+            ..limits
+        };
         Console {
             inner: Arc::new((
                 Mutex::new(State {
-                    lines: Vec::new(),
+                    lines: VecDeque::new(),
+                    dropped: 0,
+                    bytes: 0,
                     partial: Vec::new(),
                     closed: false,
                     panic: None,
                     log,
+                    logged: 0,
+                    log_cut: false,
+                    limits,
                 }),
                 Condvar::new(),
             )),
@@ -91,15 +186,27 @@ impl Console {
     pub fn push(&self, bytes: &[u8]) {
         let at = self.start.elapsed();
         let mut st = self.state();
-        if let Some(log) = st.log.as_mut() {
-            if let Err(e) = log.write_all(bytes) {
-                tracing::warn!("console.log write failed: {e}");
-                st.log = None;
+        st.log(bytes);
+        // Only the new bytes are scanned: a long partial line is never rescanned.
+        let mut rest = bytes;
+        while !rest.is_empty() {
+            let room = st.limits.line_len - st.partial.len();
+            let window = &rest[..rest.len().min(room)];
+            match window.iter().position(|&b| b == b'\n') {
+                Some(nl) => {
+                    st.partial.extend_from_slice(&window[..=nl]);
+                    rest = &rest[nl + 1..];
+                }
+                None => {
+                    st.partial.extend_from_slice(window);
+                    rest = &rest[window.len()..];
+                    if st.partial.len() < st.limits.line_len {
+                        break;
+                    }
+                    // Too long: hand this piece on as a line of its own.
+                }
             }
-        }
-        st.partial.extend_from_slice(bytes);
-        while let Some(nl) = st.partial.iter().position(|&b| b == b'\n') {
-            let raw: Vec<u8> = st.partial.drain(..=nl).collect();
+            let raw = std::mem::take(&mut st.partial);
             let text = String::from_utf8_lossy(&raw)
                 .trim_end_matches(['\n', '\r'])
                 .to_string();
@@ -136,9 +243,16 @@ impl Console {
         self.state().panic.clone()
     }
 
-    /// Number of complete lines so far.
+    /// Number of complete lines so far (including those no longer kept in memory).
     pub fn len(&self) -> usize {
-        self.state().lines.len()
+        let st = self.state();
+        st.dropped + st.lines.len()
+    }
+
+    /// Bytes of console text held in memory: the kept lines and the partial line.
+    pub fn retained_bytes(&self) -> usize {
+        let st = self.state();
+        st.bytes + st.partial.len()
     }
 
     /// Whether no complete line arrived yet.
@@ -172,7 +286,9 @@ impl Console {
         let mut st = self.state();
         let mut next = from;
         loop {
-            while let Some(line) = st.lines.get(next) {
+            // Lines dropped to stay within the limits are not waited on.
+            next = next.max(st.dropped);
+            while let Some(line) = st.get(next) {
                 if matches(&line.text) {
                     return ConsoleWait::Matched {
                         index: next,
@@ -218,7 +334,15 @@ fn push_line(st: &mut State, line: ConsoleLine) {
     if st.panic.is_none() && PANIC_PATTERNS.iter().any(|p| line.text.contains(p)) {
         st.panic = Some(line.text.clone());
     }
-    st.lines.push(line);
+    st.bytes += line.text.len();
+    st.lines.push_back(line);
+    while st.lines.len() > st.limits.lines || (st.bytes > st.limits.bytes && st.lines.len() > 1) {
+        let Some(old) = st.lines.pop_front() else {
+            break;
+        };
+        st.bytes -= old.text.len();
+        st.dropped += 1;
+    }
 }
 
 /// A flag shared by everything that must stop when the run is cancelled.
@@ -273,5 +397,92 @@ mod tests {
         let re = Regex::new("x").unwrap_or_else(|e| panic!("{e}"));
         let far = Instant::now() + Duration::from_secs(60);
         assert_eq!(console.wait_for(1, &re, far, &cancel), ConsoleWait::Closed);
+    }
+
+    /// A guest that prints one endless line: memory stays bounded and each push costs only its
+    /// own bytes (the old console rescanned the whole partial line on every push).
+    #[test]
+    fn an_endless_line_is_cut_into_bounded_pieces() {
+        let console = Console::new(None);
+        let limits = ConsoleLimits::default();
+        let chunk = vec![b'x'; 1 << 20];
+        let started = Instant::now();
+        for _ in 0..64 {
+            console.push(&chunk);
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(20),
+            "64 MiB took {:?}",
+            started.elapsed()
+        );
+        assert!(
+            console.retained_bytes() <= limits.bytes + limits.line_len,
+            "{} bytes kept",
+            console.retained_bytes()
+        );
+        let tail = console.tail(usize::MAX);
+        let kept: usize = tail.iter().map(String::len).sum();
+        assert!(
+            kept <= limits.bytes + limits.line_len,
+            "tail of {kept} bytes"
+        );
+        assert!(tail.iter().all(|l| l.len() <= limits.line_len));
+    }
+
+    /// Millions of lines: only the newest are kept, indexes stay absolute and waits go on.
+    #[test]
+    fn millions_of_lines_keep_only_the_newest() {
+        let console = Console::new(None);
+        let limits = ConsoleLimits::default();
+        let block: Vec<u8> = b"spam spam spam spam\n".repeat(10_000);
+        for _ in 0..200 {
+            console.push(&block);
+        }
+        console.push(b"the end\n");
+        assert_eq!(console.len(), 2_000_001);
+        let tail = console.tail(usize::MAX);
+        assert!(tail.len() <= limits.lines, "{} lines kept", tail.len());
+        assert!(console.retained_bytes() <= limits.bytes);
+        let cancel = AtomicBool::new(false);
+        let re = Regex::new("^the end$").unwrap_or_else(|e| panic!("{e}"));
+        let soon = Instant::now() + Duration::from_millis(100);
+        let hit = console.wait_for(0, &re, soon, &cancel);
+        assert!(
+            matches!(
+                hit,
+                ConsoleWait::Matched {
+                    index: 2_000_000,
+                    ..
+                }
+            ),
+            "{hit:?}"
+        );
+    }
+
+    /// console.log stops at its limit, with a note where it was cut.
+    #[test]
+    fn console_log_is_cut_at_its_limit_with_a_note() {
+        let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+        let path = dir.path().join("console.log");
+        let log = File::create(&path).unwrap_or_else(|e| panic!("{e}"));
+        let limits = ConsoleLimits {
+            log_bytes: 1000,
+            ..ConsoleLimits::default()
+        };
+        let console = Console::with_limits(Some(log), limits);
+        for _ in 0..100 {
+            console.push(&[b'a'; 99]);
+            console.push(b"\n");
+        }
+        console.close();
+        let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{e}"));
+        let (kept, note) = text.split_at(1000);
+        assert_eq!(kept.len(), 1000);
+        assert!(kept.bytes().all(|b| b == b'a' || b == b'\n'));
+        assert!(
+            note.contains("[kiln: console.log cut here at its limit of 1000 bytes"),
+            "{note:?}"
+        );
+        assert!(note.len() < 200, "nothing after the note: {note:?}");
     }
 }

@@ -167,7 +167,13 @@ impl Backend for FakeBackend {
                 backend: "fake".into(),
                 message: format!("cannot open {}: {e}", plan.console_log.display()),
             })?;
-        let console = Console::new(Some(log));
+        let console = Console::with_limits(
+            Some(log),
+            crate::console::ConsoleLimits {
+                log_bytes: plan.console_log_limit,
+                ..Default::default()
+            },
+        );
         let killed = Arc::new((Mutex::new(false), Condvar::new()));
         spawn_console_player(console.clone(), guest.boot_lines, killed.clone());
         self.live.fetch_add(1, Ordering::SeqCst);

@@ -145,7 +145,13 @@ impl Backend for KilnBackend {
             .append(true)
             .open(&plan.console_log)
             .map_err(|e| error(format!("cannot open {}: {e}", plan.console_log.display())))?;
-        let console = Console::new(Some(log));
+        let console = Console::with_limits(
+            Some(log),
+            crate::console::ConsoleLimits {
+                log_bytes: plan.console_log_limit,
+                ..Default::default()
+            },
+        );
         let handle = Vm::start(config).map_err(|e| error(e.to_string()))?;
         let log = handle.console();
         let vm = Arc::new(Mutex::new(handle));
@@ -185,10 +191,11 @@ fn copy_console(log: &kiln_devices::console::ConsoleLog, vm: &SharedVm, console:
     let mut copied = 0usize;
     loop {
         let ended = lock(vm).exit_reason().is_some();
-        let bytes = log.bytes();
-        if let Some(new) = bytes.get(copied..).filter(|b| !b.is_empty()) {
-            console.push(new);
-            copied = bytes.len();
+        // Only what is new: the VMM keeps up to 16 MiB, too much to copy every few ms.
+        let new = log.bytes_since(copied);
+        if !new.is_empty() {
+            console.push(&new);
+            copied += new.len();
         }
         if ended {
             break;
@@ -352,6 +359,7 @@ mod tests {
                 readonly: false,
             }],
             console_log: dir.join("console.log"),
+            console_log_limit: crate::console::DEFAULT_CONSOLE_LOG_LIMIT,
         }
     }
 

@@ -64,6 +64,8 @@ pub struct RunPlan {
     pub shares: Vec<PlannedShare>,
     /// Where the serial console must be written.
     pub console_log: PathBuf,
+    /// Most bytes console.log may grow to (a note marks the cut).
+    pub console_log_limit: u64,
 }
 
 /// A disk: a copy-on-write overlay the backend creates over `base`.

@@ -468,7 +468,13 @@ impl Backend for QemuBackend {
             .append(true)
             .open(&plan.console_log)
             .map_err(|e| error(format!("cannot open {}: {e}", plan.console_log.display())))?;
-        let console = Console::new(Some(log));
+        let console = Console::with_limits(
+            Some(log),
+            crate::console::ConsoleLimits {
+                log_bytes: plan.console_log_limit,
+                ..Default::default()
+            },
+        );
         let mut command = Command::new(&self.qemu);
         command
             .args(command_line(plan, run_dir, self.accel))
@@ -692,6 +698,7 @@ mod tests {
                 readonly: true,
             }],
             console_log: "/b/console.log".into(),
+            console_log_limit: crate::console::DEFAULT_CONSOLE_LOG_LIMIT,
         }
     }
 

@@ -9,7 +9,9 @@ pub mod exit;
 pub mod nested;
 
 use std::path::PathBuf;
-use std::time::Duration;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use clap::{Args, Parser, Subcommand};
 use kiln_disk::DiskSpec;
@@ -77,8 +79,9 @@ struct NestedArgs {
     /// L1 vCPUs.
     #[arg(long, default_value_t = 2, value_name = "N")]
     cpus: u32,
-    /// Kill L1 after this many seconds.
-    #[arg(long, default_value_t = 3600, value_name = "SECS")]
+    /// Kill L1 after this many seconds (at most a year).
+    #[arg(long, default_value_t = 3600, value_name = "SECS",
+          value_parser = clap::value_parser!(u64).range(1..=kiln_scenario::MAX_DURATION.as_secs()))]
     timeout: u64,
     /// The QEMU binary that runs L1.
     #[arg(long, default_value = "qemu-system-x86_64", value_name = "PATH")]
@@ -240,6 +243,9 @@ fn init_logging() {
         .try_init();
 }
 
+/// How often `kiln boot` checks for the VM's end, its deadline and Ctrl-C.
+const BOOT_POLL: Duration = Duration::from_millis(20);
+
 fn boot(args: BootArgs) -> i32 {
     if !(args.timeout.is_finite() && args.timeout >= 0.0) {
         eprintln!(
@@ -285,6 +291,13 @@ fn boot(args: BootArgs) -> i32 {
     config.vsock = args.vsock;
     config.virtio_cmdline = args.virtio_cmdline;
     config.rng = !args.no_rng;
+    // Ctrl-C or SIGTERM: kill the VM and let it clean up (its temporary overlay, its vsock
+    // socket), instead of dying with them left behind for the next run to trip over.
+    let interrupted = Arc::new(AtomicBool::new(false));
+    let flag = interrupted.clone();
+    if let Err(e) = ctrlc::set_handler(move || flag.store(true, Ordering::SeqCst)) {
+        tracing::warn!("no Ctrl-C handler: {e}");
+    }
     let mut vm = match Vm::start(config) {
         Ok(vm) => vm,
         Err(e) => {
@@ -292,13 +305,33 @@ fn boot(args: BootArgs) -> i32 {
             return exit::ERROR;
         }
     };
-    let ended = if args.timeout > 0.0 {
-        vm.wait(timeout)
-    } else {
-        vm.wait_forever()
+    // A limit too far away to add to now is no limit.
+    let deadline = (args.timeout > 0.0)
+        .then(|| Instant::now().checked_add(timeout))
+        .flatten();
+    let ended = loop {
+        if interrupted.load(Ordering::SeqCst) {
+            vm.kill();
+            drop(vm);
+            eprintln!("kiln: interrupted: killed the VM");
+            return exit::INTERRUPTED;
+        }
+        if vm.exit_reason().is_some() || deadline.is_some_and(|d| Instant::now() >= d) {
+            // Ended: this returns at once; past the deadline it kills the VM (a timeout).
+            break vm.wait(Duration::ZERO);
+        }
+        std::thread::sleep(BOOT_POLL);
     };
-    for hit in vm.console().markers() {
+    let log = vm.console();
+    for hit in log.markers() {
         eprintln!("kiln: marker {:>10.3?} {}", hit.at, hit.line);
+    }
+    if log.dropped_markers() > 0 {
+        eprintln!(
+            "kiln: {} more marker lines not shown (only the first {} are kept)",
+            log.dropped_markers(),
+            kiln_devices::console::MAX_MARKER_HITS
+        );
     }
     match &ended {
         ExitReason::Timeout => eprintln!("kiln: guest timed out after {}s", args.timeout),
@@ -355,5 +388,41 @@ mod tests {
                 .exit_code(),
             2
         );
+    }
+
+    /// `kiln nested --timeout` beyond what a deadline can hold is a usage error, not a panic
+    /// when the deadline is computed.
+    #[test]
+    fn nested_timeouts_out_of_range_are_usage_errors() {
+        for bad in ["18446744073709551615", "31536001", "0", "-1", "2e19"] {
+            let err = Cli::try_parse_from(["kiln", "nested", "--timeout", bad, "--", "true"])
+                .expect_err(bad);
+            assert_eq!(err.exit_code(), exit::USAGE, "{bad}");
+        }
+        assert!(Cli::try_parse_from(["kiln", "nested", "--timeout", "60", "--", "true"]).is_ok());
+    }
+
+    #[test]
+    fn bundle_options_parse_sizes_and_modes() {
+        let ok = Cli::try_parse_from([
+            "kiln",
+            "run",
+            "s/",
+            "--artifacts-mode",
+            "shared",
+            "--console-log-limit",
+            "1MiB",
+            "--fixtures-limit",
+            "2GiB",
+        ]);
+        assert!(ok.is_ok(), "{ok:?}");
+        for bad in [
+            ["--console-log-limit", "lots"],
+            ["--fixtures-limit", "-1"],
+            ["--artifacts-mode", "public"],
+        ] {
+            let err = Cli::try_parse_from(["kiln", "run", "s/", bad[0], bad[1]]).expect_err(bad[1]);
+            assert_eq!(err.exit_code(), exit::USAGE);
+        }
     }
 }

@@ -9,11 +9,19 @@ use kiln_diff::ops::{diff_images, DEFAULT_OPS};
 use kiln_diff::rules::Verdict;
 use sha2::{Digest, Sha256};
 
+/// Whether qemu-img runs; on CI (`CI` set) its absence is a failure, since .ci/install-deps
+/// installs it.
 fn qemu_img_present() -> bool {
-    std::process::Command::new("qemu-img")
+    let ok = std::process::Command::new("qemu-img")
         .arg("--version")
         .output()
-        .is_ok_and(|o| o.status.success())
+        .is_ok_and(|o| o.status.success());
+    let on_ci = std::env::var("CI").is_ok_and(|v| !v.is_empty() && v != "false" && v != "0");
+    assert!(
+        ok || !on_ci,
+        "CI is set and qemu-img is not installed; .ci/install-deps installs qemu-utils"
+    );
+    ok
 }
 
 fn hashes(dir: &Path) -> BTreeMap<PathBuf, Vec<u8>> {

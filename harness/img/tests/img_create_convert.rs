@@ -14,10 +14,20 @@ fn qemu_img_present() -> bool {
         .arg("--version")
         .output()
         .is_ok_and(|o| o.status.success());
+    assert!(
+        ok || !on_ci(),
+        "CI is set and qemu-img is not installed; .ci/install-deps installs qemu-utils"
+    );
     if !ok {
         println!("skipped: qemu-img is not installed (apt-get install qemu-utils)");
     }
     ok
+}
+
+/// Whether this is a CI run (`CI` set, and not to "false" or "0"): there .ci/install-deps
+/// installs qemu-img, so its absence is a failure, not a skip.
+fn on_ci() -> bool {
+    std::env::var("CI").is_ok_and(|v| !v.is_empty() && v != "false" && v != "0")
 }
 
 fn qemu(args: &[&str]) -> (i32, String) {

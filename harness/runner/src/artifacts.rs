@@ -293,6 +293,67 @@ pub enum BundleError {
     },
 }
 
+/// Who may read bundles: they hold what guests wrote, so by default only their owner.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum ArtifactsMode {
+    /// Directories 0700, files without group or other bits.
+    #[default]
+    Private,
+    /// Directories 0755, files readable by everyone (0644, or 0755 when executable).
+    Shared,
+}
+
+impl ArtifactsMode {
+    /// The mode of a directory the harness creates in a bundle.
+    pub fn dir_mode(self) -> u32 {
+        match self {
+            ArtifactsMode::Private => 0o700,
+            ArtifactsMode::Shared => 0o755,
+        }
+    }
+
+    /// The mode a file of mode `mode` gets in a bundle: never setuid, setgid or sticky, always
+    /// readable and writable by its owner, and by this policy for others.
+    pub fn file_mode(self, mode: u32) -> u32 {
+        let owner = (mode & 0o700) | 0o600;
+        match self {
+            ArtifactsMode::Private => owner,
+            ArtifactsMode::Shared => owner | ((owner >> 3) & 0o050) | ((owner >> 6) & 0o005),
+        }
+    }
+
+    /// Creates `dir` and any missing parents with [`Self::dir_mode`] (existing ones are left
+    /// as they are).
+    pub fn create_dir_all(self, dir: &Path) -> io::Result<()> {
+        use std::os::unix::fs::DirBuilderExt;
+        fs::DirBuilder::new()
+            .recursive(true)
+            .mode(self.dir_mode())
+            .create(dir)
+    }
+}
+
+/// Sets every directory and file under `dir` (itself included) to `mode`'s permissions;
+/// links are left alone (never followed).
+pub fn restrict_tree(dir: &Path, mode: ArtifactsMode) -> io::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    fs::set_permissions(dir, fs::Permissions::from_mode(mode.dir_mode()))?;
+    for entry in fs::read_dir(dir)? {
+        let entry = entry?;
+        let kind = entry.file_type()?;
+        if kind.is_dir() {
+            restrict_tree(&entry.path(), mode)?;
+        } else if kind.is_file() {
+            let current = entry.metadata()?.permissions().mode();
+            fs::set_permissions(
+                entry.path(),
+                fs::Permissions::from_mode(mode.file_mode(current)),
+            )?;
+        }
+    }
+    Ok(())
+}
+
 /// A bundle being assembled.
 #[derive(Debug)]
 pub struct Bundle {
@@ -300,17 +361,26 @@ pub struct Bundle {
     pub staging: PathBuf,
     /// The final directory.
     pub dir: PathBuf,
+    /// Who may read it.
+    pub mode: ArtifactsMode,
 }
 
 impl Bundle {
-    /// Creates the staging directory for `<root>/<scenario>/<run_id>`.
-    pub fn create(root: &Path, scenario: &str, run_id: &str) -> io::Result<Bundle> {
+    /// Creates the staging directory for `<root>/<scenario>/<run_id>`, owner-only unless
+    /// `mode` says otherwise.
+    pub fn create(
+        root: &Path,
+        scenario: &str,
+        run_id: &str,
+        mode: ArtifactsMode,
+    ) -> io::Result<Bundle> {
         let parent = root.join(scenario);
         let staging = parent.join(format!(".{run_id}.partial"));
-        fs::create_dir_all(&staging)?;
+        mode.create_dir_all(&staging)?;
         Ok(Bundle {
             staging,
             dir: parent.join(run_id),
+            mode,
         })
     }
 
@@ -368,6 +438,12 @@ impl Bundle {
         if !result.passed() {
             write("failure-summary.txt", result.failure_summary().as_bytes())?;
         }
+        // Whatever wrote into the bundle (the console, the log, fixtures, kept overlays), what
+        // is published has the bundle's permissions.
+        restrict_tree(&self.staging, self.mode).map_err(|source| BundleError::Write {
+            path: self.staging.clone(),
+            source,
+        })?;
         fs::rename(&self.staging, &self.dir).map_err(|source| BundleError::Rename {
             from: self.staging.clone(),
             to: self.dir.clone(),
@@ -396,21 +472,102 @@ fn update_latest(dir: &Path) -> io::Result<()> {
     fs::rename(&tmp, parent.join("latest"))
 }
 
-/// Copies the directory tree `from` into `to` (regular files and directories; links skipped).
-pub fn copy_tree(from: &Path, to: &Path) -> io::Result<u64> {
-    fs::create_dir_all(to)?;
-    let mut bytes = 0;
-    for entry in fs::read_dir(from)? {
-        let entry = entry?;
+/// How [`copy_tree`] copies fixtures out of a share.
+#[derive(Debug, Clone, Copy)]
+pub struct CopyOptions {
+    /// The bundle's permissions.
+    pub mode: ArtifactsMode,
+    /// Most bytes of file contents to copy; a file that would go past it is not copied, and
+    /// the copy stops there.
+    pub limit: u64,
+}
+
+/// What [`copy_tree`] did.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct CopyReport {
+    /// Bytes copied.
+    pub bytes: u64,
+    /// Entries not copied, each `PATH: why` (links, device nodes, fifos, sockets).
+    pub skipped: Vec<String>,
+    /// The limit stopped the copy (the path it stopped at).
+    pub over_limit: Option<PathBuf>,
+}
+
+/// Copies the directory tree `from` into `to`: regular files and directories only, with
+/// `opts.mode`'s permissions (never setuid, setgid or sticky), at most `opts.limit` bytes.
+/// Links, device nodes, fifos and sockets are skipped and listed in the report.
+pub fn copy_tree(from: &Path, to: &Path, opts: &CopyOptions) -> io::Result<CopyReport> {
+    let mut report = CopyReport::default();
+    copy_dir(from, to, opts, &mut report)?;
+    Ok(report)
+}
+
+fn copy_dir(from: &Path, to: &Path, opts: &CopyOptions, report: &mut CopyReport) -> io::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    use std::os::unix::fs::{DirBuilderExt, FileTypeExt, OpenOptionsExt};
+    match fs::DirBuilder::new().mode(opts.mode.dir_mode()).create(to) {
+        Err(e) if e.kind() == io::ErrorKind::AlreadyExists && to.is_dir() => {}
+        other => other?,
+    }
+    let mut entries = fs::read_dir(from)?.collect::<io::Result<Vec<_>>>()?;
+    entries.sort_by_key(|e| e.file_name());
+    for entry in entries {
+        if report.over_limit.is_some() {
+            return Ok(());
+        }
         let kind = entry.file_type()?;
+        let source = entry.path();
         let target = to.join(entry.file_name());
         if kind.is_dir() {
-            bytes += copy_tree(&entry.path(), &target)?;
+            copy_dir(&source, &target, opts, report)?;
         } else if kind.is_file() {
-            bytes += fs::copy(entry.path(), &target)?;
+            let mut file = fs::File::open(&source)?;
+            let meta = file.metadata()?;
+            let room = opts.limit.saturating_sub(report.bytes);
+            if meta.len() > room {
+                report.over_limit = Some(source);
+                return Ok(());
+            }
+            let mode = opts.mode.file_mode(meta.permissions().mode());
+            // Never write through whatever is at the target already.
+            match fs::remove_file(&target) {
+                Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e),
+                _ => {}
+            }
+            let mut out = fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(mode)
+                .open(&target)?;
+            // create_new's mode is masked by the umask; say it exactly.
+            out.set_permissions(fs::Permissions::from_mode(mode))?;
+            // A file that grew since its size was read still stops at the limit.
+            let copied = io::copy(&mut io::Read::take(&mut file, room + 1), &mut out)?;
+            if copied > room {
+                out.set_len(room)?;
+                report.bytes += room;
+                report.over_limit = Some(source);
+                return Ok(());
+            }
+            report.bytes += copied;
+        } else {
+            let what = if kind.is_symlink() {
+                "a symbolic link"
+            } else if kind.is_fifo() {
+                "a fifo"
+            } else if kind.is_socket() {
+                "a socket"
+            } else if kind.is_block_device() || kind.is_char_device() {
+                "a device node"
+            } else {
+                "not a regular file"
+            };
+            report
+                .skipped
+                .push(format!("{}: {what}, not copied", source.display()));
         }
     }
-    Ok(bytes)
+    Ok(())
 }
 
 /// What a cached digest is valid for: the file's path, size and modification time.
@@ -477,7 +634,8 @@ mod tests {
     #[test]
     fn a_bundle_that_cannot_be_written_is_removed_not_published() {
         let root = tempfile::tempdir().expect("tempdir");
-        let bundle = Bundle::create(root.path(), "s", "r1").expect("create");
+        let bundle =
+            Bundle::create(root.path(), "s", "r1", ArtifactsMode::Private).expect("create");
         fs::write(bundle.path("console.log"), b"boot\n").expect("console");
         // A directory where result.json goes: its atomic rename fails, as a write on a full
         // disk would.

@@ -116,7 +116,12 @@ impl Attempt<'_> {
         };
         result.provenance.backend = self.backend.name().to_string();
         result.provenance.backend_version = self.backend.version();
-        let bundle = match Bundle::create(&self.opts.artifacts, &self.scenario.id, &run_id) {
+        let bundle = match Bundle::create(
+            &self.opts.artifacts,
+            &self.scenario.id,
+            &run_id,
+            self.opts.artifacts_mode,
+        ) {
             Ok(b) => b,
             Err(e) => {
                 let msg = format!(
@@ -237,6 +242,9 @@ impl Attempt<'_> {
         let t = Instant::now();
         let fixtures = bundle.path("fixtures");
         let mut copy_error = None;
+        let mut over_limit = None;
+        let limit = self.opts.fixtures_limit.unwrap_or(s.fixtures_limit);
+        let mut copied = 0u64;
         // A vanished share has nothing to copy; its failure is already recorded.
         for share in plan.shares.iter().filter(|p| {
             p.host_dir.is_dir()
@@ -245,14 +253,45 @@ impl Attempt<'_> {
                     .any(|sh| sh.tag == p.tag && sh.host.is_none())
         }) {
             let target = fixtures.join(&share.tag);
-            if let Err(e) = copy_tree(&share.host_dir, &target) {
-                copy_error.get_or_insert(format!(
-                    "cannot copy share `{}` from {} to {}: {e}",
-                    share.tag,
-                    share.host_dir.display(),
-                    target.display()
-                ));
+            let copy = bundle.mode.create_dir_all(&fixtures).and_then(|()| {
+                let opts = CopyOptions {
+                    mode: bundle.mode,
+                    limit: limit.saturating_sub(copied),
+                };
+                copy_tree(&share.host_dir, &target, &opts)
+            });
+            match copy {
+                Ok(report) => {
+                    copied += report.bytes;
+                    for skipped in &report.skipped {
+                        super::tracelog::note(run_id, &format!("share `{}`: {skipped}", share.tag));
+                    }
+                    if let Some(at) = report.over_limit {
+                        over_limit = Some(format!(
+                            "share `{}` holds more than the fixtures limit of {} bytes \
+                             (fixtures_limit); copied {copied} bytes, stopped at {}",
+                            share.tag,
+                            limit,
+                            at.display()
+                        ));
+                        break;
+                    }
+                }
+                Err(e) => {
+                    copy_error.get_or_insert(format!(
+                        "cannot copy share `{}` from {} to {}: {e}",
+                        share.tag,
+                        share.host_dir.display(),
+                        target.display()
+                    ));
+                }
             }
+        }
+        if let Some(msg) = over_limit {
+            tracing::error!("{msg}");
+            result
+                .failure
+                .get_or_insert(fail(FailureClass::ExpectationFailed, msg, None));
         }
         for (disk, spec) in
             plan.disks.iter().zip(&s.disks).filter(|(disk, spec)| {
@@ -381,6 +420,7 @@ impl Attempt<'_> {
             disks,
             shares,
             console_log,
+            console_log_limit: self.opts.console_log_limit,
         })
     }
 

@@ -17,7 +17,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-pub use artifacts::{FailureClass, KeepPolicy, Provenance, RunResult, Verdict};
+pub use artifacts::{ArtifactsMode, FailureClass, KeepPolicy, Provenance, RunResult, Verdict};
 pub use execute::CONSOLE_TAIL;
 
 use kiln_backends::{Backend, CancelFlag, KillSwitch};
@@ -58,6 +58,12 @@ pub struct RunOptions {
     pub pause: Option<PauseHook>,
     /// Provenance shared by every run (kiln version, host KVM).
     pub provenance_base: Provenance,
+    /// Who may read bundles (owner only by default).
+    pub artifacts_mode: ArtifactsMode,
+    /// Most bytes of console.log per run.
+    pub console_log_limit: u64,
+    /// Overrides every scenario's `fixtures_limit` (bytes copied from its shares).
+    pub fixtures_limit: Option<u64>,
 }
 
 impl RunOptions {
@@ -78,6 +84,9 @@ impl RunOptions {
                 kiln_git_rev: option_env!("KILN_GIT_REV").map(str::to_string),
                 ..Provenance::default()
             },
+            artifacts_mode: ArtifactsMode::Private,
+            console_log_limit: kiln_backends::console::DEFAULT_CONSOLE_LOG_LIMIT,
+            fixtures_limit: None,
         }
     }
 }

@@ -834,3 +834,143 @@ fn ctrl_c_returns_at_once_while_a_kill_blocks() {
         t.elapsed()
     );
 }
+
+/// A guest that fills its output share with a setuid file, a world-writable sticky dir, a
+/// fifo, a socket and (as root) a device node, then `n` bytes of data.
+fn hostile_writer(n: usize) -> FakeBackend {
+    FakeBackend::new(BackendKind::Qemu, move |_| {
+        FakeGuest::ready().with_exec(move |_, view| {
+            use std::os::unix::fs::PermissionsExt;
+            let out = view.plan.shares[0].host_dir.clone();
+            let made = (|| -> std::io::Result<()> {
+                fs::write(out.join("suid"), b"#!/bin/sh\n")?;
+                fs::set_permissions(out.join("suid"), fs::Permissions::from_mode(0o6777))?;
+                fs::create_dir(out.join("tmp"))?;
+                fs::set_permissions(out.join("tmp"), fs::Permissions::from_mode(0o1777))?;
+                fs::write(out.join("tmp/inner"), b"x")?;
+                let fifo = std::process::Command::new("mkfifo")
+                    .arg(out.join("fifo"))
+                    .status()?;
+                assert!(fifo.success(), "mkfifo");
+                let _socket = std::os::unix::net::UnixListener::bind(out.join("sock"))?;
+                std::os::unix::fs::symlink("/etc/passwd", out.join("link"))?;
+                fs::write(out.join("big.bin"), vec![7u8; n])?;
+                Ok(())
+            })();
+            match made {
+                Ok(()) => FakeExec::exit(0, ""),
+                Err(e) => FakeExec::exit(1, &e.to_string()),
+            }
+        })
+    })
+}
+
+const HOSTILE: &str = "id = \"hostile\"\n[[steps]]\nshell = \"fill /mnt/output\"\n";
+
+/// Bundles are owner-only, and a share's setuid bits, fifos, sockets and links never reach one.
+#[test]
+fn bundles_are_owner_only_and_never_hold_special_files_or_setuid_bits() {
+    use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+    let env = env();
+    let scenarios = env.scenarios(&[("h.toml", HOSTILE)]);
+    let summary = env.run(&hostile_writer(10), &scenarios);
+    let r = one(&summary);
+    assert!(r.passed(), "{:?}", r.failure);
+    let dir = bundle(r);
+    let mode = |p: &std::path::Path| fs::symlink_metadata(p).expect("stat").permissions().mode();
+    let mut stack = vec![dir.parent().expect("scenario dir").to_path_buf()];
+    while let Some(p) = stack.pop() {
+        let meta = fs::symlink_metadata(&p).expect("stat");
+        let kind = meta.file_type();
+        if kind.is_symlink() && p.file_name() == Some("latest".as_ref()) {
+            continue;
+        }
+        assert!(
+            kind.is_dir() || kind.is_file(),
+            "{} is neither a file nor a dir",
+            p.display()
+        );
+        assert!(!kind.is_fifo() && !kind.is_socket());
+        assert_eq!(mode(&p) & 0o7077, 0, "{} is {:o}", p.display(), mode(&p));
+        if kind.is_dir() {
+            assert_eq!(mode(&p) & 0o777, 0o700, "{}", p.display());
+            stack.extend(
+                fs::read_dir(&p)
+                    .expect("ls")
+                    .map(|e| e.expect("entry").path()),
+            );
+        }
+    }
+    let out = dir.join("fixtures/output");
+    assert_eq!(fs::read(out.join("tmp/inner")).expect("inner"), b"x");
+    assert_eq!(mode(&out.join("suid")) & 0o7777, 0o700);
+    for gone in ["fifo", "sock", "link"] {
+        assert!(
+            fs::symlink_metadata(out.join(gone)).is_err(),
+            "{gone} copied"
+        );
+    }
+    let log = fs::read_to_string(dir.join("harness.log")).expect("harness.log");
+    for skipped in [
+        "fifo: a fifo, not copied",
+        "sock: a socket, not copied",
+        "link: a symbolic link, not copied",
+    ] {
+        assert!(log.contains(skipped), "{skipped:?} not in\n{log}");
+    }
+}
+
+/// `--artifacts-mode shared`: readable by everyone, still never setuid.
+#[test]
+fn shared_bundles_are_world_readable_but_never_setuid() {
+    use std::os::unix::fs::PermissionsExt;
+    let mut env = env();
+    env.opts.artifacts_mode = ArtifactsMode::Shared;
+    let scenarios = env.scenarios(&[("h.toml", HOSTILE)]);
+    let summary = env.run(&hostile_writer(10), &scenarios);
+    let dir = bundle(one(&summary));
+    let mode = |p: PathBuf| fs::metadata(p).expect("stat").permissions().mode() & 0o7777;
+    assert_eq!(mode(dir.clone()), 0o755);
+    assert_eq!(mode(dir.join("result.json")), 0o644);
+    assert_eq!(mode(dir.join("fixtures/output/suid")), 0o755);
+    assert_eq!(mode(dir.join("fixtures/output/tmp")), 0o755);
+}
+
+/// A guest that writes more than the fixtures limit fails the scenario, naming the limit and
+/// the share, and nothing past the limit is copied.
+#[test]
+fn a_share_over_the_fixtures_limit_fails_and_is_not_copied_past_it() {
+    let env = env();
+    let toml = HOSTILE.replace("\n[[steps]]", "\nfixtures_limit = \"1KiB\"\n[[steps]]");
+    let scenarios = env.scenarios(&[("h.toml", &toml)]);
+    assert_eq!(scenarios[0].fixtures_limit, 1024);
+    let summary = env.run(&hostile_writer(4096), &scenarios);
+    let r = one(&summary);
+    let f = r.failure.as_ref().expect("failed");
+    assert_eq!(f.class, FailureClass::ExpectationFailed);
+    assert!(
+        f.message
+            .starts_with("share `output` holds more than the fixtures limit of 1024 bytes"),
+        "{}",
+        f.message
+    );
+    assert!(!f.message.contains('\n'));
+    let mut total = 0;
+    let mut stack = vec![bundle(r).join("fixtures")];
+    while let Some(p) = stack.pop() {
+        for e in fs::read_dir(&p).expect("ls") {
+            let e = e.expect("entry");
+            if e.file_type().expect("type").is_dir() {
+                stack.push(e.path());
+            } else {
+                total += e.metadata().expect("stat").len();
+            }
+        }
+    }
+    assert!(total <= 1024, "{total} bytes copied");
+    assert!(!bundle(r).join("fixtures/output/big.bin").exists());
+    // The same scenario under the default limit passes, and the CLI's override wins.
+    let mut env = env;
+    env.opts.fixtures_limit = Some(1 << 20);
+    assert!(one(&env.run(&hostile_writer(4096), &scenarios)).passed());
+}

@@ -47,6 +47,20 @@ pub fn register(run_id: &str, path: &Path) -> Option<SinkGuard> {
     Some(SinkGuard(run_id.to_string()))
 }
 
+/// Writes a WARN line into run `run_id`'s harness.log directly, whatever subscriber is
+/// installed (for notes the bundle must hold, such as fixtures that were not copied).
+pub fn note(run_id: &str, text: &str) {
+    let line = format!(
+        "{} {:5} kiln_runner: {text}\n",
+        humantime::format_rfc3339_millis(SystemTime::now()),
+        "WARN"
+    );
+    let mut sinks = SINKS.lock().unwrap_or_else(|p| p.into_inner());
+    if let Some(file) = sinks.as_mut().and_then(|m| m.get_mut(run_id)) {
+        let _ = file.write_all(line.as_bytes());
+    }
+}
+
 /// The layer; add it to the subscriber (the CLI does).
 pub struct RunLogLayer;
 

@@ -18,6 +18,7 @@ use regex::Regex;
 use serde::{Serialize, Serializer};
 
 pub use error::{ScenarioError, SourceFile};
+pub use raw::{parse_size, MAX_DURATION};
 pub use resolve::{parse_scenario, DefaultsSource};
 
 /// Names of the defaults/profile file looked up in a corpus directory, in order.
@@ -25,6 +26,8 @@ pub const DEFAULTS_FILES: [&str; 2] = ["kiln.toml", "defaults.toml"];
 
 /// Default whole-scenario time limit.
 pub const DEFAULT_SCENARIO_TIMEOUT: Duration = Duration::from_secs(600);
+/// Default [`Scenario::fixtures_limit`]: 1 GiB.
+pub const DEFAULT_FIXTURES_LIMIT: u64 = 1 << 30;
 /// Default time for the guest to become ready (TCG boots take seconds).
 pub const DEFAULT_READY_TIMEOUT: Duration = Duration::from_secs(120);
 /// Default per-step time limit.
@@ -48,6 +51,9 @@ pub struct Scenario {
     /// The whole run's time limit (boot to teardown).
     #[serde(serialize_with = "ser_duration")]
     pub timeout: Duration,
+    /// Most bytes copied from its shares into the bundle's fixtures/; past it the scenario
+    /// fails.
+    pub fixtures_limit: u64,
     /// Backends it may run on; empty means any.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub backends: Vec<BackendKind>,

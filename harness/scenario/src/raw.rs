@@ -16,6 +16,7 @@ pub struct RawScenario {
     pub id: Spanned<String>,
     pub description: Option<String>,
     pub timeout: Option<Spanned<RawDuration>>,
+    pub fixtures_limit: Option<Spanned<RawSize>>,
     #[serde(default)]
     pub guest: RawGuest,
     #[serde(default)]
@@ -73,6 +74,7 @@ pub struct RawDefaultsFile {
 #[serde(deny_unknown_fields)]
 pub struct RawDefaults {
     pub timeout: Option<Spanned<RawDuration>>,
+    pub fixtures_limit: Option<Spanned<RawSize>>,
     #[serde(default)]
     pub guest: RawGuest,
     pub readiness: Option<Spanned<RawReadiness>>,
@@ -252,25 +254,103 @@ impl Visitor<'_> for DurationVisitor {
 
     fn visit_i64<E: de::Error>(self, v: i64) -> Result<RawDuration, E> {
         u64::try_from(v)
-            .map(|s| RawDuration(Duration::from_secs(s)))
             .map_err(|_| E::custom(format!("duration {v} is negative")))
+            .and_then(|s| self.visit_u64(s))
     }
 
     fn visit_u64<E: de::Error>(self, v: u64) -> Result<RawDuration, E> {
-        Ok(RawDuration(Duration::from_secs(v)))
+        bounded(v, Duration::from_secs(v))
     }
 
     fn visit_f64<E: de::Error>(self, v: f64) -> Result<RawDuration, E> {
         Duration::try_from_secs_f64(v)
-            .map(RawDuration)
             .map_err(|_| E::custom(format!("duration {v} is not a number of seconds >= 0")))
+            .and_then(|d| bounded(v, d))
     }
 
     fn visit_str<E: de::Error>(self, v: &str) -> Result<RawDuration, E> {
-        humantime::parse_duration(v).map(RawDuration).map_err(|e| {
-            E::custom(format!(
-                "invalid duration \"{v}\" ({e}); write seconds (30) or \"30s\", \"500ms\", \"2m\""
-            ))
-        })
+        humantime::parse_duration(v)
+            .map_err(|e| {
+                E::custom(format!(
+                    "invalid duration \"{v}\" ({e}); write seconds (30) or \"30s\", \"500ms\", \"2m\""
+                ))
+            })
+            .and_then(|d| bounded(format!("\"{v}\""), d))
     }
+}
+
+/// The longest duration a scenario may give: deadlines are `now + duration`, which must not
+/// overflow (a panic), and nothing kiln runs needs a year.
+pub const MAX_DURATION: Duration = Duration::from_secs(365 * 24 * 3600);
+
+fn bounded<E: de::Error>(written: impl fmt::Display, d: Duration) -> Result<RawDuration, E> {
+    if d > MAX_DURATION {
+        return Err(E::custom(format!(
+            "duration {written} is too long (at most {} seconds, a year)",
+            MAX_DURATION.as_secs()
+        )));
+    }
+    Ok(RawDuration(d))
+}
+
+/// A size in bytes: an integer, or a string like "512MiB", "1GiB", "64KiB".
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RawSize(pub u64);
+
+impl<'de> Deserialize<'de> for RawSize {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        deserializer.deserialize_any(SizeVisitor)
+    }
+}
+
+struct SizeVisitor;
+
+impl Visitor<'_> for SizeVisitor {
+    type Value = RawSize;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("a size: bytes (1048576) or a string like \"512MiB\", \"1GiB\"")
+    }
+
+    fn visit_i64<E: de::Error>(self, v: i64) -> Result<RawSize, E> {
+        u64::try_from(v)
+            .map(RawSize)
+            .map_err(|_| E::custom(format!("size {v} is negative")))
+    }
+
+    fn visit_u64<E: de::Error>(self, v: u64) -> Result<RawSize, E> {
+        i64::try_from(v)
+            .map(|_| RawSize(v))
+            .map_err(|_| E::custom(format!("size {v} is too large")))
+    }
+
+    fn visit_str<E: de::Error>(self, v: &str) -> Result<RawSize, E> {
+        parse_size(v).map(RawSize).map_err(E::custom)
+    }
+}
+
+/// Parses a size: bytes, or a number with a suffix K, KiB, M, MiB, G, GiB, T, TiB (all powers
+/// of 1024; `B` alone is bytes).
+pub fn parse_size(v: &str) -> Result<u64, String> {
+    let t = v.trim();
+    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let shift = match unit.trim() {
+        "" | "B" => 0,
+        "K" | "KiB" => 10,
+        "M" | "MiB" => 20,
+        "G" | "GiB" => 30,
+        "T" | "TiB" => 40,
+        _ => {
+            return Err(format!(
+                "invalid size \"{v}\"; write bytes (1048576) or \"512MiB\", \"1GiB\""
+            ))
+        }
+    };
+    let n: u64 = num.parse().map_err(|_| {
+        format!("invalid size \"{v}\"; write bytes (1048576) or \"512MiB\", \"1GiB\"")
+    })?;
+    n.checked_mul(1u64 << shift)
+        .filter(|&b| i64::try_from(b).is_ok())
+        .ok_or_else(|| format!("size \"{v}\" is too large"))
 }

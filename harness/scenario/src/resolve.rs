@@ -125,6 +125,12 @@ impl Checker {
         }
         let timeout = pick(&raw.timeout, src, d.map(|(r, s)| (&r.timeout, s)))
             .map_or(DEFAULT_SCENARIO_TIMEOUT, |(v, _)| v.get_ref().0);
+        let fixtures_limit = pick(
+            &raw.fixtures_limit,
+            src,
+            d.map(|(r, s)| (&r.fixtures_limit, s)),
+        )
+        .map_or(DEFAULT_FIXTURES_LIMIT, |(v, _)| v.get_ref().0);
         let backends = pick(&raw.backends, src, d.map(|(r, s)| (&r.backends, s)));
         let backends = match backends {
             Some((b, bsrc)) if b.get_ref().is_empty() => {
@@ -183,6 +189,7 @@ impl Checker {
             description: raw.description.unwrap_or_default(),
             file: src.path.clone(),
             timeout,
+            fixtures_limit,
             backends,
             guest: guest?,
             disks,

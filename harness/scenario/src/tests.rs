@@ -305,3 +305,44 @@ fn diff_rule_errors_name_place_and_field() {
     assert_eq!(e.len(), 1);
     assert!(e[0].starts_with("D/a.toml:3:1: "), "{}", e[0]);
 }
+
+/// A duration a deadline (`now + duration`) cannot hold is an error, not a panic at run time.
+#[test]
+fn durations_past_a_year_are_errors() {
+    for bad in [
+        "9000000000000000000",
+        "1e300",
+        "\"300000000 years\"",
+        "31536001",
+    ] {
+        let errs = errors(&[("a.toml", &format!("id = \"a\"\ntimeout = {bad}\n"))]);
+        assert_eq!(errs.len(), 1, "{bad}: {errs:?}");
+        assert!(errs[0].contains("timeout"), "{bad}: {errs:?}");
+        let step = format!("id = \"a\"\n[[steps]]\nrun = [\"true\"]\ntimeout = {bad}\n");
+        assert_eq!(errors(&[("a.toml", &step)]).len(), 1, "step timeout {bad}");
+    }
+    let (_dir, ok) = corpus(&[("a.toml", "id = \"a\"\ntimeout = 31536000\n")]);
+    assert!(ok.is_ok());
+}
+
+/// `fixtures_limit`: bytes or a size with a unit, in a scenario or `[defaults]`.
+#[test]
+fn fixtures_limit_takes_sizes_and_defaults() {
+    let (_dir, result) = corpus(&[
+        ("kiln.toml", "[defaults]\nfixtures_limit = \"2MiB\"\n"),
+        ("a.toml", "id = \"a\"\n"),
+        ("b.toml", "id = \"b\"\nfixtures_limit = 4096\n"),
+    ]);
+    let s = result.expect("valid");
+    assert_eq!(s[0].fixtures_limit, 2 << 20);
+    assert_eq!(s[1].fixtures_limit, 4096);
+    let (_dir, result) = corpus(&[("a.toml", "id = \"a\"\n")]);
+    assert_eq!(
+        result.expect("valid")[0].fixtures_limit,
+        DEFAULT_FIXTURES_LIMIT
+    );
+    for bad in ["\"lots\"", "-1", "\"99999999TiB\""] {
+        let errs = errors(&[("a.toml", &format!("id = \"a\"\nfixtures_limit = {bad}\n"))]);
+        assert!(errs[0].contains("fixtures_limit"), "{bad}: {errs:?}");
+    }
+}

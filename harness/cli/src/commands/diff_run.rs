@@ -17,7 +17,7 @@ use crate::exit;
 
 use kiln_backends::{self as backend, Backend};
 use kiln_diff::scenarios::report::{RunDiffReport, ScenarioDiff};
-use kiln_diff::scenarios::{compare_bundles, QemuImg};
+use kiln_diff::scenarios::{compare_bundles_in, QemuImg};
 use kiln_runner::{self as runner, Control, KeepPolicy, RunEvent, RunOptions, RunSummary};
 use kiln_scenario::{load_corpus, BackendKind, ImageRef, Scenario};
 
@@ -39,6 +39,8 @@ pub struct DiffRunArgs {
     /// The qemu-img that checks and flattens the overlays.
     #[arg(long, default_value = "qemu-img")]
     pub qemu_img: String,
+    #[command(flatten)]
+    pub bundle: crate::args::BundleArgs,
 }
 
 /// Runs `kiln diff run`; returns the exit code.
@@ -120,17 +122,37 @@ pub fn run(args: DiffRunArgs) -> i32 {
         return exit::INTERRUPTED;
     }
     let reader = QemuImg(args.qemu_img.clone());
+    // The comparisons' scratch dir, registered so that a second Ctrl-C (which exits without
+    // unwinding) removes it too; a first one stops the comparisons and drops it.
+    let work = match kiln_diff::TempDir::new("kiln-diff-run") {
+        Ok(w) => w,
+        Err(e) => {
+            eprintln!("kiln: error: temporary directory: {e}");
+            return exit::ERROR;
+        }
+    };
+    let _registered = control.register_work_dir(work.path());
     for s in &both {
+        if control.cancelled() {
+            return exit::INTERRUPTED;
+        }
         let pair = (kiln_runs.get(&s.id), qemu_runs.get(&s.id));
+        let scratch = work.path().join(&s.id);
         let diff = match pair {
-            (Some(Some(a)), Some(Some(b))) => match compare_bundles(
-                ("kiln", a.as_path()),
-                ("qemu", b.as_path()),
-                &s.diff,
-                &reader,
-            ) {
+            (Some(Some(a)), Some(Some(b))) => match std::fs::create_dir(&scratch)
+                .map_err(|e| format!("temporary directory {}: {e}", scratch.display()))
+                .and_then(|()| {
+                    compare_bundles_in(
+                        ("kiln", a.as_path()),
+                        ("qemu", b.as_path()),
+                        &s.diff,
+                        &reader,
+                        &scratch,
+                    )
+                    .map_err(|e| e.to_string())
+                }) {
                 Ok(facts) => ScenarioDiff::Compared(facts),
-                Err(e) => ScenarioDiff::Inconclusive(e.to_string()),
+                Err(e) => ScenarioDiff::Inconclusive(e),
             },
             _ => ScenarioDiff::Inconclusive("no bundle from one of the backends".into()),
         };
@@ -162,6 +184,7 @@ fn options(args: &DiffRunArgs, kvm_kind: &str, scenarios: &[Scenario]) -> RunOpt
     );
     // Both bundles are needed to compare, whatever the verdicts.
     opts.keep = KeepPolicy::Always;
+    args.bundle.apply(&mut opts);
     opts.provenance_base.host_kvm = kvm_kind.to_string();
     let resolver = crate::commands::run::default_guest_resolver();
     if scenarios

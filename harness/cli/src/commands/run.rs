@@ -60,6 +60,8 @@ pub struct RunArgs {
     /// Run a failed scenario up to N more times.
     #[arg(long, value_name = "N", default_value_t = 0)]
     pub retries: u32,
+    #[command(flatten)]
+    pub bundle: crate::args::BundleArgs,
 }
 
 fn print_errors(errors: &[impl std::fmt::Display]) {
@@ -191,6 +193,7 @@ pub fn options(args: &RunArgs) -> RunOptions {
     opts.pause_before_teardown = args.pause_before_teardown;
     opts.fail_fast = args.fail_fast;
     opts.retries = args.retries;
+    args.bundle.apply(&mut opts);
     let prompt = Arc::new(Mutex::new(()));
     opts.pause = Some(Arc::new(move |what: &str| {
         let _one_at_a_time = prompt.lock().unwrap_or_else(|p| p.into_inner());

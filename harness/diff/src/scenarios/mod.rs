@@ -42,8 +42,20 @@ pub fn compare_bundles(
     rules: &DiffRules,
     reader: &dyn OverlayReader,
 ) -> Result<Vec<Fact>, CompareError> {
-    let (ba, bb) = (load_bundle(a.1)?, load_bundle(b.1)?);
     let work = crate::TempDir::new("kiln-diff-run").map_err(crate::TempDirError)?;
+    compare_bundles_in(a, b, rules, reader, work.path())
+}
+
+/// [`compare_bundles`] with a caller-owned scratch dir `work` (which the caller removes, also
+/// when Ctrl-C ends the process without unwinding).
+pub fn compare_bundles_in(
+    a: (&str, &Path),
+    b: (&str, &Path),
+    rules: &DiffRules,
+    reader: &dyn OverlayReader,
+    work: &Path,
+) -> Result<Vec<Fact>, CompareError> {
+    let (ba, bb) = (load_bundle(a.1)?, load_bundle(b.1)?);
     let side = |label, l: &'_ LoadedBundle| (label, l.result.clone(), l.fixtures.clone());
     let (sa, sb) = (side(a.0, &ba), side(b.0, &bb));
     Ok(compare_runs(
@@ -59,7 +71,7 @@ pub fn compare_bundles(
         },
         rules,
         reader,
-        work.path(),
+        work,
     ))
 }
 
