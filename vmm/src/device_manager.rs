@@ -194,7 +194,7 @@ impl MutEventSubscriber for VirtioSubscriber {
                 let mut t = self.transport.lock().unwrap_or_else(|e| e.into_inner());
                 // An fd the device closed while handling an earlier one is not found there
                 // and ignored.
-                t.device_mut().process_host_event(fd, set);
+                t.process_host_event(fd, set);
             }
         } else if let Some(evt) = self.queue_evts.get(data as usize) {
             // Drain the counter first so a notify that lands during processing re-arms it.
