@@ -455,7 +455,17 @@ mod tests {
         }
         let refiller = Refiller::start(&tq, 0);
         let mut before = tq.used_idx();
-        for turn in 0..50 {
+        // At least 50 turns, and until the refiller thread has run at all (a loaded machine
+        // may not schedule it at once).
+        let started = std::time::Instant::now();
+        for turn in 0.. {
+            if turn >= 50 && refiller.published() > 0 {
+                break;
+            }
+            assert!(
+                started.elapsed() < std::time::Duration::from_secs(30),
+                "the refiller never ran"
+            );
             rng.process_queue(0);
             let served = u32::from(tq.used_idx().wrapping_sub(before));
             assert!(served <= CHAINS_PER_TURN, "one turn served {served} chains");

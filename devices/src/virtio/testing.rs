@@ -332,6 +332,7 @@ impl<'a> MmioDriver<'a> {
 /// work per notification stays bounded however fast the ring is refilled.
 pub struct Refiller {
     stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    published: std::sync::Arc<std::sync::atomic::AtomicU64>,
     thread: Option<std::thread::JoinHandle<u64>>,
 }
 
@@ -346,8 +347,10 @@ impl Refiller {
     pub fn start_raw(mem: &GuestMem, size: u16, avail: u64, used: u64, head: u16) -> Self {
         use std::sync::atomic::{AtomicBool, Ordering};
         let stop = std::sync::Arc::new(AtomicBool::new(false));
+        let count = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
         let mem = mem.clone();
         let flag = stop.clone();
+        let shared = count.clone();
         let thread = std::thread::spawn(move || {
             let mut published = 0u64;
             while !flag.load(Ordering::Acquire) {
@@ -363,13 +366,21 @@ impl Refiller {
                 mem.write_obj(a.wrapping_add(1), GuestAddress(avail + 2))
                     .unwrap();
                 published += 1;
+                shared.store(published, Ordering::Release);
             }
             published
         });
         Self {
             stop,
+            published: count,
             thread: Some(thread),
         }
+    }
+
+    /// How many chains it has published so far (0 until its thread got to run, which on a
+    /// loaded machine may take a while: tests keep turning until this is non-zero).
+    pub fn published(&self) -> u64 {
+        self.published.load(std::sync::atomic::Ordering::Acquire)
     }
 
     /// Stops refilling; returns how many chains it published.

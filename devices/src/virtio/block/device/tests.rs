@@ -938,7 +938,17 @@ fn a_ring_refilled_from_another_thread_is_served_one_budget_per_turn() {
     }
     let refiller = Refiller::start_raw(&env.mem, QUEUE_SIZE, AVAIL_RING, USED_RING, head);
     let mut before = env.used_idx();
-    for turn in 0..50 {
+    // At least 50 turns, and until the refiller thread has run at all (a loaded machine
+    // may not schedule it at once).
+    let started = std::time::Instant::now();
+    for turn in 0.. {
+        if turn >= 50 && refiller.published() > 0 {
+            break;
+        }
+        assert!(
+            started.elapsed() < std::time::Duration::from_secs(30),
+            "the refiller never ran"
+        );
         env.block.process_queue(0);
         let served = u32::from(env.used_idx().wrapping_sub(before));
         assert!(served <= CHAINS_PER_TURN, "one turn served {served} chains");
