@@ -141,7 +141,8 @@ pub fn ci_requires<T>(reason: String) -> Result<T, String> {
     Err(reason)
 }
 
-fn tool_available(tool: &str) -> Result<(), String> {
+/// `Ok` when `tool` runs; otherwise why not (a failure on CI, which installs binutils).
+pub fn tool_available(tool: &str) -> Result<(), String> {
     match Command::new(tool).arg("--version").output() {
         Ok(_) => Ok(()),
         Err(e) if e.kind() == ErrorKind::NotFound => ci_requires(format!(

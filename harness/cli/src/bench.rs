@@ -1,5 +1,8 @@
 //! `kiln bench boot`: start-up time and memory of kiln's VMM beside QEMU, booting the same tiny
-//! PVH guest, each run a fresh process timed from just before it is spawned.
+//! PVH guest, each run a fresh process timed from just before it is spawned. `kiln bench soak`
+//! ([`soak`]): thousands of VMs of that guest in one process, checking nothing leaks.
+
+pub mod soak;
 
 use std::fmt::Write as _;
 use std::fs;
@@ -32,6 +35,9 @@ const LARGE_GUEST_MIB: u64 = 2048;
 pub enum BenchCommand {
     /// Boot time and RSS of kiln's VMM vs QEMU for a tiny PVH guest.
     Boot(BootBenchArgs),
+    /// Thousands of tiny-guest VMs in one process, one after another and 64 at once: fails
+    /// when fds, threads or RSS grow.
+    Soak(soak::SoakBenchArgs),
 }
 
 /// Options of `kiln bench boot`.
@@ -92,6 +98,8 @@ pub enum BenchError {
         run: u32,
         reason: BadRun,
     },
+    #[error("soak {0}")]
+    Soak(String),
 }
 
 /// Why a run is not a data point.
@@ -149,6 +157,7 @@ pub fn main(command: BenchCommand) -> i32 {
                 crate::exit::ERROR
             }
         },
+        BenchCommand::Soak(args) => soak::main(&args),
     }
 }
 
