@@ -27,7 +27,8 @@ pub const FAILURES: i32 = 1;
 
 /// The command could not do its work: a VMM error, triple fault or KVM internal error under
 /// `kiln boot` (or a Linux kernel on a KVM that cannot boot Linux), a failed `kiln guest` or
-/// `kiln bench`. One line on stderr says why.
+/// `kiln bench` (`kiln bench soak` also when fds, threads or RSS grew). One line on stderr says
+/// why.
 pub const ERROR: i32 = 1;
 
 /// A usage, scenario or configuration error: nothing was booted. clap's own usage errors exit
