@@ -1,5 +1,6 @@
 //! `--generate N --seed S`: a reproducible corpus built with `qemu-img create` and `qemu-io`
-//! (write -P, write -z, discard, write -c), plus a few deliberately damaged images.
+//! (write -P, write -z, discard, write -c), plus a few deliberately damaged images and, in the
+//! last slots, fixed images every corpus holds (see `FIXED`).
 
 use std::fs::OpenOptions;
 use std::os::unix::fs::FileExt;
@@ -248,7 +249,57 @@ fn damage(path: &Path, how: u64) -> Result<&'static str, GenerateError> {
     })
 }
 
-/// Builds `n` images from `seed` in `dir`. The same (n, seed) gives the same recipes.
+/// Images every corpus holds, whatever the seed (the last `FIXED.len()` slots).
+#[derive(Debug, Clone, Copy)]
+enum Fixed {
+    /// 1 MiB clusters, some written only in part: QEMU's COW fills the rest of a fresh cluster
+    /// with write-zeroes, which leaves holes in the file under allocated clusters. qemu-img
+    /// still reports each as whole data (it asks the file only for metadata-preallocated
+    /// images), which kiln once did not (issue 14).
+    CowHoles,
+    /// `preallocation=metadata` with a few writes: here QEMU does ask the file, and its holes
+    /// read as zero data.
+    MetadataPrealloc,
+}
+
+const FIXED: [Fixed; 2] = [Fixed::MetadataPrealloc, Fixed::CowHoles];
+
+fn fixed_image(dir: &Path, i: usize, which: Fixed) -> Result<CorpusImage, GenerateError> {
+    let p = dir.join(format!("img{i:03}.qcow2"));
+    let (opts, size, writes, recipe) = match which {
+        Fixed::CowHoles => (
+            "compat=1.1,cluster_size=1048576",
+            4u64 << 20,
+            // Whole, a 4 KiB piece, a 200 KiB piece, whole: two clusters with COW holes.
+            vec![
+                "write -P 0x11 0 1048576",
+                "write -P 0x22 1114112 4096",
+                "write -P 0x33 2199552 204800",
+                "write -P 0x44 3145728 1048576",
+            ],
+            "fixed: qcow2 cluster=1M, partial writes into fresh clusters (COW holes)",
+        ),
+        Fixed::MetadataPrealloc => (
+            "compat=1.1,cluster_size=65536,preallocation=metadata",
+            (1u64 << 20) + (512 << 10),
+            vec!["write -P 0x55 100000 70000", "write -z 655360 131072"],
+            "fixed: qcow2 preallocation=metadata",
+        ),
+    };
+    run(Command::new("qemu-img")
+        .args(["create", "-q", "-f", "qcow2", "-o", opts])
+        .arg(&p)
+        .arg(size.to_string()))?;
+    let cmds: Vec<String> = writes.iter().map(|w| w.to_string()).collect();
+    qemu_io(&p, "qcow2", &cmds)?;
+    Ok(CorpusImage {
+        path: p,
+        recipe: recipe.into(),
+    })
+}
+
+/// Builds `n` images from `seed` in `dir`. The same (n, seed) gives the same recipes. The last
+/// slots hold the fixed images (`FIXED`) whatever the seed.
 pub fn generate(dir: &Path, n: usize, seed: u64) -> Result<Vec<CorpusImage>, GenerateError> {
     std::fs::create_dir_all(dir).map_err(|source| GenerateError::Dir {
         dir: dir.to_path_buf(),
@@ -257,6 +308,12 @@ pub fn generate(dir: &Path, n: usize, seed: u64) -> Result<Vec<CorpusImage>, Gen
     let mut rng = Prng::new(seed);
     let mut out = Vec::new();
     for i in 0..n {
+        // The last slots always hold the fixed images (drawn from no random numbers, so the
+        // slots before them are what the same seed always gave).
+        if let Some(fixed) = (i + FIXED.len()).checked_sub(n) {
+            out.push(fixed_image(dir, i, FIXED[fixed])?);
+            continue;
+        }
         let size = (1u64 << 20) + rng.below(8) * (512 << 10) + rng.below(4) * 512;
         let kind = rng.below(20);
         let name = |suffix: &str| dir.join(format!("img{i:03}{suffix}"));

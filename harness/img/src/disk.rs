@@ -3,6 +3,7 @@
 
 use std::fs::File;
 use std::os::fd::AsRawFd;
+use std::os::unix::fs::MetadataExt;
 
 use imago::file::File as ImagoFile;
 use imago::qcow2::Qcow2;
@@ -11,7 +12,7 @@ use imago::{FormatAccess, ShallowMapping};
 
 use super::chain::{Format, Layer};
 use super::error::ImgError;
-use super::layout::{ClusterType, Qcow2File};
+use super::layout::{ClusterType, Qcow2File, REFT_OFFSET_MASK};
 
 /// The largest range one block-status query covers (qemu-img map asks in 1 GiB steps).
 const MAX_QUERY: u64 = 1 << 30;
@@ -24,6 +25,10 @@ pub struct Disk {
     meta: Vec<Option<(Qcow2File, Vec<u64>)>>,
     /// Per layer: a plain read-only handle for SEEK_DATA/SEEK_HOLE.
     files: Vec<File>,
+    /// Per layer: whether its block status asks the host file about holes (QEMU's
+    /// `BDRV_BLOCK_RECURSE`): always for raw, for qcow2 only when metadata preallocation is
+    /// detected. Otherwise an allocated qcow2 cluster is plain data whatever the file holds.
+    recurse: Vec<bool>,
 }
 
 /// One block-status run, with the fields `qemu-img map --output=json` prints.
@@ -92,22 +97,29 @@ impl Disk {
         let top = below.ok_or_else(|| ImgError::Usage("empty backing chain".into()))?;
         let mut meta = Vec::new();
         let mut files = Vec::new();
+        let mut recurse = Vec::new();
         for l in &layers {
+            let file = File::open(l.path()).map_err(io_err(l, "open"))?;
             meta.push(match l.format {
                 Format::Qcow2(_) => {
                     let q = Qcow2File::open(l.path())?;
                     let l1 = q.l1_table()?;
+                    recurse.push(metadata_preallocated(&q, &file));
                     Some((q, l1))
                 }
-                Format::Raw => None,
+                Format::Raw => {
+                    recurse.push(true);
+                    None
+                }
             });
-            files.push(File::open(l.path()).map_err(io_err(l, "open"))?);
+            files.push(file);
         }
         Ok(Disk {
             layers,
             top,
             meta,
             files,
+            recurse,
         })
     }
 
@@ -253,9 +265,19 @@ impl Disk {
         })
     }
 
-    /// Data at `host` in the layer's file: the file system decides whether it reads as zeroes
-    /// (a hole) exactly as QEMU's file driver asks it with SEEK_DATA/SEEK_HOLE.
+    /// Data at `host` in the layer's file. Where QEMU recurses (a raw layer, a qcow2 layer with
+    /// metadata preallocation) the file system decides whether it reads as zeroes (a hole),
+    /// asked with SEEK_DATA/SEEK_HOLE as QEMU's file driver does; elsewhere it is plain data.
     fn host_status(&self, base: Extent, host: u64) -> Result<Extent, ImgError> {
+        if !self.recurse[base.depth] {
+            // qcow2 without metadata preallocation: QEMU does not look below the cluster's
+            // metadata, so holes in the file (e.g. from zero-filled COW) stay plain data.
+            return Ok(Extent {
+                data: true,
+                offset: Some(host),
+                ..base
+            });
+        }
         let raw_layer = matches!(self.layers[base.depth].format, Format::Raw);
         let file = &self.files[base.depth];
         let (hole, len) = match seek_extent(file, host) {
@@ -273,6 +295,52 @@ impl Disk {
             ..base
         })
     }
+}
+
+/// QEMU's `qcow2_detect_metadata_preallocation`: the image counts as metadata-preallocated when
+/// at least `max(n * 10 / 9, n + 2)` of its clusters have a reference, where `n` is the number of
+/// clusters the file really occupies on disk. Any error reads as "not preallocated", as in QEMU.
+fn metadata_preallocated(q: &Qcow2File, file: &File) -> bool {
+    let Ok(meta) = file.metadata() else {
+        return false;
+    };
+    let cs = q.header.cluster_size();
+    let real_clusters = meta.blocks() * 512 / cs;
+    let threshold = (real_clusters * 10 / 9).max(real_clusters + 2);
+    let end_cluster = meta.len().div_ceil(cs);
+    let Ok(table) = q.refcount_table() else {
+        return false;
+    };
+    let per_block = q.refcounts_per_block();
+    let mut block: Option<(u64, Vec<u64>)> = None;
+    let mut count = 0;
+    let mut i = 0;
+    while i < end_cluster && count < threshold {
+        let idx = i / per_block;
+        let Some(&entry) = table.get(idx as usize) else {
+            break; // past the refcount table: every later cluster has refcount 0
+        };
+        let off = entry & REFT_OFFSET_MASK;
+        if off == 0 {
+            i = (idx + 1) * per_block;
+            continue;
+        }
+        if !off.is_multiple_of(cs) {
+            return false; // QEMU flags the image corrupt and the detection fails
+        }
+        if block.as_ref().is_none_or(|(b, _)| *b != idx) {
+            match q.refcount_block(off) {
+                Ok(r) => block = Some((idx, r)),
+                Err(_) => return false,
+            }
+        }
+        let refs = &block.as_ref().expect("loaded above").1;
+        if refs.get((i % per_block) as usize).is_some_and(|&r| r != 0) {
+            count += 1;
+        }
+        i += 1;
+    }
+    count >= threshold
 }
 
 enum SeekExtent {
@@ -305,5 +373,100 @@ fn seek_extent(file: &File, at: u64) -> SeekExtent {
         SeekExtent::Data(hole as u64)
     } else {
         SeekExtent::Unknown
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::unix::fs::FileExt;
+
+    use super::*;
+    use crate::chain::resolve_chain;
+    use crate::layout::OFLAG_COPIED;
+    use crate::map::extents;
+    use std::path::Path;
+
+    const CS: u64 = 65536;
+
+    /// A 128 KiB qcow2 v3 image of 64 KiB clusters: header, refcount table, refcount block, L1,
+    /// L2, then one data cluster (guest cluster 0) of which only the first 4 KiB were written;
+    /// the rest is a hole in the file. `dense`: the five metadata clusters are written in full,
+    /// so the file occupies about as many clusters as have references (no metadata
+    /// preallocation in QEMU's eyes); otherwise only their used bytes are, as after
+    /// `preallocation=metadata`.
+    fn one_cluster_image(dir: &Path, dense: bool) -> String {
+        let p = dir.join(if dense { "dense.qcow2" } else { "sparse.qcow2" });
+        let f = File::create(&p).expect("create");
+        let mut h = vec![0u8; 112];
+        h[..4].copy_from_slice(&kiln_disk::qcow2::QCOW2_MAGIC);
+        h[4..8].copy_from_slice(&3u32.to_be_bytes());
+        h[20..24].copy_from_slice(&16u32.to_be_bytes());
+        h[24..32].copy_from_slice(&(2 * CS).to_be_bytes());
+        h[36..40].copy_from_slice(&1u32.to_be_bytes());
+        h[40..48].copy_from_slice(&(3 * CS).to_be_bytes());
+        h[48..56].copy_from_slice(&CS.to_be_bytes());
+        h[56..60].copy_from_slice(&1u32.to_be_bytes());
+        h[96..100].copy_from_slice(&4u32.to_be_bytes());
+        h[100..104].copy_from_slice(&104u32.to_be_bytes());
+        let mut clusters = vec![vec![0u8; CS as usize]; 5];
+        clusters[0][..h.len()].copy_from_slice(&h);
+        clusters[1][..8].copy_from_slice(&(2 * CS).to_be_bytes());
+        for i in 0..6 {
+            clusters[2][2 * i..2 * i + 2].copy_from_slice(&1u16.to_be_bytes());
+        }
+        clusters[3][..8].copy_from_slice(&((4 * CS) | OFLAG_COPIED).to_be_bytes());
+        clusters[4][..8].copy_from_slice(&((5 * CS) | OFLAG_COPIED).to_be_bytes());
+        f.set_len(6 * CS).expect("set_len");
+        for (i, c) in clusters.iter().enumerate() {
+            let used = if dense { c.len() } else { 4096 };
+            f.write_all_at(&c[..used], i as u64 * CS).expect("write");
+        }
+        f.write_all_at(&[0xaa; 4096], 5 * CS).expect("write data");
+        f.sync_all().expect("sync");
+        p.display().to_string()
+    }
+
+    fn runs(name: &str) -> Vec<(u64, u64, bool, bool, Option<u64>)> {
+        let disk = Disk::open(resolve_chain(name).expect("chain")).expect("open");
+        extents(&disk)
+            .expect("map")
+            .iter()
+            .map(|e| (e.start, e.length, e.zero, e.data, e.offset))
+            .collect()
+    }
+
+    /// qemu-img reports an allocated qcow2 cluster as one data run from its L2 entry alone;
+    /// holes in the file below it (here: after the first 4 KiB) are not looked at.
+    #[test]
+    fn allocated_cluster_is_data_whatever_the_file_holds() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let name = one_cluster_image(dir.path(), true);
+        assert_eq!(
+            runs(&name),
+            vec![
+                (0, CS, false, true, Some(5 * CS)),
+                (CS, CS, true, false, None),
+            ]
+        );
+    }
+
+    /// With metadata preallocation detected (far more referenced clusters than the file
+    /// occupies), QEMU asks the file: the hole after the written 4 KiB reads as zero data.
+    #[test]
+    fn metadata_preallocated_image_reports_file_holes() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let name = one_cluster_image(dir.path(), false);
+        let meta = std::fs::metadata(&name).expect("stat");
+        if meta.blocks() * 512 >= 6 * CS {
+            return; // the file system keeps no holes: nothing to tell apart
+        }
+        assert_eq!(
+            runs(&name),
+            vec![
+                (0, 4096, false, true, Some(5 * CS)),
+                (4096, CS - 4096, true, true, Some(5 * CS + 4096)),
+                (CS, CS, true, false, None),
+            ]
+        );
     }
 }
