@@ -84,6 +84,16 @@ fn fail(class: FailureClass, message: impl Into<String>, step: Option<usize>) ->
     }
 }
 
+/// The work dir's name prefix: it holds the pid so that the next run can remove it when this
+/// process is killed ([`super::stale`]); `--debug` ones are kept on purpose and never swept.
+fn work_prefix(id: &str, debug: bool) -> String {
+    if debug {
+        format!("kiln-{id}-debug-")
+    } else {
+        format!("kiln-{id}-p{}-", std::process::id())
+    }
+}
+
 /// A unique run id: UTC time to the millisecond, process id and attempt.
 fn run_id(attempt: u32) -> String {
     let stamp: String = humantime::format_rfc3339_millis(SystemTime::now())
@@ -199,7 +209,7 @@ impl Attempt<'_> {
         }
         // Overlays, sockets and share dirs live in a temp dir removed on drop (kept with --debug).
         let work = match tempfile::Builder::new()
-            .prefix(&format!("kiln-{}-", s.id))
+            .prefix(&work_prefix(&s.id, self.opts.debug))
             .tempdir()
         {
             Ok(w) => w,
