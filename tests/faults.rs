@@ -201,11 +201,13 @@ fn a_full_artifacts_disk_is_one_clear_error() {
         .lines()
         .filter(|l| l.contains(&artifacts.display().to_string()))
         .collect();
-    assert!(!errors.is_empty(), "no line names the artifacts dir");
-    assert!(
-        errors.iter().any(|l| l.contains("No space left on device")),
-        "{stderr}"
+    assert_eq!(
+        errors.len(),
+        1,
+        "one line names the artifacts dir:\n{stderr}"
     );
+    assert!(errors[0].contains("No space left on device"), "{stderr}");
+    assert!(!errors[0].contains(".tmp-"), "a temp file's name: {stderr}");
     assert!(
         !artifacts.join("full/latest").exists(),
         "{:?}",

@@ -182,8 +182,9 @@ impl Attempt<'_> {
             Err(e) => {
                 // The run's own failure, if any, stays its class (it is what happened first);
                 // the reports still say that no bundle exists.
+                // One line says it (the scenario's FAIL line): the run's log is not written.
                 let msg = format!("bundle not written: {e}");
-                tracing::error!(scenario = %self.scenario.id, "{msg}");
+                tracing::debug!(scenario = %self.scenario.id, "{msg}");
                 result.verdict = Verdict::Fail;
                 match result.failure.as_mut() {
                     Some(f) => f.message = format!("{} ({msg})", f.message),
@@ -199,10 +200,11 @@ impl Attempt<'_> {
         tracing::info!(attempt = self.attempt, file = %s.file.display(), "starting");
         // The bundle is still a staging dir (published by rename once result.json is written),
         // so this file needs no fsync of its own.
-        if let Err(e) = fs::write(bundle.path("scenario.toml"), s.to_toml().as_bytes()) {
+        let toml = bundle.path("scenario.toml");
+        if let Err(e) = fs::write(&toml, s.to_toml().as_bytes()) {
             result.failure = Some(fail(
                 FailureClass::InfraError,
-                format!("cannot write scenario.toml: {e}"),
+                format!("cannot write {}: {e}", toml.display()),
                 None,
             ));
             return;
