@@ -156,6 +156,7 @@ fn kill_9_mid_scenario_leaves_nothing_the_next_run_does_not_clean() {
     assert_eq!(tree(&tmp), Vec::<String>::new(), "{}", describe(&out));
     let said: Vec<&str> = stderr.lines().filter(|l| l.contains("killed")).collect();
     assert_eq!(said.len(), 1, "{stderr}");
+    eprintln!("the next run: {}", said[0]);
     assert!(
         said[0].contains(&artifacts.display().to_string()),
         "{stderr}"
