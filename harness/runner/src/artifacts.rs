@@ -12,10 +12,12 @@ use std::time::{Duration, SystemTime};
 use serde::{Deserialize, Serialize};
 
 /// Writes `data` to `path` atomically: a temp file in the same directory, synced, renamed.
+/// Write errors are the OS's alone (the caller names `path`), not the temp file's name.
 pub fn write_atomic(path: &Path, data: &[u8]) -> io::Result<()> {
     let dir = path.parent().unwrap_or(Path::new("."));
     let mut tmp = tempfile::Builder::new().prefix(".tmp-").tempfile_in(dir)?;
-    tmp.write_all(data)?;
+    // The file's own Write, not NamedTempFile's, which adds "at path <temp file>" to errors.
+    tmp.as_file_mut().write_all(data)?;
     tmp.as_file().sync_all()?;
     tmp.persist(path).map_err(|e| e.error)?;
     Ok(())

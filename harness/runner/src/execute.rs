@@ -84,6 +84,16 @@ fn fail(class: FailureClass, message: impl Into<String>, step: Option<usize>) ->
     }
 }
 
+/// The work dir's name prefix: it holds the pid so that the next run can remove it when this
+/// process is killed ([`super::stale`]); `--debug` ones are kept on purpose and never swept.
+fn work_prefix(id: &str, debug: bool) -> String {
+    if debug {
+        format!("kiln-{id}-debug-")
+    } else {
+        format!("kiln-{id}-p{}-", std::process::id())
+    }
+}
+
 /// A unique run id: UTC time to the millisecond, process id and attempt.
 fn run_id(attempt: u32) -> String {
     let stamp: String = humantime::format_rfc3339_millis(SystemTime::now())
@@ -172,8 +182,9 @@ impl Attempt<'_> {
             Err(e) => {
                 // The run's own failure, if any, stays its class (it is what happened first);
                 // the reports still say that no bundle exists.
+                // One line says it (the scenario's FAIL line): the run's log is not written.
                 let msg = format!("bundle not written: {e}");
-                tracing::error!(scenario = %self.scenario.id, "{msg}");
+                tracing::debug!(scenario = %self.scenario.id, "{msg}");
                 result.verdict = Verdict::Fail;
                 match result.failure.as_mut() {
                     Some(f) => f.message = format!("{} ({msg})", f.message),
@@ -189,17 +200,18 @@ impl Attempt<'_> {
         tracing::info!(attempt = self.attempt, file = %s.file.display(), "starting");
         // The bundle is still a staging dir (published by rename once result.json is written),
         // so this file needs no fsync of its own.
-        if let Err(e) = fs::write(bundle.path("scenario.toml"), s.to_toml().as_bytes()) {
+        let toml = bundle.path("scenario.toml");
+        if let Err(e) = fs::write(&toml, s.to_toml().as_bytes()) {
             result.failure = Some(fail(
                 FailureClass::InfraError,
-                format!("cannot write scenario.toml: {e}"),
+                format!("cannot write {}: {e}", toml.display()),
                 None,
             ));
             return;
         }
         // Overlays, sockets and share dirs live in a temp dir removed on drop (kept with --debug).
         let work = match tempfile::Builder::new()
-            .prefix(&format!("kiln-{}-", s.id))
+            .prefix(&work_prefix(&s.id, self.opts.debug))
             .tempdir()
         {
             Ok(w) => w,

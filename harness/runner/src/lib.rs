@@ -8,6 +8,7 @@ mod execute;
 mod expect;
 pub mod report;
 pub mod select;
+pub mod stale;
 pub mod tracelog;
 
 use std::collections::{BTreeMap, VecDeque};

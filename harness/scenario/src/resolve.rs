@@ -275,6 +275,24 @@ impl Checker {
             Want::File => path.is_file(),
             Want::Dir => path.is_dir(),
         };
+        // A file that exists but cannot be opened (its mode, an ACL, a dead mount) is the
+        // scenario's error too, found here before anything boots rather than by the backend.
+        let unreadable = match want {
+            Want::File if ok => std::fs::File::open(&path).err(),
+            _ => None,
+        };
+        if let Some(e) = unreadable {
+            self.err(
+                src,
+                value.span(),
+                field,
+                format!(
+                    "file {given:?} cannot be read: {e} (looked at {})",
+                    path.display()
+                ),
+            );
+            return None;
+        }
         if ok {
             // Absolute, so it means the same file to a backend in another directory (QEMU
             // resolves a relative backing file against the overlay's directory).

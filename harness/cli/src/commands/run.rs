@@ -218,6 +218,7 @@ pub fn run_with(
         let on: Vec<String> = s.backends.iter().map(ToString::to_string).collect();
         eprintln!("{:>6} {}: runs only on {}", "SKIP", s.id, on.join(", "));
     }
+    sweep_stale(&opts.artifacts);
     let control = Control::new();
     let handler_control = control.clone();
     let handler = ctrlc::set_handler(move || {
@@ -248,6 +249,32 @@ pub fn run_with(
         println!("{}", report::json_document(&summary, backend.name(), code));
     }
     code
+}
+
+/// Removes what runs killed without warning left in the artifacts dir and TMPDIR (staging
+/// bundles, work dirs with overlays and sockets), saying so in one line.
+fn sweep_stale(artifacts: &std::path::Path) {
+    let tmp = std::env::temp_dir();
+    let swept = runner::stale::sweep(artifacts, &tmp);
+    if !swept.removed.is_empty() {
+        let pids: Vec<String> = swept.pids.iter().map(u32::to_string).collect();
+        eprintln!(
+            "kiln: removed {} {} (staging bundles, work dirs) left by killed runs (pid {}) \
+             under {} and {}",
+            swept.removed.len(),
+            if swept.removed.len() == 1 {
+                "entry"
+            } else {
+                "entries"
+            },
+            pids.join(", "),
+            artifacts.display(),
+            tmp.display()
+        );
+    }
+    for failed in &swept.failed {
+        eprintln!("kiln: warning: cannot remove what a killed run left: {failed}");
+    }
 }
 
 /// Why the `--junit` report was not written.
