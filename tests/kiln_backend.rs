@@ -16,11 +16,16 @@ use std::time::{Duration, Instant};
 use serde_json::Value;
 
 fn kiln_run(corpus: &Path, artifacts: &Path) -> Output {
+    kiln_run_with(corpus, artifacts, &[])
+}
+
+fn kiln_run_with(corpus: &Path, artifacts: &Path, extra: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_kiln"))
         .arg("run")
         .arg(corpus)
         .args(["--backend", "kiln", "--jobs", "1", "--artifacts"])
         .arg(artifacts)
+        .args(extra)
         .stdin(Stdio::null())
         .output()
         .unwrap_or_else(|e| panic!("cannot run kiln: {e}"))
@@ -137,7 +142,9 @@ fn the_corpus_runs_on_the_kiln_backend_with_hardware_kvm() {
     let dir = tempfile::tempdir().unwrap();
     let artifacts = dir.path().join("artifacts");
     let corpus = Path::new(env!("CARGO_MANIFEST_DIR")).join("scenarios");
-    let out = kiln_run(&corpus, &artifacts);
+    // One retry: under L1's emulated SVM an L2 boot now and then never gets ready, under QEMU
+    // as under kiln (docs/nested.md); a scenario that fails twice still fails.
+    let out = kiln_run_with(&corpus, &artifacts, &["--retries", "1"]);
     assert_eq!(out.status.code(), Some(0), "{}", describe(&out));
     // Every guest powered off when asked (the agent over vsock), rather than being killed when
     // the clean-shutdown wait ran out.

@@ -39,6 +39,10 @@ pub struct DiffRunArgs {
     /// The qemu-img that checks and flattens the overlays.
     #[arg(long, default_value = "qemu-img")]
     pub qemu_img: String,
+    /// Run a scenario that failed on one backend up to N more times there; the last attempt's
+    /// bundle is compared.
+    #[arg(long, value_name = "N", default_value_t = 0)]
+    pub retries: u32,
     #[command(flatten)]
     pub bundle: crate::args::BundleArgs,
 }
@@ -184,6 +188,7 @@ fn options(args: &DiffRunArgs, kvm_kind: &str, scenarios: &[Scenario]) -> RunOpt
     );
     // Both bundles are needed to compare, whatever the verdicts.
     opts.keep = KeepPolicy::Always;
+    opts.retries = args.retries;
     args.bundle.apply(&mut opts);
     opts.provenance_base.host_kvm = kvm_kind.to_string();
     let resolver = crate::commands::run::default_guest_resolver();
