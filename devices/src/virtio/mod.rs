@@ -9,7 +9,7 @@ pub mod block;
 pub mod fs;
 pub mod mmio;
 pub mod rng;
-#[cfg(test)]
+#[cfg(any(test, feature = "testing"))]
 pub mod testing;
 
 use std::os::fd::RawFd;

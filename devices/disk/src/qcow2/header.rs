@@ -100,6 +100,9 @@ impl HeaderError {
 /// The four magic bytes every qcow2 file starts with.
 pub const QCOW2_MAGIC: [u8; 4] = *b"QFI\xfb";
 
+/// The most L1 entries QEMU opens (`QCOW_MAX_L1_SIZE`: 32 MiB of 8-byte entries).
+pub const MAX_L1_ENTRIES: u64 = (32 << 20) / 8;
+
 /// Incompatible feature bits (header offset 72).
 pub mod incompat {
     pub const DIRTY: u64 = 1 << 0;
@@ -408,6 +411,29 @@ pub fn parse_header(path: &Path, buf: &[u8], file_len: u64) -> Result<Qcow2Heade
     if h.size.checked_add(h.cluster_size()).is_none() || h.size > (1u64 << 62) {
         return Err(HeaderError::field(path, "size", h.size, "too large"));
     }
+    // QEMU refuses both at open ("Active L1 table too large", "L1 table is too small"): a
+    // virtual size the L1 table cannot map would otherwise be read as terabytes of zeros.
+    if u64::from(h.l1_size) > MAX_L1_ENTRIES {
+        return Err(HeaderError::field(
+            path,
+            "l1_size",
+            h.l1_size,
+            format!("at most {MAX_L1_ENTRIES} entries (32 MiB)"),
+        ));
+    }
+    let l2_bits = h.cluster_bits - if h.extended_l2() { 4 } else { 3 };
+    let needed = h.size.div_ceil(1u64 << (h.cluster_bits + l2_bits));
+    if u64::from(h.l1_size) < needed {
+        return Err(HeaderError::field(
+            path,
+            "l1_size",
+            h.l1_size,
+            format!(
+                "at least {needed} entries to map the virtual size of {} bytes (L1 table is too small)",
+                h.size
+            ),
+        ));
+    }
     parse_extensions(path, buf, file_len, &mut h)?;
     parse_backing_name(path, buf, file_len, &mut h)?;
     Ok(h)
@@ -505,6 +531,7 @@ mod tests {
         b[4..8].copy_from_slice(&3u32.to_be_bytes());
         b[20..24].copy_from_slice(&16u32.to_be_bytes());
         b[24..32].copy_from_slice(&(1u64 << 20).to_be_bytes());
+        b[36..40].copy_from_slice(&1u32.to_be_bytes());
         b[96..100].copy_from_slice(&4u32.to_be_bytes());
         b[100..104].copy_from_slice(&112u32.to_be_bytes());
         b
@@ -512,6 +539,21 @@ mod tests {
 
     fn parse(b: &[u8]) -> Result<Qcow2Header, HeaderError> {
         parse_header(Path::new("t.qcow2"), b, b.len() as u64)
+    }
+
+    #[test]
+    fn an_l1_table_that_cannot_map_the_virtual_size_is_refused() {
+        // Found by the qcow2_image fuzz target: 256 GiB behind a one-entry L1 table, which
+        // QEMU refuses and kiln read as 256 GiB of zeros.
+        let mut b = v3_header();
+        b[24..32].copy_from_slice(&(256u64 << 30).to_be_bytes());
+        let e = parse(&b).unwrap_err().to_string();
+        assert!(e.contains("l1_size = 1: at least 512 entries"), "{e}");
+        b[36..40].copy_from_slice(&512u32.to_be_bytes());
+        assert!(parse(&b).is_ok());
+        b[36..40].copy_from_slice(&(4u32 << 20 | 1).to_be_bytes());
+        let e = parse(&b).unwrap_err().to_string();
+        assert!(e.contains("l1_size = 4194305: at most 4194304"), "{e}");
     }
 
     #[test]
