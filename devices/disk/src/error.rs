@@ -42,6 +42,14 @@ pub enum DiskError {
         /// What imago or the header check found.
         reason: String,
     },
+    /// The image can be read but not written in place (a qcow2 image only kiln's own reader
+    /// reads: extended L2, zstd).
+    NotWritable {
+        /// The image.
+        path: PathBuf,
+        /// Why, naming the feature.
+        reason: String,
+    },
     /// A kept overlay's path names a file that exists already.
     OverlayExists {
         /// The base image.
@@ -81,6 +89,7 @@ impl DiskError {
             | DiskError::Empty { path }
             | DiskError::UnknownFormat { path, .. }
             | DiskError::BadQcow2 { path, .. }
+            | DiskError::NotWritable { path, .. }
             | DiskError::TempOverlay { path, .. } => path.display().to_string(),
         }
     }
@@ -97,6 +106,9 @@ impl DiskError {
                 format!("{format} images are not supported (use raw or qcow2)")
             }
             DiskError::BadQcow2 { reason, .. } => format!("not a valid qcow2 image: {reason}"),
+            DiskError::NotWritable { reason, .. } => format!(
+                "cannot be written in place: {reason} (attach it read-only or under an overlay)"
+            ),
             DiskError::OverlayExists { .. } => {
                 "the overlay already exists (remove it or name a new file)".to_string()
             }
@@ -136,6 +148,7 @@ impl fmt::Display for DiskError {
             | DiskError::Empty { path }
             | DiskError::UnknownFormat { path, .. }
             | DiskError::BadQcow2 { path, .. }
+            | DiskError::NotWritable { path, .. }
             | DiskError::TempOverlay { path, .. } => {
                 write!(f, "disk image {}: {problem}", path.display())
             }

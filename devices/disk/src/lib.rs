@@ -6,6 +6,9 @@
 //!   that parser), and the formats kiln refuses by name (VMDK, VHDX, QED, …).
 //! - [`DiskBackend`] and its implementations: [`RawDisk`] and [`Qcow2Disk`] (imago), including
 //!   the copy-on-write overlays kiln creates over a base it never writes.
+//! - [`qcow2::Qcow2Reader`] and [`qcow2::ReadChain`]: kiln's own read-only qcow2 reader for what
+//!   imago cannot read (extended L2 entries, zstd compression), served to imago as read-only
+//!   storage ([`qcow2::ChainStorage`]) so such images work as disks and overlay bases.
 //! - [`DiskSpec`] (`PATH[,ro][,overlay=PATH][,in-place]`) and [`open_disk`], which turns one into
 //!   a backend, with one-line [`DiskError`]s that name no command-line option
 //!   ([`DiskError::with_option`] gives a front end's form).

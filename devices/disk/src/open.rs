@@ -34,7 +34,13 @@ pub fn open_disk(spec: &DiskSpec) -> Result<Box<dyn DiskBackend>, DiskError> {
                     .map_err(open_err),
                 ImageFormat::Qcow2 => Qcow2Disk::open(path, read_only)
                     .map(|d| Box::new(d) as Box<dyn DiskBackend>)
-                    .map_err(open_err),
+                    .map_err(|e| match e.kind() {
+                        io::ErrorKind::Unsupported if !read_only => DiskError::NotWritable {
+                            path: path.clone(),
+                            reason: one_line(&e),
+                        },
+                        _ => open_err(e),
+                    }),
             };
         }
         DiskMode::EphemeralOverlay => OverlayLocation::Ephemeral,

@@ -136,3 +136,100 @@ pub fn assert_message(err: &DiskError, value: &str, needle: &str) {
         assert!(msg.contains(needle), "{msg} does not say {needle}");
     }
 }
+
+/// Runs qemu-io on a qcow2 image with `cmds` (each one `-c`); panics when a command fails.
+pub fn qemu_io(image: &Path, cmds: &[&str]) {
+    let mut cmd = Command::new("qemu-io");
+    cmd.args(["-f", "qcow2"]);
+    for c in cmds {
+        cmd.arg("-c").arg(c);
+    }
+    let out = cmd.arg(image).output().expect("qemu-io runs");
+    let text =
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success() && !text.contains("error") && !text.contains("failed"),
+        "qemu-io {cmds:?}: {text}"
+    );
+}
+
+/// The guest bytes of `image` as qemu-img reads them (converted to raw).
+pub fn qemu_raw_bytes(image: &Path, dir: &Path) -> Vec<u8> {
+    let raw = dir.join("qemu-view.raw");
+    let _ = fs::remove_file(&raw);
+    let (ok, out) = qemu_img(&[
+        "convert",
+        "-O",
+        "raw",
+        image.to_str().unwrap(),
+        raw.to_str().unwrap(),
+    ])
+    .unwrap();
+    assert!(ok, "qemu-img convert: {out}");
+    fs::read(&raw).unwrap()
+}
+
+/// An extended-L2 image (64 KiB clusters, 2 KiB subclusters) over a patterned raw backing
+/// file, written by qemu-io in pieces smaller than a cluster: data, zero and unallocated
+/// subclusters side by side, some falling through to the backing file.
+pub fn extl2_over_raw(dir: &Path) -> PathBuf {
+    let (base, _) = raw_base(dir);
+    let top = dir.join("extl2.qcow2");
+    let (ok, out) = qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-o",
+        "extended_l2=on,cluster_size=65536",
+        "-b",
+        base.to_str().unwrap(),
+        "-F",
+        "raw",
+        top.to_str().unwrap(),
+    ])
+    .unwrap();
+    assert!(ok, "qemu-img create: {out}");
+    qemu_io(
+        &top,
+        &[
+            "write -P 0x11 0 4096",
+            "write -z 8192 4096",
+            "write -P 0x22 100000 7000",
+            "discard 196608 65536",
+            "write -P 0x33 1048576 131072",
+            "write -z 2097152 65536",
+            "write -P 0x44 3145728 2048",
+        ],
+    );
+    top
+}
+
+/// A zstd-compressed qcow2 image (`cluster` bytes per cluster, extended L2 when asked)
+/// converted by qemu-img from a patterned raw file with a hole, and that file's bytes.
+pub fn zstd_image(dir: &Path, cluster: u64, extended_l2: bool) -> (PathBuf, Vec<u8>) {
+    let mut data = pattern(BASE_SIZE);
+    data[(MIB as usize)..(2 * MIB as usize)].fill(0);
+    let src = dir.join("zstd-src.raw");
+    fs::write(&src, &data).unwrap();
+    let image = dir.join(format!("zstd-{cluster}-{extended_l2}.qcow2"));
+    let opts = format!(
+        "compression_type=zstd,cluster_size={cluster}{}",
+        if extended_l2 { ",extended_l2=on" } else { "" }
+    );
+    let (ok, out) = qemu_img(&[
+        "convert",
+        "-c",
+        "-f",
+        "raw",
+        "-O",
+        "qcow2",
+        "-o",
+        &opts,
+        src.to_str().unwrap(),
+        image.to_str().unwrap(),
+    ])
+    .unwrap();
+    assert!(ok, "qemu-img convert: {out}");
+    (image, data)
+}

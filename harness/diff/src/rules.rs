@@ -13,7 +13,7 @@ pub enum Verdict {
         rule: &'static str,
         reason: &'static str,
     },
-    /// kiln's disk layer cannot do this operation on this image (e.g. extended L2).
+    /// kiln's disk layer cannot do this operation on this image (e.g. encryption).
     Unsupported(String),
     Inconclusive(String),
     Divergent,

@@ -1,14 +1,16 @@
-//! kiln's disk layer for `kiln img`: the backing chain opened read-only through imago, plus the
-//! block-status view qemu-img's `map` and `compare -s` are built on.
+//! kiln's disk layer for `kiln img`: the backing chain opened read-only through imago (or, where a
+//! layer has extended L2 entries or zstd compression, which imago cannot read, through kiln-disk's
+//! own qcow2 reader), plus the block-status view qemu-img's `map` and `compare -s` are built on.
 
 use std::fs::File;
 use std::os::fd::AsRawFd;
-use std::os::unix::fs::MetadataExt;
+use std::os::unix::fs::{FileExt, MetadataExt};
 
 use imago::file::File as ImagoFile;
 use imago::qcow2::Qcow2;
 use imago::raw::Raw;
 use imago::{FormatAccess, ShallowMapping};
+use kiln_disk::qcow2::{Mapping, Qcow2Reader};
 
 use super::chain::{Format, Layer};
 use super::error::ImgError;
@@ -17,10 +19,11 @@ use super::layout::{ClusterType, Qcow2File, REFT_OFFSET_MASK};
 /// The largest range one block-status query covers (qemu-img map asks in 1 GiB steps).
 const MAX_QUERY: u64 = 1 << 30;
 
-/// A backing chain opened for reading: imago's view plus kiln's own per-layer metadata access.
+/// A backing chain opened for reading: imago's view (or kiln-disk's reader) plus kiln's own
+/// per-layer metadata access.
 pub struct Disk {
     pub layers: Vec<Layer>,
-    top: FormatAccess<ImagoFile>,
+    reader: Reader,
     /// Per layer: the qcow2 metadata reader (for preallocated zero clusters) and its L1 table.
     meta: Vec<Option<(Qcow2File, Vec<u64>)>>,
     /// Per layer: a plain read-only handle for SEEK_DATA/SEEK_HOLE.
@@ -29,6 +32,15 @@ pub struct Disk {
     /// `BDRV_BLOCK_RECURSE`): always for raw, for qcow2 only when metadata preallocation is
     /// detected. Otherwise an allocated qcow2 cluster is plain data whatever the file holds.
     recurse: Vec<bool>,
+}
+
+/// Who reads guest data and block status.
+enum Reader {
+    /// imago, through the top image (it follows the chain itself).
+    Imago(FormatAccess<ImagoFile>),
+    /// kiln-disk's qcow2 reader, one per qcow2 layer (`None` for raw layers, read from `files`):
+    /// a chain with a layer imago cannot read.
+    Kiln(Vec<Option<Qcow2Reader>>),
 }
 
 /// One block-status run, with the fields `qemu-img map --output=json` prints.
@@ -66,8 +78,8 @@ fn io_err<'a>(layer: &'a Layer, what: &'static str) -> impl Fn(std::io::Error) -
 }
 
 impl Disk {
-    /// Opens every layer read-only, bottom up, wiring each backing explicitly (so imago never
-    /// follows names on its own and a loop cannot recurse).
+    /// Opens every layer read-only: through kiln-disk's reader where any layer needs it, else
+    /// through imago.
     pub fn open(layers: Vec<Layer>) -> Result<Self, ImgError> {
         for l in &layers {
             if let Some(feature) = l.header().and_then(|h| h.unsupported_feature()) {
@@ -77,24 +89,23 @@ impl Disk {
                 });
             }
         }
-        let mut below: Option<FormatAccess<ImagoFile>> = None;
-        for l in layers.iter().rev() {
-            let access = match &l.format {
-                Format::Raw => {
-                    FormatAccess::new(Raw::open_path(l.path(), false).map_err(io_err(l, "open"))?)
-                }
-                Format::Qcow2(_) => {
-                    let mut q: Qcow2<ImagoFile> =
-                        Qcow2::open_path(l.path(), false).map_err(io_err(l, "open qcow2"))?;
-                    q.set_backing(below.take());
-                    q.open_implicit_dependencies()
-                        .map_err(io_err(l, "open data file"))?;
-                    FormatAccess::new(q)
-                }
-            };
-            below = Some(access);
-        }
-        let top = below.ok_or_else(|| ImgError::Usage("empty backing chain".into()))?;
+        let kiln_reads = layers
+            .iter()
+            .any(|l| l.header().is_some_and(|h| h.needs_kiln_reader()));
+        let reader = if kiln_reads {
+            let mut readers = Vec::new();
+            for l in &layers {
+                readers.push(match l.format {
+                    Format::Qcow2(_) => {
+                        Some(Qcow2Reader::open(l.path()).map_err(io_err(l, "open qcow2"))?)
+                    }
+                    Format::Raw => None,
+                });
+            }
+            Reader::Kiln(readers)
+        } else {
+            Reader::Imago(open_imago(&layers)?)
+        };
         let mut meta = Vec::new();
         let mut files = Vec::new();
         let mut recurse = Vec::new();
@@ -116,7 +127,7 @@ impl Disk {
         }
         Ok(Disk {
             layers,
-            top,
+            reader,
             meta,
             files,
             recurse,
@@ -126,25 +137,60 @@ impl Disk {
     /// The virtual size of the top image. A raw file's length is rounded up to whole sectors,
     /// as QEMU's block layer does; the partial sector past the end reads as zeroes.
     pub fn size(&self) -> u64 {
-        self.top.size().max(self.layers[0].virtual_size())
+        self.inner_size().max(self.layers[0].virtual_size())
+    }
+
+    /// The size the reader reports (imago: a raw file's exact length).
+    fn inner_size(&self) -> u64 {
+        match &self.reader {
+            Reader::Imago(top) => top.size(),
+            Reader::Kiln(_) => self.layers[0].virtual_size(),
+        }
     }
 
     /// Reads guest data at `offset` into `buf` (clamped by the caller to [`Disk::size`]).
     pub fn read(&self, buf: &mut [u8], offset: u64) -> Result<(), ImgError> {
-        let inner = self.top.size();
+        let inner = self.inner_size();
         let n = inner.saturating_sub(offset).min(buf.len() as u64) as usize;
         buf[n..].fill(0);
         if n == 0 {
             return Ok(());
         }
-        self.top
-            .read(&mut buf[..n], offset)
-            .map_err(|e| ImgError::io(self.layers[0].path(), "read", e))
+        let top = self.layers[0].path();
+        match &self.reader {
+            Reader::Imago(access) => access.read(&mut buf[..n], offset),
+            Reader::Kiln(_) => self.kiln_read(0, &mut buf[..n], offset),
+        }
+        .map_err(|e| ImgError::io(top, "read", e))
+    }
+
+    /// Reads layer `depth` (and, where it has no data, the layers below) at `offset`.
+    fn kiln_read(&self, depth: usize, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
+        let Reader::Kiln(readers) = &self.reader else {
+            return Err(std::io::Error::other("not read by kiln's reader"));
+        };
+        let (Some(layer), Some(file)) = (self.layers.get(depth), self.files.get(depth)) else {
+            buf.fill(0);
+            return Ok(());
+        };
+        match readers.get(depth).and_then(Option::as_ref) {
+            Some(q) => q.read(buf, offset, &mut |chunk, at| {
+                self.kiln_read(depth + 1, chunk, at)
+            }),
+            None => {
+                let avail = layer.file_len.saturating_sub(offset).min(buf.len() as u64) as usize;
+                buf[avail..].fill(0);
+                if avail > 0 {
+                    file.read_exact_at(&mut buf[..avail], offset)?;
+                }
+                Ok(())
+            }
+        }
     }
 
     /// The block status at `offset`, at most `max` bytes long.
     pub fn status_at(&self, offset: u64, max: u64) -> Result<Extent, ImgError> {
-        if offset >= self.top.size() {
+        if offset >= self.inner_size() {
             // Only a raw file's partial last sector lies here: a trailing hole in QEMU's view.
             return Ok(Extent {
                 start: offset,
@@ -157,7 +203,10 @@ impl Disk {
                 offset: Some(offset),
             });
         }
-        let mut layer = &self.top;
+        let mut layer = match &self.reader {
+            Reader::Imago(top) => top,
+            Reader::Kiln(readers) => return self.kiln_status(readers, offset, max),
+        };
         let mut depth = 0usize;
         let mut loff = offset;
         let mut len = max.min(MAX_QUERY);
@@ -234,6 +283,73 @@ impl Disk {
         }
     }
 
+    /// [`Disk::status_at`] through kiln-disk's reader, with QEMU's rules: a range not allocated
+    /// in a layer asks the layer below, unless there is none or the range lies past its end;
+    /// then it reads as zeroes, keeping the host offset of an unallocated subcluster.
+    fn kiln_status(
+        &self,
+        readers: &[Option<Qcow2Reader>],
+        offset: u64,
+        max: u64,
+    ) -> Result<Extent, ImgError> {
+        let top_path = self.layers[0].path();
+        let mut depth = 0usize;
+        let mut len = max.min(MAX_QUERY);
+        loop {
+            let base = Extent {
+                start: offset,
+                length: len,
+                depth,
+                present: true,
+                zero: false,
+                data: false,
+                compressed: false,
+                offset: None,
+            };
+            let Some(q) = readers.get(depth).and_then(Option::as_ref) else {
+                // A raw layer: its bytes at the same offset, as the file tells them.
+                return self.host_status(base, offset);
+            };
+            let (mapping, n) = q
+                .mapping(offset, len)
+                .map_err(|e| ImgError::io(top_path, "block status", e))?;
+            let base = Extent { length: n, ..base };
+            let host = match mapping {
+                Mapping::Data { host } => return self.host_status(base, host),
+                Mapping::Zero { host } => {
+                    return Ok(Extent {
+                        zero: true,
+                        offset: host,
+                        ..base
+                    })
+                }
+                Mapping::Compressed { .. } => {
+                    return Ok(Extent {
+                        data: true,
+                        compressed: true,
+                        ..base
+                    })
+                }
+                Mapping::Unallocated { host } => host,
+            };
+            let below = self.layers.get(depth + 1).map(Layer::virtual_size);
+            match below {
+                Some(size) if offset < size => {
+                    len = n.min(size - offset);
+                    depth += 1;
+                }
+                _ => {
+                    return Ok(Extent {
+                        present: false,
+                        zero: true,
+                        offset: host,
+                        ..base
+                    })
+                }
+            }
+        }
+    }
+
     /// Limits `len` to the end of the qcow2 cluster containing `loff` at `depth`.
     fn cluster_bound(&self, depth: usize, loff: u64, len: u64) -> u64 {
         match self.meta.get(depth).and_then(|m| m.as_ref()) {
@@ -295,6 +411,29 @@ impl Disk {
             ..base
         })
     }
+}
+
+/// The chain through imago, bottom up, wiring each backing explicitly (so imago never follows
+/// names on its own and a loop cannot recurse).
+fn open_imago(layers: &[Layer]) -> Result<FormatAccess<ImagoFile>, ImgError> {
+    let mut below: Option<FormatAccess<ImagoFile>> = None;
+    for l in layers.iter().rev() {
+        let access = match &l.format {
+            Format::Raw => {
+                FormatAccess::new(Raw::open_path(l.path(), false).map_err(io_err(l, "open"))?)
+            }
+            Format::Qcow2(_) => {
+                let mut q: Qcow2<ImagoFile> =
+                    Qcow2::open_path(l.path(), false).map_err(io_err(l, "open qcow2"))?;
+                q.set_backing(below.take());
+                q.open_implicit_dependencies()
+                    .map_err(io_err(l, "open data file"))?;
+                FormatAccess::new(q)
+            }
+        };
+        below = Some(access);
+    }
+    below.ok_or_else(|| ImgError::Usage("empty backing chain".into()))
 }
 
 /// QEMU's `qcow2_detect_metadata_preallocation`: the image counts as metadata-preallocated when

@@ -1,5 +1,6 @@
 //! `kiln img`: info, check, map, compare, create and convert answering like `qemu-img`, on kiln's
-//! own disk layer (imago for data, mappings and new images, kiln-disk's qcow2 header parser and
+//! own disk layer (imago for data, mappings and new images; kiln-disk's own qcow2 reader for
+//! extended-L2 and zstd images, which imago cannot read; kiln-disk's qcow2 header parser and
 //! this crate's metadata walk for the rest). Existing images are only ever opened read-only; new ones appear complete or not
 //! at all.
 

@@ -1,5 +1,7 @@
 //! qcow2 images as disks, through `imago`: a user's image opened read-only or written in place,
 //! and the copy-on-write overlay kiln creates per run over a raw or qcow2 base it never writes.
+//! Images imago cannot read (extended L2, zstd) are read by kiln's own reader, which imago's raw
+//! driver then serves like any other read-only image; such images are never written.
 
 use std::fs::{self, OpenOptions};
 use std::io;
@@ -9,16 +11,23 @@ use imago::file::File as ImagoFile;
 use imago::qcow2::Qcow2;
 use imago::raw::Raw;
 use imago::{
-    DenyImplicitOpenGate, FormatAccess, FormatCreateBuilder, FormatDriverBuilder,
+    DenyImplicitOpenGate, DynStorage, FormatAccess, FormatCreateBuilder, FormatDriverBuilder,
     PermissiveImplicitOpenGate, StorageOpenOptions,
 };
 
+use super::chain::{backing_path, chain_needs_reader, ChainStorage, ReadChain};
 use super::header::read_header;
 use crate::backend::{id_from_path, read_only_error, DiskBackend, DISK_ID_LEN};
 use crate::format::ImageFormat;
 
 /// Cluster size of the overlays kiln creates (qcow2's and QEMU's default).
 const OVERLAY_CLUSTER_SIZE: u64 = 64 * 1024;
+
+/// Storage of any kind (an imago file, or a chain kiln's reader serves), so that an overlay in a
+/// file can sit on a base only kiln's reader reads.
+type AnyStorage = Box<dyn DynStorage>;
+/// An image opened through imago, over [`AnyStorage`].
+type Access = FormatAccess<AnyStorage>;
 
 /// Where a copy-on-write overlay lives.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -33,7 +42,7 @@ pub enum OverlayLocation {
 /// overlay kiln created over a read-only base.
 pub struct Qcow2Disk {
     // Dropped before `_temp_dir`: imago flushes the image in its `Drop`.
-    image: FormatAccess<ImagoFile>,
+    image: Access,
     read_only: bool,
     /// Whether `flush` also syncs to stable storage (pointless for a throwaway overlay).
     sync_on_flush: bool,
@@ -63,23 +72,29 @@ pub enum Qcow2Error {
 
 impl Qcow2Disk {
     /// Opens the qcow2 image at `path` itself (no overlay): read-only, or written in place.
+    /// An image only kiln's reader reads (extended L2, zstd) is refused for writing
+    /// (`ErrorKind::Unsupported`).
     pub fn open(path: &Path, read_only: bool) -> io::Result<Self> {
-        let file = OpenOptions::new().read(true).write(!read_only).open(path)?;
-        let storage = ImagoFile::from_open_file(
-            file,
-            StorageOpenOptions::new().filename(path).write(!read_only),
-        )?;
-        // The image's own backing chain is opened read-only by imago (it forces write(false)
-        // for backing files).
-        let qcow2 = Qcow2::<ImagoFile>::builder(storage)
-            .write(!read_only)
-            .open(PermissiveImplicitOpenGate::default())?;
+        let header = read_header(path).ok();
+        let image = match header.as_ref().and_then(|h| reader_feature(h)) {
+            Some(feature) if !read_only => {
+                return Err(io::Error::new(
+                    io::ErrorKind::Unsupported,
+                    format!("{feature}: kiln reads such images but does not write them"),
+                ))
+            }
+            Some(_) => reader_access(path)?,
+            None => {
+                let file = OpenOptions::new().read(true).write(!read_only).open(path)?;
+                open_qcow2(path, file, !read_only)?
+            }
+        };
         Ok(Self {
-            image: FormatAccess::new(qcow2),
+            image,
             read_only,
             sync_on_flush: !read_only,
             id: id_from_path(path),
-            cluster_size: qcow2_cluster_size(path),
+            cluster_size: header.map_or(OVERLAY_CLUSTER_SIZE, |h| h.cluster_size()),
             path: path.to_path_buf(),
             _temp_dir: None,
         })
@@ -147,28 +162,67 @@ impl Qcow2Disk {
     }
 }
 
-/// The cluster size the image's header records. Only a discard hint, so a header the parser
-/// refuses (imago opened the image, so that is rare) falls back to the default.
-fn qcow2_cluster_size(path: &Path) -> u64 {
-    read_header(path).map_or(OVERLAY_CLUSTER_SIZE, |h| h.cluster_size())
+/// What in `header` makes the image one only kiln's reader reads, if anything.
+fn reader_feature(header: &super::Qcow2Header) -> Option<&'static str> {
+    if header.extended_l2() {
+        Some("extended L2 entries")
+    } else if header.needs_kiln_reader() {
+        Some("zstd compression")
+    } else {
+        None
+    }
+}
+
+/// The chain at `path` read by kiln's reader, under imago's raw driver: a read-only image.
+fn reader_access(path: &Path) -> io::Result<Access> {
+    let storage: AnyStorage = Box::new(ChainStorage::new(ReadChain::open(path)?));
+    Ok(FormatAccess::new(
+        Raw::builder(storage)
+            .write(false)
+            .open(DenyImplicitOpenGate::default())?,
+    ))
+}
+
+fn file_storage(file: fs::File, path: &Path, write: bool) -> io::Result<AnyStorage> {
+    Ok(Box::new(ImagoFile::from_open_file(
+        file,
+        StorageOpenOptions::new().filename(path).write(write),
+    )?))
+}
+
+/// Opens a qcow2 image imago reads. Its backing chain is opened read-only by imago (it forces
+/// write(false) for backing files), except where a layer below needs kiln's reader: that part
+/// is wired in explicitly.
+fn open_qcow2(path: &Path, file: fs::File, write: bool) -> io::Result<Access> {
+    let below = match read_header(path).ok().and_then(|h| h.backing_file) {
+        Some(name) if chain_needs_reader(&backing_path(path, &name)) => {
+            Some(reader_access(&backing_path(path, &name))?)
+        }
+        _ => None,
+    };
+    let mut builder = Qcow2::<AnyStorage>::builder(file_storage(file, path, write)?).write(write);
+    if below.is_some() {
+        builder = builder.backing(below);
+    }
+    Ok(FormatAccess::new(
+        builder.open(PermissiveImplicitOpenGate::default())?,
+    ))
 }
 
 /// Opens the base image read-only as an imago format layer.
-fn open_base(base: &Path, format: ImageFormat) -> io::Result<FormatAccess<ImagoFile>> {
+fn open_base(base: &Path, format: ImageFormat) -> io::Result<Access> {
+    if format == ImageFormat::Qcow2 && read_header(base).is_ok_and(|h| reader_feature(&h).is_some())
+    {
+        return reader_access(base);
+    }
     let file = OpenOptions::new().read(true).open(base)?;
-    let storage =
-        ImagoFile::from_open_file(file, StorageOpenOptions::new().filename(base).write(false))?;
     Ok(match format {
         ImageFormat::Raw => FormatAccess::new(
-            Raw::builder(storage)
+            Raw::builder(file_storage(file, base, false)?)
                 .write(false)
                 .open(DenyImplicitOpenGate::default())?,
         ),
-        ImageFormat::Qcow2 => FormatAccess::new(
-            Qcow2::<ImagoFile>::builder(storage)
-                .write(false)
-                .open(PermissiveImplicitOpenGate::default())?,
-        ),
+        ImageFormat::Qcow2 => open_qcow2(base, file, false)?,
     })
 }
 
@@ -180,22 +234,20 @@ fn format_overlay(
     base: &Path,
     format: ImageFormat,
     size: u64,
-    backing: FormatAccess<ImagoFile>,
-) -> io::Result<Qcow2<ImagoFile>> {
+    backing: Access,
+) -> io::Result<Qcow2<AnyStorage>> {
     let base_name = base.to_str().ok_or_else(|| {
         io::Error::new(
             io::ErrorKind::InvalidInput,
             format!("base path {} is not UTF-8", base.display()),
         )
     })?;
-    let storage =
-        ImagoFile::from_open_file(file, StorageOpenOptions::new().filename(path).write(true))?;
-    Qcow2::<ImagoFile>::create_builder(storage)
+    Qcow2::<AnyStorage>::create_builder(file_storage(file, path, true)?)
         .cluster_size(OVERLAY_CLUSTER_SIZE as usize)
         .size(size)
         .backing(base_name.to_string(), format.name().to_string())
         .create_open(DenyImplicitOpenGate::default(), |image| {
-            Ok(Qcow2::<ImagoFile>::builder(image).backing(Some(backing)))
+            Ok(Qcow2::<AnyStorage>::builder(image).backing(Some(backing)))
         })
 }
 
@@ -259,8 +311,8 @@ impl DiskBackend for Qcow2Disk {
 mod tests {
     use super::*;
     use crate::test_util::{
-        assert_qemu_agrees, exercise, have_qemu_img, qcow2_base, qemu_img, raw_base, sha256,
-        BASE_SIZE,
+        assert_qemu_agrees, exercise, extl2_over_raw, have_qemu_img, qcow2_base, qemu_img,
+        qemu_raw_bytes, raw_base, sha256, zstd_image, BASE_SIZE,
     };
     use crate::{open_disk, DiskMode, DiskSpec};
 
@@ -374,5 +426,102 @@ mod tests {
         exercise(disk.as_mut(), &mut model);
         drop(disk);
         assert_qemu_agrees(&image, &model, dir.path());
+    }
+
+    #[test]
+    fn overlay_over_extended_l2_base() {
+        if !have_qemu_img() {
+            return;
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let base = extl2_over_raw(dir.path());
+        let data = qemu_raw_bytes(&base, dir.path());
+        overlay_roundtrip(&base, data, dir.path(), "qcow2");
+    }
+
+    #[test]
+    fn overlay_over_zstd_base() {
+        if !have_qemu_img() {
+            return;
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let (base, data) = zstd_image(dir.path(), 65536, true);
+        overlay_roundtrip(&base, data, dir.path(), "qcow2");
+    }
+
+    /// An image imago reads whose backing file only kiln's reader reads: the chain below is
+    /// wired in explicitly, and the top is written in place like any qcow2 image.
+    #[test]
+    fn in_place_over_a_zstd_backing_file() {
+        if !have_qemu_img() {
+            return;
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let (base, mut model) = zstd_image(dir.path(), 65536, false);
+        let top = dir.path().join("top.qcow2");
+        let (ok, out) = qemu_img(&[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-b",
+            base.to_str().unwrap(),
+            "-F",
+            "qcow2",
+            top.to_str().unwrap(),
+        ])
+        .unwrap();
+        assert!(ok, "{out}");
+        let before = sha256(&base);
+        let spec = DiskSpec {
+            path: top.clone(),
+            mode: DiskMode::InPlace,
+        };
+        let mut disk = open_disk(&spec).unwrap();
+        exercise(disk.as_mut(), &mut model);
+        drop(disk);
+        assert_qemu_agrees(&top, &model, dir.path());
+        assert_eq!(sha256(&base), before, "the base image changed");
+    }
+
+    #[test]
+    fn extended_l2_image_is_read_only() {
+        if !have_qemu_img() {
+            return;
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let image = extl2_over_raw(dir.path());
+        let want = qemu_raw_bytes(&image, dir.path());
+        let before = sha256(&image);
+        let spec = DiskSpec {
+            path: image.clone(),
+            mode: DiskMode::ReadOnly,
+        };
+        let mut disk = open_disk(&spec).unwrap();
+        assert!(disk.read_only());
+        assert_eq!(disk.size(), BASE_SIZE);
+        let mut back = vec![0u8; want.len()];
+        disk.read_at(&mut back, 0).unwrap();
+        assert!(back == want);
+        assert!(disk.write_at(&[1; 512], 0).is_err());
+        drop(disk);
+
+        let in_place = DiskSpec {
+            path: image.clone(),
+            mode: DiskMode::InPlace,
+        };
+        let err = match open_disk(&in_place) {
+            Ok(_) => panic!("an extended-L2 image opened for writing"),
+            Err(e) => e,
+        };
+        assert_eq!(
+            err.to_string(),
+            format!(
+                "disk image {}: cannot be written in place: extended L2 entries: kiln reads \
+                 such images but does not write them (attach it read-only or under an overlay)",
+                image.display()
+            )
+        );
+        assert_eq!(sha256(&image), before, "the image changed");
     }
 }

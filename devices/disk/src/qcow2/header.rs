@@ -2,8 +2,8 @@
 //!
 //! imago opens images for I/O but does not expose the header fields `qemu-img info` prints
 //! (compat, feature bits, refcount width, compression type, corrupt bit, …) and refuses extended-L2
-//! and zstd images outright; `kiln img info` must still describe those, and format detection must
-//! tell qcow2 from raw before imago is involved, so the header is parsed here.
+//! and zstd images outright (kiln reads those with its own reader, `reader.rs`); format detection
+//! must tell qcow2 from raw before imago is involved, so the header is parsed here.
 
 use std::fs::File;
 use std::io;
@@ -216,13 +216,14 @@ impl Qcow2Header {
             8
         }
     }
-    /// The reason imago (kiln's disk layer) cannot do I/O on this image, if any.
+    /// Whether imago cannot read this image but kiln's own read-only reader can: extended L2
+    /// entries (subclusters) or zstd-compressed clusters.
+    pub fn needs_kiln_reader(&self) -> bool {
+        self.extended_l2() || self.compression == Compression::Zstd
+    }
+    /// The reason kiln cannot do I/O on this image at all, if any.
     pub fn unsupported_feature(&self) -> Option<&'static str> {
-        if self.extended_l2() {
-            Some("extended L2")
-        } else if self.compression == Compression::Zstd {
-            Some("zstd compression")
-        } else if self.encrypted() {
+        if self.encrypted() {
             Some("encryption")
         } else if self.data_file.is_some() || self.incompatible_features & incompat::DATA_FILE != 0
         {
@@ -633,7 +634,8 @@ mod tests {
         assert_eq!(h.compression, Compression::Zstd);
         assert_eq!(h.backing_file.as_deref(), Some("base"));
         assert_eq!(h.backing_format.as_deref(), Some("qcow2"));
-        assert_eq!(h.unsupported_feature(), Some("extended L2"));
+        assert_eq!(h.unsupported_feature(), None);
+        assert!(h.needs_kiln_reader());
     }
 
     #[test]
