@@ -27,17 +27,19 @@ pub const FAILURES: i32 = 1;
 
 /// The command could not do its work: a VMM error, triple fault or KVM internal error under
 /// `kiln boot` (or a Linux kernel on a KVM that cannot boot Linux), a failed `kiln guest` or
-/// `kiln bench` (`kiln bench soak` also when fds, threads or RSS grew). One line on stderr says
-/// why.
+/// `kiln bench` (`kiln bench soak` also when fds, threads or RSS grew), a `kiln diff img --log`
+/// that could not be written. One line on stderr says why.
 pub const ERROR: i32 = 1;
 
 /// A usage, scenario or configuration error: nothing was booted. clap's own usage errors exit
-/// with the same code.
+/// with the same code; so does `kiln diff img --profile` naming another version's profile than
+/// the qemu-img's.
 pub const USAGE: i32 = 2;
 
 /// Something the command needs is not available on this host, so nothing ran: a backend of
-/// `kiln diff run` (e.g. a KVM that cannot boot Linux), qemu-img for `kiln diff img`, or L1 for
-/// `kiln nested` (no QEMU, no SVM, no /dev/kvm in L1, a failed download).
+/// `kiln diff run` (e.g. a KVM that cannot boot Linux), qemu-img for `kiln diff img` (or one of a
+/// version kiln has no profile for), or L1 for `kiln nested` (no QEMU, no SVM, no /dev/kvm in
+/// L1, a failed download).
 pub const UNAVAILABLE: i32 = 3;
 
 /// `kiln boot --timeout` ran out before the guest ended (as `timeout(1)`).

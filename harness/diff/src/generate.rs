@@ -35,6 +35,8 @@ impl Prng {
 pub struct CorpusImage {
     pub path: PathBuf,
     pub recipe: String,
+    /// The commands that made it (and its backing files), in order, as shell lines.
+    pub commands: Vec<String>,
 }
 
 /// Why the corpus could not be built.
@@ -82,7 +84,24 @@ pub enum GenerateError {
     Resize(std::io::Error),
 }
 
-fn run(cmd: &mut Command) -> Result<(), GenerateError> {
+/// `cmd` as a shell line (arguments with spaces or quotes in single quotes).
+fn shell_line(cmd: &Command) -> String {
+    std::iter::once(cmd.get_program())
+        .chain(cmd.get_args())
+        .map(|a| {
+            let a = a.to_string_lossy();
+            if a.is_empty() || a.contains(|c: char| c.is_whitespace() || "'\"$\\".contains(c)) {
+                format!("'{}'", a.replace('\'', "'\\''"))
+            } else {
+                a.into_owned()
+            }
+        })
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+fn run(cmd: &mut Command, log: &mut Vec<String>) -> Result<(), GenerateError> {
+    log.push(shell_line(cmd));
     let out = cmd.output().map_err(|source| GenerateError::Spawn {
         command: format!("{cmd:?}"),
         source,
@@ -128,6 +147,7 @@ fn create_qcow2(
     size: u64,
     o: &Qcow2Opts,
     backing: Option<(&Path, &str)>,
+    log: &mut Vec<String>,
 ) -> Result<(), GenerateError> {
     let mut opts = format!(
         "compat={},cluster_size={},refcount_bits={}",
@@ -149,7 +169,7 @@ fn create_qcow2(
         cmd.arg("-b").arg(name).args(["-F", fmt]);
     }
     cmd.arg(path).arg(size.to_string());
-    run(&mut cmd)
+    run(&mut cmd, log)
 }
 
 /// Random qemu-io commands for an image of `size` bytes with `cluster`-sized clusters.
@@ -176,13 +196,19 @@ fn random_writes(rng: &mut Prng, size: u64, cluster: u64, qcow2: bool) -> Vec<St
     cmds
 }
 
-fn qemu_io(path: &Path, fmt: &str, cmds: &[String]) -> Result<(), GenerateError> {
+fn qemu_io(
+    path: &Path,
+    fmt: &str,
+    cmds: &[String],
+    log: &mut Vec<String>,
+) -> Result<(), GenerateError> {
     let mut cmd = Command::new("qemu-io");
     cmd.args(["-f", fmt]);
     for c in cmds {
         cmd.arg("-c").arg(c);
     }
     cmd.arg(path);
+    log.push(shell_line(&cmd));
     // A command qemu-io refuses (e.g. a compressed write on a format or cluster layout that
     // cannot take it) just leaves that write out of the image; its exit status is not an error
     // for the corpus, only failing to run qemu-io at all is.
@@ -204,7 +230,12 @@ fn be_u64_at(path: &Path, off: u64) -> Result<u64, GenerateError> {
     Ok(u64::from_be_bytes(b))
 }
 
-fn patch(path: &Path, off: u64, bytes: &[u8]) -> Result<(), GenerateError> {
+fn patch(path: &Path, off: u64, bytes: &[u8], log: &mut Vec<String>) -> Result<(), GenerateError> {
+    let hex: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
+    log.push(format!(
+        "(write bytes {hex} at offset {off} of {})",
+        path.display()
+    ));
     let f = OpenOptions::new()
         .write(true)
         .open(path)
@@ -213,14 +244,14 @@ fn patch(path: &Path, off: u64, bytes: &[u8]) -> Result<(), GenerateError> {
 }
 
 /// Damages a fresh qcow2 (64 KiB clusters, 16-bit refcounts) in one of a few classic ways.
-fn damage(path: &Path, how: u64) -> Result<&'static str, GenerateError> {
+fn damage(path: &Path, how: u64, log: &mut Vec<String>) -> Result<&'static str, GenerateError> {
     let l1_off = be_u64_at(path, 40)?;
     let rt_off = be_u64_at(path, 48)?;
     let rb_off = be_u64_at(path, rt_off)? & !0x1ff;
     Ok(match how {
         0 => {
             // Leak: claim a refcount for a cluster nothing references (cluster 9).
-            patch(path, rb_off + 9 * 2, &[0, 1])?;
+            patch(path, rb_off + 9 * 2, &[0, 1], log)?;
             let len = std::fs::metadata(path)
                 .map_err(GenerateError::Resize)?
                 .len();
@@ -230,20 +261,25 @@ fn damage(path: &Path, how: u64) -> Result<&'static str, GenerateError> {
                 .map_err(GenerateError::Resize)?;
             f.set_len(len.max(10 << 16))
                 .map_err(GenerateError::Resize)?;
+            log.push(format!(
+                "(grow {} to {} bytes)",
+                path.display(),
+                len.max(10 << 16)
+            ));
             "leaked cluster"
         }
         1 => {
             // Refcount of the L1 table's cluster dropped to 0 (data would overlap it).
-            patch(path, rb_off + (l1_off >> 16) * 2, &[0, 0])?;
+            patch(path, rb_off + (l1_off >> 16) * 2, &[0, 0], log)?;
             "refcount overlap (L1 cluster refcount 0)"
         }
         2 => {
             // L1 entry pointing past the end of the file.
-            patch(path, l1_off, &(0x8000_0000_0100_0000u64).to_be_bytes())?;
+            patch(path, l1_off, &(0x8000_0000_0100_0000u64).to_be_bytes(), log)?;
             "L1 entry past EOF"
         }
         _ => {
-            patch(path, 0, b"XFI\xfb")?;
+            patch(path, 0, b"XFI\xfb", log)?;
             "bad magic"
         }
     })
@@ -265,6 +301,7 @@ enum Fixed {
 const FIXED: [Fixed; 2] = [Fixed::MetadataPrealloc, Fixed::CowHoles];
 
 fn fixed_image(dir: &Path, i: usize, which: Fixed) -> Result<CorpusImage, GenerateError> {
+    let mut log = Vec::new();
     let p = dir.join(format!("img{i:03}.qcow2"));
     let (opts, size, writes, recipe) = match which {
         Fixed::CowHoles => (
@@ -286,15 +323,19 @@ fn fixed_image(dir: &Path, i: usize, which: Fixed) -> Result<CorpusImage, Genera
             "fixed: qcow2 preallocation=metadata",
         ),
     };
-    run(Command::new("qemu-img")
-        .args(["create", "-q", "-f", "qcow2", "-o", opts])
-        .arg(&p)
-        .arg(size.to_string()))?;
+    run(
+        Command::new("qemu-img")
+            .args(["create", "-q", "-f", "qcow2", "-o", opts])
+            .arg(&p)
+            .arg(size.to_string()),
+        &mut log,
+    )?;
     let cmds: Vec<String> = writes.iter().map(|w| w.to_string()).collect();
-    qemu_io(&p, "qcow2", &cmds)?;
+    qemu_io(&p, "qcow2", &cmds, &mut log)?;
     Ok(CorpusImage {
         path: p,
         recipe: recipe.into(),
+        commands: log,
     })
 }
 
@@ -317,17 +358,27 @@ pub fn generate(dir: &Path, n: usize, seed: u64) -> Result<Vec<CorpusImage>, Gen
         let size = (1u64 << 20) + rng.below(8) * (512 << 10) + rng.below(4) * 512;
         let kind = rng.below(20);
         let name = |suffix: &str| dir.join(format!("img{i:03}{suffix}"));
+        let mut log = Vec::new();
         let image = match kind {
             0..=2 => {
                 let p = name(".raw");
-                run(Command::new("qemu-img")
-                    .args(["create", "-q", "-f", "raw"])
-                    .arg(&p)
-                    .arg(size.to_string()))?;
-                qemu_io(&p, "raw", &random_writes(&mut rng, size, 65536, false))?;
+                run(
+                    Command::new("qemu-img")
+                        .args(["create", "-q", "-f", "raw"])
+                        .arg(&p)
+                        .arg(size.to_string()),
+                    &mut log,
+                )?;
+                qemu_io(
+                    &p,
+                    "raw",
+                    &random_writes(&mut rng, size, 65536, false),
+                    &mut log,
+                )?;
                 CorpusImage {
                     path: p,
                     recipe: "raw".into(),
+                    commands: log,
                 }
             }
             3..=5 => {
@@ -341,29 +392,39 @@ pub fn generate(dir: &Path, n: usize, seed: u64) -> Result<Vec<CorpusImage>, Gen
                 };
                 let mut fmt = if raw_base { "raw" } else { "qcow2" };
                 if raw_base {
-                    run(Command::new("qemu-img")
-                        .args(["create", "-q", "-f", "raw"])
-                        .arg(&below)
-                        .arg(size.to_string()))?;
-                    qemu_io(&below, "raw", &random_writes(&mut rng, size, 65536, false))?;
+                    run(
+                        Command::new("qemu-img")
+                            .args(["create", "-q", "-f", "raw"])
+                            .arg(&below)
+                            .arg(size.to_string()),
+                        &mut log,
+                    )?;
+                    qemu_io(
+                        &below,
+                        "raw",
+                        &random_writes(&mut rng, size, 65536, false),
+                        &mut log,
+                    )?;
                 } else {
                     let o = random_opts(&mut rng);
-                    create_qcow2(&below, size, &o, None)?;
+                    create_qcow2(&below, size, &o, None, &mut log)?;
                     qemu_io(
                         &below,
                         "qcow2",
                         &random_writes(&mut rng, size, o.cluster, true),
+                        &mut log,
                     )?;
                 }
                 for d in 1..=depth {
                     let p = name(&format!("-b{d}.qcow2"));
                     let o = random_opts(&mut rng);
                     let top_size = size + rng.below(3) * (256 << 10);
-                    create_qcow2(&p, top_size, &o, Some((&below, fmt)))?;
+                    create_qcow2(&p, top_size, &o, Some((&below, fmt)), &mut log)?;
                     qemu_io(
                         &p,
                         "qcow2",
                         &random_writes(&mut rng, top_size, o.cluster, true),
+                        &mut log,
                     )?;
                     below = p;
                     fmt = "qcow2";
@@ -374,6 +435,7 @@ pub fn generate(dir: &Path, n: usize, seed: u64) -> Result<Vec<CorpusImage>, Gen
                         "chain depth {depth} over {} base",
                         if raw_base { "raw" } else { "qcow2" }
                     ),
+                    commands: log,
                 }
             }
             6 => {
@@ -390,19 +452,31 @@ pub fn generate(dir: &Path, n: usize, seed: u64) -> Result<Vec<CorpusImage>, Gen
                         lazy: false,
                     },
                     None,
+                    &mut log,
                 )?;
-                qemu_io(&p, "qcow2", &random_writes(&mut rng, size, 65536, true))?;
-                let what = damage(&p, rng.below(4))?;
+                qemu_io(
+                    &p,
+                    "qcow2",
+                    &random_writes(&mut rng, size, 65536, true),
+                    &mut log,
+                )?;
+                let what = damage(&p, rng.below(4), &mut log)?;
                 CorpusImage {
                     path: p,
                     recipe: format!("damaged: {what}"),
+                    commands: log,
                 }
             }
             _ => {
                 let p = name(".qcow2");
                 let o = random_opts(&mut rng);
-                create_qcow2(&p, size, &o, None)?;
-                qemu_io(&p, "qcow2", &random_writes(&mut rng, size, o.cluster, true))?;
+                create_qcow2(&p, size, &o, None, &mut log)?;
+                qemu_io(
+                    &p,
+                    "qcow2",
+                    &random_writes(&mut rng, size, o.cluster, true),
+                    &mut log,
+                )?;
                 CorpusImage {
                     path: p,
                     recipe: format!(
@@ -414,6 +488,7 @@ pub fn generate(dir: &Path, n: usize, seed: u64) -> Result<Vec<CorpusImage>, Gen
                         if o.zstd { " zstd" } else { "" },
                         if o.lazy { " lazy_refcounts" } else { "" }
                     ),
+                    commands: log,
                 }
             }
         };

@@ -2,6 +2,7 @@
 //! run` ([`runs`]): each scenario on kiln's VMM and on QEMU, compared fact by fact.
 
 pub mod generate;
+pub mod log;
 pub mod ops;
 pub mod produce;
 pub mod profile;

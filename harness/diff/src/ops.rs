@@ -7,6 +7,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 
+use super::profile::{select, Detected, SelectError};
 use super::rules::{judge, OpKind, Verdict};
 use super::show::visible_diff;
 use kiln_img::{self as img, chain, Output, Profile};
@@ -23,8 +24,86 @@ pub const DEFAULT_OPS: &[&str] = &["info", "check", "map", "compare"];
 pub struct Finding {
     pub image: String,
     pub op: String,
+    /// The qemu-img command compared (its arguments after `qemu-img`), for the record.
+    pub command: Vec<String>,
     pub verdict: Verdict,
     pub diff: Option<String>,
+    /// Both tools' outputs (kiln's, then qemu-img's), kept for tolerated and DIVERGENT
+    /// findings only, for `--log`.
+    pub outputs: Option<Box<(Output, Output)>>,
+}
+
+impl Finding {
+    /// A judged pair: the diff for DIVERGENT, the outputs for anything not identical.
+    pub fn judged(
+        image: &str,
+        op: String,
+        command: Vec<String>,
+        verdict: Verdict,
+        kiln: &Output,
+        qemu: &Output,
+    ) -> Finding {
+        let diff = (verdict == Verdict::Divergent).then(|| visible_diff(kiln, qemu));
+        let keep = matches!(verdict, Verdict::Divergent | Verdict::Tolerated { .. });
+        Finding {
+            image: image.to_string(),
+            op,
+            command,
+            verdict,
+            diff,
+            outputs: keep.then(|| Box::new((kiln.clone(), qemu.clone()))),
+        }
+    }
+
+    /// An operation that could not be compared, and why.
+    pub fn inconclusive(image: &str, op: String, command: Vec<String>, why: String) -> Finding {
+        Finding {
+            image: image.to_string(),
+            op,
+            command,
+            verdict: Verdict::Inconclusive(why),
+            diff: None,
+            outputs: None,
+        }
+    }
+}
+
+/// The qemu-img compared with: its version and the profile its output is judged by.
+#[derive(Debug, Clone)]
+pub struct Target {
+    /// The program as given (`qemu-img`, or a path).
+    pub qemu_img: String,
+    /// Its version, `None` when it could not be run (then nothing is compared).
+    pub detected: Option<Detected>,
+    pub profile: Profile,
+    /// Whether the profile was asked for (`--profile`) rather than picked from the version.
+    pub profile_given: bool,
+    /// Why qemu-img is unavailable, when it is.
+    pub unavailable: Option<String>,
+}
+
+impl Target {
+    /// Runs `qemu_img --version` and settles the profile: its version's, which `requested` must
+    /// equal when given. A qemu-img that cannot be run is not an error here: the report then
+    /// says it is missing and every operation is inconclusive.
+    pub fn detect(qemu_img: &str, requested: Option<Profile>) -> Result<Target, SelectError> {
+        match super::profile::detect(qemu_img) {
+            Ok(d) => Ok(Target {
+                qemu_img: qemu_img.to_string(),
+                profile: select(qemu_img, &d, requested)?,
+                detected: Some(d),
+                profile_given: requested.is_some(),
+                unavailable: None,
+            }),
+            Err(e) => Ok(Target {
+                qemu_img: qemu_img.to_string(),
+                detected: None,
+                profile: requested.unwrap_or(Profile::newest()),
+                profile_given: requested.is_some(),
+                unavailable: Some(e.to_string()),
+            }),
+        }
+    }
 }
 
 /// Everything one `kiln diff img` run found.
@@ -32,7 +111,11 @@ pub struct Finding {
 pub struct Report {
     pub qemu_img: String,
     pub version: Option<String>,
+    /// The first line of `qemu-img --version`.
+    pub version_line: Option<String>,
     pub profile: Profile,
+    /// Whether the profile was asked for rather than picked from the version.
+    pub profile_given: bool,
     pub notes: Vec<String>,
     pub findings: Vec<Finding>,
 }
@@ -50,7 +133,9 @@ impl Report {
         json!({
             "qemu-img": self.qemu_img,
             "version": self.version,
+            "version-line": self.version_line,
             "profile": self.profile.to_string(),
+            "profile-from": if self.profile_given { "--profile" } else { "version" },
             "notes": self.notes,
             "summary": {
                 "identical": self.count(|v| *v == Verdict::Identical),
@@ -89,10 +174,15 @@ impl Report {
             }
         }
         s.push_str(&format!(
-            "kiln diff img: qemu-img {} (profile {}): {} identical, {} tolerated, {} unsupported, \
-             {} inconclusive, {} DIVERGENT\n",
+            "kiln diff img: qemu-img {} (profile {}{}): {} identical, {} tolerated, \
+             {} unsupported, {} inconclusive, {} DIVERGENT\n",
             self.version.as_deref().unwrap_or("missing"),
             self.profile,
+            if self.profile_given || self.version.is_none() {
+                ""
+            } else {
+                ", from its version"
+            },
             self.count(|v| *v == Verdict::Identical),
             self.count(|v| matches!(v, Verdict::Tolerated { .. })),
             self.count(|v| matches!(v, Verdict::Unsupported(_))),
@@ -274,30 +364,16 @@ fn inconclusive_reason(image: &str) -> Option<String> {
     }
 }
 
-/// Diffs `images` (each compared with the next one for `compare`).
-pub fn diff_images(
-    qemu_img: &str,
-    images: &[String],
-    ops: &[String],
-    profile_override: Option<Profile>,
-) -> Report {
-    let detected = super::profile::detect(qemu_img);
-    let mut notes = Vec::new();
-    let (version, profile) = match &detected {
-        Ok(d) => {
-            if let Some(n) = &d.note {
-                notes.push(n.clone());
-            }
-            (
-                Some(d.version.clone()),
-                profile_override.unwrap_or(d.profile),
-            )
-        }
-        Err(e) => {
-            notes.push(format!("qemu-img unavailable: {e}"));
-            (None, profile_override.unwrap_or(Profile::newest()))
-        }
-    };
+/// Diffs `images` (each compared with the next one for `compare`) against `target`.
+pub fn diff_images(target: &Target, images: &[String], ops: &[String]) -> Report {
+    let qemu_img = target.qemu_img.as_str();
+    let profile = target.profile;
+    let version = target.detected.as_ref().map(|d| d.version.clone());
+    let notes: Vec<String> = target
+        .unavailable
+        .iter()
+        .map(|e| format!("qemu-img unavailable: {e}"))
+        .collect();
     let mut findings = Vec::new();
     for (i, image) in images.iter().enumerate() {
         let other = images.get(i + 1).map(String::as_str);
@@ -324,6 +400,7 @@ pub fn diff_images(
             }
         }
         for (name, kind, args, kiln) in ops_for(image, other, ops, profile) {
+            let command: Vec<String> = args.iter().map(|a| a.to_string()).collect();
             let inconclusive = match &bad {
                 Some(r) if name.starts_with("compare") || !r.starts_with("compare partner") => {
                     Some(r.clone())
@@ -331,41 +408,27 @@ pub fn diff_images(
                 _ => None,
             };
             if let Some(reason) = inconclusive {
-                findings.push(Finding {
-                    image: image.clone(),
-                    op: name,
-                    verdict: Verdict::Inconclusive(reason),
-                    diff: None,
-                });
+                findings.push(Finding::inconclusive(image, name, command, reason));
                 continue;
             }
             let q = match run_qemu_img(qemu_img, &args, Duration::from_secs(60)) {
                 Ok(q) => q,
                 Err(e) => {
-                    findings.push(Finding {
-                        image: image.clone(),
-                        op: name,
-                        verdict: Verdict::Inconclusive(e.to_string()),
-                        diff: None,
-                    });
+                    findings.push(Finding::inconclusive(image, name, command, e.to_string()));
                     continue;
                 }
             };
             let k = kiln();
             let verdict = judge(kind, &k, &q, profile);
-            let diff = (verdict == Verdict::Divergent).then(|| visible_diff(&k, &q));
-            findings.push(Finding {
-                image: image.clone(),
-                op: name,
-                verdict,
-                diff,
-            });
+            findings.push(Finding::judged(image, name, command, verdict, &k, &q));
         }
     }
     Report {
         qemu_img: qemu_img.to_string(),
         version,
+        version_line: target.detected.as_ref().map(|d| d.version_line.clone()),
         profile,
+        profile_given: target.profile_given,
         notes,
         findings,
     }

@@ -8,7 +8,6 @@ use std::time::Duration;
 
 use super::ops::{run_qemu_img, Finding};
 use super::rules::{judge, OpKind, Verdict};
-use super::show::visible_diff;
 use super::{TempDir, TempDirError};
 use kiln_img::{self as img, chain, Output, Profile};
 
@@ -67,23 +66,23 @@ fn normalize(mut o: Output, dir: &Path) -> Output {
     o
 }
 
-fn finding(image: &str, op: String, verdict: Verdict, k: &Output, q: &Output) -> Finding {
-    let diff = (verdict == Verdict::Divergent).then(|| visible_diff(k, q));
-    Finding {
-        image: image.to_string(),
-        op,
-        verdict,
-        diff,
-    }
+fn finding(
+    image: &str,
+    op: String,
+    command: &[&str],
+    verdict: Verdict,
+    k: &Output,
+    q: &Output,
+) -> Finding {
+    Finding::judged(image, op, owned(command), verdict, k, q)
 }
 
 fn inconclusive(image: &str, op: &str, why: impl std::fmt::Display) -> Finding {
-    Finding {
-        image: image.to_string(),
-        op: op.to_string(),
-        verdict: Verdict::Inconclusive(why.to_string()),
-        diff: None,
-    }
+    Finding::inconclusive(image, op.to_string(), Vec::new(), why.to_string())
+}
+
+fn owned(args: &[&str]) -> Vec<String> {
+    args.iter().map(|a| a.to_string()).collect()
 }
 
 /// Two fresh directories, kiln's and qemu-img's.
@@ -125,7 +124,9 @@ fn judge_products(
                 continue;
             }
         };
-        out.push(finding(image, name, judge(kind, &k, &q, profile), &k, &q));
+        let command = [args.as_slice(), &["PRODUCT"]].concat();
+        let verdict = judge(kind, &k, &q, profile);
+        out.push(finding(image, name, &command, verdict, &k, &q));
     }
     let identical = Output {
         stdout: "Images are identical.\n".into(),
@@ -136,6 +137,7 @@ fn judge_products(
         Ok(c) => out.push(finding(
             image,
             format!("{op}-compare"),
+            &["compare", "KILN-PRODUCT", "QEMU-IMG-PRODUCT"],
             judge(OpKind::Compare, &c, &identical, profile),
             &c,
             &identical,
@@ -158,6 +160,7 @@ fn judge_products(
         (Ok(k), Ok(q)) => out.push(finding(
             image,
             format!("{op}-size"),
+            &["(stat: length and allocated bytes of each PRODUCT)"],
             judge(OpKind::ProducedSize, &k, &q, profile),
             &k,
             &q,
@@ -193,7 +196,7 @@ fn create_pair(
             .collect()
     };
     let kargs = subst(&kp);
-    let Some(kiln_args) = parse_create(&kargs) else {
+    let Some(kiln_args) = parse_create(&kargs, profile) else {
         return out.push(inconclusive(image, op, format!("bad variant {argv:?}")));
     };
     let k = normalize(img::create(&kiln_args), kd.path());
@@ -208,7 +211,9 @@ fn create_pair(
     };
     let verdict = judge(OpKind::Produce, &k, &q, profile);
     let both_made = k.code == 0 && q.code == 0;
-    out.push(finding(image, op.to_string(), verdict, &k, &q));
+    let mut command = vec!["create"];
+    command.extend_from_slice(argv);
+    out.push(finding(image, op.to_string(), &command, verdict, &k, &q));
     if both_made {
         judge_products(
             qemu_img,
@@ -223,9 +228,10 @@ fn create_pair(
 }
 
 /// Parses a create argv (the subset the variants use) into kiln's arguments.
-fn parse_create(argv: &[String]) -> Option<img::CreateArgs> {
+fn parse_create(argv: &[String], profile: Profile) -> Option<img::CreateArgs> {
     let mut a = img::CreateArgs {
         fmt: "raw".into(),
+        profile,
         ..img::CreateArgs::default()
     };
     let mut pos = Vec::new();
@@ -311,7 +317,8 @@ pub fn convert_findings(qemu_img: &str, image: &str, profile: Profile) -> Vec<Fi
         };
         let verdict = judge(OpKind::Produce, &k, &q, profile);
         let both_made = k.code == 0 && q.code == 0;
-        out.push(finding(image, op.clone(), verdict, &k, &q));
+        let command = ["convert", "-O", fmt, image, "OUT"];
+        out.push(finding(image, op.clone(), &command, verdict, &k, &q));
         if both_made {
             judge_products(
                 qemu_img,
@@ -332,6 +339,7 @@ pub fn convert_findings(qemu_img: &str, image: &str, profile: Profile) -> Vec<Fi
                     Ok(c) => out.push(finding(
                         image,
                         format!("{op}-compare-s"),
+                        &["compare", "-s", "KILN-PRODUCT", "QEMU-IMG-PRODUCT"],
                         judge(OpKind::Compare, &c, &ident, profile),
                         &c,
                         &ident,

@@ -329,8 +329,9 @@ fn fresh_metadata_layout(op: OpKind, k: &Output, q: &Output) -> bool {
         && sa.iter().zip(&sb).all(|(x, y)| within_disk_size(*x, *y))
 }
 
-/// Both failed the same way: same exit code, same stdout, one error line each. A check's
-/// findings (exit 2/3 with a summary on stdout) are not errors and never match here.
+/// Both failed the same way: same exit code, same stdout, as many error lines (one, or 7.2's
+/// two-line size error). A check's findings (exit 2/3 with a summary on stdout) are not
+/// errors and never match here.
 fn error_wording(op: OpKind, k: &Output, q: &Output) -> bool {
     let is_check_verdict = matches!(op, OpKind::Check | OpKind::CheckJson) && !k.stdout.is_empty();
     !is_check_verdict
@@ -338,8 +339,8 @@ fn error_wording(op: OpKind, k: &Output, q: &Output) -> bool {
         && k.code == q.code
         && k.stdout == q.stdout
         && k.stderr != q.stderr
-        && k.stderr.lines().count() == 1
-        && q.stderr.lines().count() == 1
+        && (1..=2).contains(&k.stderr.lines().count())
+        && k.stderr.lines().count() == q.stderr.lines().count()
 }
 
 fn check_detail_lines(op: OpKind, k: &Output, q: &Output) -> bool {
@@ -456,6 +457,26 @@ mod tests {
         assert_eq!(judge(OpKind::MapJson, &k, &q2, P), Verdict::Divergent);
         let ok = out("[]\n", "", 0);
         assert_eq!(judge(OpKind::MapJson, &k, &ok, P), Verdict::Divergent);
+        // 7.2's size error takes two lines: tolerated against two, not against one.
+        let q72 = out(
+            "",
+            "qemu-img: Invalid image size specified. You may use…\nqemu-img: kilobytes…\n",
+            1,
+        );
+        let k2 = out(
+            "",
+            "kiln: error: Invalid image size specified. You may use…\nkiln: error: kilobytes, …\n",
+            1,
+        );
+        assert_eq!(
+            rule(&judge(OpKind::Produce, &k2, &q72, Profile::V7_2)),
+            Some("error-wording")
+        );
+        let k1 = out("", "kiln: error: Invalid image size specified: '12Q'.\n", 1);
+        assert_eq!(
+            judge(OpKind::Produce, &k1, &q72, Profile::V7_2),
+            Verdict::Divergent
+        );
     }
 
     #[test]

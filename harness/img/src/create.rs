@@ -15,7 +15,8 @@ use kiln_disk::qcow2::{COMPAT_FEATURES_OFFSET, COMPAT_LAZY_REFCOUNTS};
 
 use super::chain::{self, path_combine};
 use super::error::ImgError;
-use super::opts::{parse_size, CreateOpts, ImgFormat, OptError};
+use super::opts::{parse_size_in, CreateOpts, ImgFormat, OptError};
+use super::Profile;
 use super::{status, Output};
 
 /// qcow2's largest L1 table (QEMU's `QCOW_MAX_L1_SIZE`, 32 MiB of 8-byte entries).
@@ -31,6 +32,8 @@ pub struct CreateArgs {
     pub backing_fmt: Option<String>,
     pub options: Vec<String>,
     pub quiet: bool,
+    /// Whose messages to answer with where qemu-img versions differ (size errors).
+    pub profile: Profile,
 }
 
 /// The OS error text without Rust's " (os error N)" suffix, as QEMU prints `strerror`.
@@ -243,9 +246,10 @@ pub fn create(a: &CreateArgs) -> Output {
         };
         return fail(String::new(), ImgError::Usage(msg));
     };
-    let size_arg = match a.size.as_deref().map(parse_size).transpose() {
-        Ok(s) => s,
-        Err(e) => return fail(String::new(), ImgError::Usage(e.to_string())),
+    let size_arg = match a.size.as_deref().map(|s| parse_size_in(s, a.profile)) {
+        None => None,
+        Some(Ok(s)) => Some(s),
+        Some(Err(e)) => return fail(String::new(), ImgError::Usage(e.message(a.profile))),
     };
     let failed = |source: CreateError| ImgError::Create {
         file: file.to_string(),

@@ -25,11 +25,12 @@ pub use create::{create, CreateArgs};
 pub use error::ImgError;
 
 /// A qemu-img output profile: the shapes one family of versions prints.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
 pub enum Profile {
     /// qemu-img 7.2 (Debian bookworm): no protocol child node, no `compressed` in map.
     V7_2,
     /// qemu-img 10.0 (bookworm-backports): `Child node '/file'` / `children`, map `compressed`.
+    #[default]
     V10_0,
 }
 
@@ -52,11 +53,12 @@ impl Profile {
         self >= Profile::V10_0
     }
 
-    /// The profile for a qemu-img version, or `None` when kiln has none for it.
+    /// The profile of a qemu-img major.minor version, or `None` when kiln has none for it
+    /// (output shapes change between minor releases, so 7.1 or 10.1 are not assumed to match).
     pub fn for_version(major: u32, minor: u32) -> Option<Profile> {
         match (major, minor) {
-            (7, _) => Some(Profile::V7_2),
-            (10, _) => Some(Profile::V10_0),
+            (7, 2) => Some(Profile::V7_2),
+            (10, 0) => Some(Profile::V10_0),
             _ => None,
         }
     }
@@ -108,10 +110,15 @@ impl Output {
             code: status::OK,
         }
     }
+    /// `kiln: error: ` before each line of `e` (qemu-img prefixes each of its lines too).
     fn err(e: &ImgError, code: i32) -> Self {
         Output {
             stdout: String::new(),
-            stderr: format!("kiln: error: {e}\n"),
+            stderr: e
+                .to_string()
+                .lines()
+                .map(|l| format!("kiln: error: {l}\n"))
+                .collect(),
             code,
         }
     }

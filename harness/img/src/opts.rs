@@ -3,6 +3,8 @@
 
 use std::fmt;
 
+use super::Profile;
+
 /// The largest image size qemu-img accepts (`INT64_MAX`).
 pub const MAX_SIZE: u64 = i64::MAX as u64;
 
@@ -27,6 +29,20 @@ impl fmt::Display for SizeError {
     }
 }
 
+impl SizeError {
+    /// qemu-img's message in `profile`. 7.2 answers every size it cannot parse with the same
+    /// two lines (qemu-img.c's `cvtnum` of its day), where 10.0 names the value.
+    pub fn message(&self, profile: Profile) -> String {
+        match (self, profile) {
+            (SizeError::Invalid(_), Profile::V7_2) => "Invalid image size specified. You may use \
+                 k, M, G, T, P or E suffixes for\nkilobytes, megabytes, gigabytes, terabytes, \
+                 petabytes and exabytes."
+                .to_string(),
+            _ => self.to_string(),
+        }
+    }
+}
+
 fn suffix_mul(c: u8) -> Option<u64> {
     Some(match c.to_ascii_uppercase() {
         b'B' => 1,
@@ -43,7 +59,9 @@ fn suffix_mul(c: u8) -> Option<u64> {
 /// Parses a byte count without the image-size range check: decimal with an optional fraction
 /// and one suffix of B K M G T P E (any case), or bare hex (`0x…`, no suffix, no fraction);
 /// leading whitespace and `+` allowed, nothing after the suffix. Fractions round to the nearest
-/// byte and need a suffix above B, as in QEMU 10.0 (7.2 truncated them).
+/// byte and need a suffix above B, as in QEMU 10.0; Debian's 7.2.22 gives the same bytes for
+/// "1.7k" (1741), though not for fractions past double precision ("1.9999999999999999999k":
+/// 1024 there, 2048 in 10.0 and here).
 pub fn parse_bytes(s: &str) -> Result<u64, SizeError> {
     let invalid = || SizeError::Invalid(s.to_string());
     let t = s.trim_start_matches([' ', '\t', '\n', '\r', '\x0b', '\x0c']);
@@ -99,6 +117,21 @@ pub fn parse_bytes(s: &str) -> Result<u64, SizeError> {
     let frac_bytes = (num * u128::from(mul) * 2 + scale) / (2 * scale);
     let total = u128::from(val) * u128::from(mul) + frac_bytes;
     u64::try_from(total).map_err(|_| SizeError::Range)
+}
+
+/// An image size as qemu-img of `profile` reads it: [`parse_size`], except that 7.2 refuses a
+/// negative size ("-0" too) and a fraction with no integer part (".5k") as unparsable, where
+/// 10.0 calls the first out of range and accepts the second (both checked against Debian's
+/// 7.2.22 and 10.0.2).
+pub fn parse_size_in(s: &str, profile: Profile) -> Result<u64, SizeError> {
+    if profile == Profile::V7_2 {
+        let t = s.trim_start_matches([' ', '\t', '\n', '\r', '\x0b', '\x0c']);
+        let t = t.strip_prefix('+').unwrap_or(t);
+        if t.starts_with(['-', '.']) {
+            return Err(SizeError::Invalid(s.to_string()));
+        }
+    }
+    parse_size(s)
 }
 
 /// An image size: [`parse_bytes`] limited to `0..=INT64_MAX`.
@@ -357,6 +390,30 @@ mod tests {
         assert_eq!(
             SizeError::Range.to_string(),
             "Invalid image size specified. Must be between 0 and 9223372036854775807."
+        );
+    }
+
+    /// What Debian's qemu-img 7.2.22 printed and accepted where 10.0.2 differs.
+    #[test]
+    fn sizes_and_messages_like_qemu_img_7_2() {
+        let v72 = Profile::V7_2;
+        for s in ["-0", "-1", " -1", "-0k", ".5k", "+.5k", "12Q", "1.5"] {
+            let e = parse_size_in(s, v72).expect_err(s);
+            assert_eq!(e, SizeError::Invalid(s.to_string()), "{s:?}");
+            assert_eq!(
+                e.message(v72),
+                "Invalid image size specified. You may use k, M, G, T, P or E suffixes for\n\
+                 kilobytes, megabytes, gigabytes, terabytes, petabytes and exabytes."
+            );
+        }
+        assert_eq!(parse_size_in(".5k", Profile::V10_0), Ok(512));
+        assert_eq!(parse_size_in("-1", Profile::V10_0), Err(SizeError::Range));
+        assert_eq!(parse_size_in("1.7k", v72), Ok(1741));
+        assert_eq!(parse_size_in("1.k", v72), Ok(1024));
+        assert_eq!(parse_size_in("9E", v72), Err(SizeError::Range));
+        assert_eq!(
+            SizeError::Range.message(v72),
+            SizeError::Range.message(Profile::V10_0)
         );
     }
 

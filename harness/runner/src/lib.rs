@@ -67,6 +67,12 @@ pub struct RunOptions {
     pub fixtures_limit: Option<u64>,
 }
 
+/// The git revision kiln was built from ("0123456789ab", "-dirty" when the tree had changes),
+/// `None` outside a git checkout.
+pub fn git_rev() -> Option<&'static str> {
+    option_env!("KILN_GIT_REV")
+}
+
 impl RunOptions {
     /// Options with defaults: 1 job, keep always, no retries.
     pub fn new(artifacts: PathBuf) -> RunOptions {
@@ -82,7 +88,7 @@ impl RunOptions {
             pause: None,
             provenance_base: Provenance {
                 kiln_version: env!("CARGO_PKG_VERSION").into(),
-                kiln_git_rev: option_env!("KILN_GIT_REV").map(str::to_string),
+                kiln_git_rev: git_rev().map(str::to_string),
                 ..Provenance::default()
             },
             artifacts_mode: ArtifactsMode::Private,

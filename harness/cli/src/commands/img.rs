@@ -70,6 +70,8 @@ pub enum ImgCommand {
         /// Do not print the "Formatting" line.
         #[arg(short = 'q')]
         quiet: bool,
+        #[command(flatten)]
+        profile: ProfileArg,
         file: String,
         /// Size in bytes, or with a suffix k, M, G, T, P, E (taken from the backing file when
         /// omitted).
@@ -114,7 +116,8 @@ impl ProfileArg {
         self.profile.unwrap_or_else(|| {
             kiln_diff::profile::detect("qemu-img")
                 .ok()
-                .map_or(Profile::newest(), |d| d.profile)
+                .and_then(|d| d.profile)
+                .unwrap_or(Profile::newest())
         })
     }
 }
@@ -154,6 +157,7 @@ pub fn run(cmd: ImgCommand) -> i32 {
             backing_fmt,
             options,
             quiet,
+            profile,
             file,
             size,
         } => kiln_img::create(&kiln_img::CreateArgs {
@@ -164,6 +168,7 @@ pub fn run(cmd: ImgCommand) -> i32 {
             backing_fmt,
             options,
             quiet,
+            profile: profile.resolve(),
         }),
         ImgCommand::Convert {
             src_fmt,
