@@ -174,6 +174,8 @@ mod tests {
         b[20..24].copy_from_slice(&16u32.to_be_bytes());
         b[24..32].copy_from_slice(&(1u64 << 20).to_be_bytes());
         b[36..40].copy_from_slice(&1u32.to_be_bytes());
+        b[48..56].copy_from_slice(&0x10000u64.to_be_bytes());
+        b[56..60].copy_from_slice(&1u32.to_be_bytes());
         b[96..100].copy_from_slice(&4u32.to_be_bytes());
         b[100..104].copy_from_slice(&112u32.to_be_bytes());
         b[512..512 + backing.len()].copy_from_slice(backing.as_bytes());

@@ -379,30 +379,53 @@ pub fn check_qcow2(q: &Qcow2File, display_name: &str) -> Result<CheckReport, Img
     Ok(c.report)
 }
 
-/// The stored refcount of every cluster below `nb_clusters`, each refcount block read once.
-fn stored_refcounts(q: &Qcow2File, table: &[u64], nb_clusters: u64) -> Result<Vec<u64>, ImgError> {
+/// The stored refcount of every cluster below `nb_clusters`, each refcount block read once;
+/// `None` where the refcount block's offset is not cluster-aligned, which QEMU cannot read
+/// either ("Can't get refcount for cluster": a check error, not a corruption; iotest 060).
+fn stored_refcounts(
+    q: &Qcow2File,
+    table: &[u64],
+    nb_clusters: u64,
+) -> Result<Vec<Option<u64>>, ImgError> {
     let per_block = q.refcounts_per_block();
     let mut out = Vec::with_capacity(nb_clusters as usize);
     let mut bi = 0u64;
     while (out.len() as u64) < nb_clusters {
         let e = table.get(bi as usize).copied().unwrap_or(0);
         let off = e & REFT_OFFSET_MASK;
-        let valid = off != 0 && e & REFT_RESERVED_MASK == 0 && off < q.file_len;
+        let used = off != 0 && e & REFT_RESERVED_MASK == 0;
         let want = (nb_clusters - out.len() as u64).min(per_block) as usize;
-        if valid {
+        // QEMU tests alignment before anything else, so an unaligned offset past the end of
+        // the file is unreadable too.
+        if used && off & (q.header.cluster_size() - 1) != 0 {
+            out.extend(std::iter::repeat_n(None, want));
+        } else if used && off < q.file_len {
             let block = q.refcount_block(off)?;
-            out.extend(block.into_iter().chain(std::iter::repeat(0)).take(want));
+            out.extend(
+                block
+                    .into_iter()
+                    .map(Some)
+                    .chain(std::iter::repeat(Some(0)))
+                    .take(want),
+            );
         } else {
-            out.extend(std::iter::repeat_n(0, want));
+            out.extend(std::iter::repeat_n(Some(0), want));
         }
         bi += 1;
     }
     Ok(out)
 }
 
-fn compare_refcounts(c: &mut Counter<'_>, stored: &[u64]) {
+fn compare_refcounts(c: &mut Counter<'_>, stored: &[Option<u64>]) {
     let mut highest = None;
     for (k, &on_disk) in stored.iter().enumerate() {
+        let Some(on_disk) = on_disk else {
+            c.report.messages.push(format!(
+                "Can't get refcount for cluster {k}: Input/output error"
+            ));
+            c.report.check_errors += 1;
+            continue;
+        };
         let computed = c.refs.get(k).copied().unwrap_or(0);
         if on_disk > 0 || computed > 0 {
             highest = Some(k as u64);
@@ -423,26 +446,45 @@ fn compare_refcounts(c: &mut Counter<'_>, stored: &[u64]) {
     c.report.image_end_offset = highest.map_or(0, |h| (h + 1) * c.q.header.cluster_size());
 }
 
-/// The stored refcount of the cluster at host `offset` (past the file end: looked up directly).
-fn refcount_of(q: &Qcow2File, table: &[u64], stored: &[u64], offset: u64) -> Result<u64, ImgError> {
+/// The stored refcount of the cluster at host `offset` (past the file end: looked up directly);
+/// `None` where it cannot be read (see [`stored_refcounts`]).
+fn refcount_of(
+    q: &Qcow2File,
+    table: &[u64],
+    stored: &[Option<u64>],
+    offset: u64,
+) -> Result<Option<u64>, ImgError> {
     let k = offset >> q.header.cluster_bits;
     if let Some(&r) = stored.get(k as usize) {
         return Ok(r);
     }
     let per_block = q.refcounts_per_block();
     let Some(&e) = table.get((k / per_block) as usize) else {
-        return Ok(0);
+        return Ok(Some(0));
     };
     let off = e & REFT_OFFSET_MASK;
-    if off == 0 || e & REFT_RESERVED_MASK != 0 || off >= q.file_len {
-        return Ok(0);
+    if off == 0 || e & REFT_RESERVED_MASK != 0 {
+        return Ok(Some(0));
+    }
+    if off & (q.header.cluster_size() - 1) != 0 {
+        return Ok(None);
+    }
+    if off >= q.file_len {
+        return Ok(Some(0));
     }
     let block = q.refcount_block(off)?;
-    Ok(block.get((k % per_block) as usize).copied().unwrap_or(0))
+    Ok(Some(
+        block.get((k % per_block) as usize).copied().unwrap_or(0),
+    ))
 }
 
 /// QCOW_OFLAG_COPIED must be set exactly when the refcount is one (active tables only).
-fn check_copied_flags(c: &mut Counter<'_>, table: &[u64], stored: &[u64]) -> Result<(), ImgError> {
+/// A refcount that cannot be read is skipped without a message, as QEMU's check_oflag_copied does.
+fn check_copied_flags(
+    c: &mut Counter<'_>,
+    table: &[u64],
+    stored: &[Option<u64>],
+) -> Result<(), ImgError> {
     let q = c.q;
     let l1 = q.l1_table()?;
     for (i, &l1e) in l1.iter().enumerate() {
@@ -451,7 +493,7 @@ fn check_copied_flags(c: &mut Counter<'_>, table: &[u64], stored: &[u64]) -> Res
             continue;
         }
         let r = refcount_of(q, table, stored, l2_off)?;
-        if (r == 1) != (l1e & OFLAG_COPIED != 0) {
+        if let Some(r) = r.filter(|&r| (r == 1) != (l1e & OFLAG_COPIED != 0)) {
             c.report.messages.push(format!(
                 "ERROR OFLAG_COPIED L2 cluster: l1_index={i} l1_entry={l1e:x} refcount={r}"
             ));
@@ -471,7 +513,7 @@ fn check_copied_flags(c: &mut Counter<'_>, table: &[u64], stored: &[u64]) -> Res
                 _ => continue,
             };
             let r = refcount_of(q, table, stored, host)?;
-            if (r == 1) != (e & OFLAG_COPIED != 0) {
+            if let Some(r) = r.filter(|&r| (r == 1) != (e & OFLAG_COPIED != 0)) {
                 c.report.messages.push(format!(
                     "ERROR OFLAG_COPIED data cluster: l2_entry={e:x} refcount={r}"
                 ));

@@ -89,9 +89,12 @@ impl Disk {
                 });
             }
         }
-        let kiln_reads = layers
-            .iter()
-            .any(|l| l.header().is_some_and(|h| h.needs_kiln_reader()));
+        // imago refuses an image with the corrupt bit set; QEMU (and so kiln img, which only
+        // reads) opens it read-only, so kiln's own reader reads it.
+        let kiln_reads = layers.iter().any(|l| {
+            l.header()
+                .is_some_and(|h| h.needs_kiln_reader() || h.corrupt())
+        });
         let reader = if kiln_reads {
             let mut readers = Vec::new();
             for l in &layers {

@@ -214,7 +214,7 @@ impl Qcow2File {
             let id_len = be(12, 2);
             let name_len = be(14, 2);
             let extra = be(36, 4);
-            let id = self.read_at(off + 40 + extra, id_len, "read snapshot id")?;
+            let id = self.read_at(off.saturating_add(40 + extra), id_len, "read snapshot id")?;
             out.push((l1_off, l1_size, String::from_utf8_lossy(&id).into_owned()));
             let entry = 40 + extra + id_len + name_len;
             off = off.saturating_add(entry.div_ceil(8) * 8);

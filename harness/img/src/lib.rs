@@ -193,15 +193,18 @@ pub fn map(file: &str, json: bool, profile: Profile) -> Output {
 
 /// `compare [-s] A B`: 0 identical, 1 different, 2 error.
 pub fn compare(a: &str, b: &str, strict: bool, profile: Profile) -> Output {
-    let result = open_disk(a)
-        .and_then(|da| open_disk(b).and_then(|db| compare::compare(&da, &db, strict, profile)));
-    match result {
+    let (da, db) = match open_disk(a).and_then(|da| Ok((da, open_disk(b)?))) {
+        Ok(disks) => disks,
+        Err(e) => return Output::err(&e, status::COMPARE_ERROR),
+    };
+    // Like qemu-img, an error after both images opened (a read, a block status) is status 3.
+    match compare::compare(&da, &db, strict, profile) {
         Ok(o) => Output {
             stdout: o.text,
             stderr: String::new(),
             code: o.code,
         },
-        Err(e) => Output::err(&e, status::COMPARE_ERROR),
+        Err(e) => Output::err(&e, status::COMPARE_READ_ERROR),
     }
 }
 

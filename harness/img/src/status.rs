@@ -15,5 +15,7 @@ pub const CHECK_LEAKS: i32 = 3;
 pub const CHECK_UNSUPPORTED: i32 = 63;
 /// `compare`: the images differ.
 pub const DIFFERENT: i32 = 1;
-/// `compare`: an image could not be opened or read.
+/// `compare`: an image could not be opened.
 pub const COMPARE_ERROR: i32 = 2;
+/// `compare`: both images opened, but reading one failed (qemu-img: "Error while reading").
+pub const COMPARE_READ_ERROR: i32 = 3;

@@ -103,6 +103,16 @@ pub const QCOW2_MAGIC: [u8; 4] = *b"QFI\xfb";
 /// The most L1 entries QEMU opens (`QCOW_MAX_L1_SIZE`: 32 MiB of 8-byte entries).
 pub const MAX_L1_ENTRIES: u64 = (32 << 20) / 8;
 
+/// The largest refcount table QEMU opens (`QCOW_MAX_REFTABLE_SIZE`: 8 MiB).
+pub const MAX_REFTABLE_BYTES: u64 = 8 << 20;
+
+/// The most internal snapshots QEMU opens (`QCOW_MAX_SNAPSHOTS`).
+pub const MAX_SNAPSHOTS: u64 = 65536;
+
+/// Bytes of one snapshot table entry's fixed part, extra-data length included (QEMU's
+/// `QCowSnapshotHeader`), the unit QEMU sizes the snapshot table in at open.
+const SNAPSHOT_HEADER_BYTES: u64 = 40;
+
 /// Incompatible feature bits (header offset 72).
 pub mod incompat {
     pub const DIRTY: u64 = 1 << 0;
@@ -435,9 +445,72 @@ pub fn parse_header(path: &Path, buf: &[u8], file_len: u64) -> Result<Qcow2Heade
             ),
         ));
     }
+    check_tables(path, &h)?;
     parse_extensions(path, buf, file_len, &mut h)?;
     parse_backing_name(path, buf, file_len, &mut h)?;
     Ok(h)
+}
+
+/// The table checks of QEMU's `qcow2_do_open`, in its order: a refcount table exists, and the
+/// refcount, snapshot and active L1 tables each fit QEMU's maximum, are cluster-aligned and end
+/// below 2^63. QEMU refuses to open an image that fails one (iotests 060 and 080).
+fn check_tables(path: &Path, h: &Qcow2Header) -> Result<(), HeaderError> {
+    let cluster = h.cluster_size();
+    if h.refcount_table_clusters == 0 {
+        return Err(HeaderError::field(
+            path,
+            "refcount_table_clusters",
+            0,
+            "at least 1 (the image has no refcount table)",
+        ));
+    }
+    let table = |count: &'static str, entries: u64, entry: u64, max: u64| {
+        if entries > max / entry {
+            return Err(HeaderError::field(
+                path,
+                count,
+                entries,
+                format!("at most {} (QEMU's limit)", max / entry),
+            ));
+        }
+        Ok(entries * entry)
+    };
+    let placed = |field: &'static str, offset: u64, bytes: u64| {
+        if !offset.is_multiple_of(cluster)
+            || offset
+                .checked_add(bytes)
+                .is_none_or(|end| end > i64::MAX as u64)
+        {
+            return Err(HeaderError::field(
+                path,
+                field,
+                format!("{offset:#x}"),
+                format!(
+                    "a multiple of the cluster size ({cluster}) with the table ending below 2^63"
+                ),
+            ));
+        }
+        Ok(())
+    };
+    let bytes = table(
+        "refcount_table_clusters",
+        u64::from(h.refcount_table_clusters),
+        cluster,
+        MAX_REFTABLE_BYTES,
+    )?;
+    placed("refcount_table_offset", h.refcount_table_offset, bytes)?;
+    if u64::from(h.nb_snapshots) > MAX_SNAPSHOTS {
+        return Err(HeaderError::field(
+            path,
+            "nb_snapshots",
+            h.nb_snapshots,
+            format!("at most {MAX_SNAPSHOTS}"),
+        ));
+    }
+    let bytes = u64::from(h.nb_snapshots) * SNAPSHOT_HEADER_BYTES;
+    placed("snapshots_offset", h.snapshots_offset, bytes)?;
+    let bytes = table("l1_size", u64::from(h.l1_size), 8, MAX_L1_ENTRIES * 8)?;
+    placed("l1_table_offset", h.l1_table_offset, bytes)
 }
 
 fn parse_extensions(
@@ -533,6 +606,8 @@ mod tests {
         b[20..24].copy_from_slice(&16u32.to_be_bytes());
         b[24..32].copy_from_slice(&(1u64 << 20).to_be_bytes());
         b[36..40].copy_from_slice(&1u32.to_be_bytes());
+        b[48..56].copy_from_slice(&0x10000u64.to_be_bytes());
+        b[56..60].copy_from_slice(&1u32.to_be_bytes());
         b[96..100].copy_from_slice(&4u32.to_be_bytes());
         b[100..104].copy_from_slice(&112u32.to_be_bytes());
         b
@@ -656,6 +731,39 @@ mod tests {
             .unwrap_err()
             .to_string()
             .contains("unknown bits 0x10000000000"));
+    }
+
+    #[test]
+    fn tables_qemu_refuses_to_open_are_refused() {
+        // iotests 060 and 080: (offset, bytes, the field the error names).
+        for (off, val, field) in [
+            (56usize, vec![0u8; 4], "refcount_table_clusters = 0"),
+            (56, vec![0xff; 4], "refcount_table_clusters = 4294967295"),
+            (
+                48,
+                0x1234_5678_90ab_cdefu64.to_be_bytes().to_vec(),
+                "refcount_table_offset",
+            ),
+            (60, vec![0xff; 4], "nb_snapshots = 4294967295"),
+            (
+                64,
+                0xffff_ffff_ffff_0000u64.to_be_bytes().to_vec(),
+                "snapshots_offset",
+            ),
+            (
+                40,
+                0x1234_5678_90ab_cdefu64.to_be_bytes().to_vec(),
+                "l1_table_offset",
+            ),
+        ] {
+            let mut b = v3_header();
+            if field == "snapshots_offset" {
+                b[60..64].copy_from_slice(&0xffffu32.to_be_bytes());
+            }
+            b[off..off + val.len()].copy_from_slice(&val);
+            let e = parse(&b).unwrap_err().to_string();
+            assert!(e.contains(&format!("field {field}")), "{e}");
+        }
     }
 
     #[test]
