@@ -170,6 +170,10 @@ pub struct Provenance {
     pub initrd: Option<FileId>,
     /// Each disk's base image.
     pub disks: Vec<FileId>,
+    /// The guest image this scenario booted: SHA-256 of its kernel's hex digest, a newline,
+    /// and its initrd's (when it has one), so one value pins both.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub guest_image_sha256: Option<String>,
 }
 
 /// A file and its digest.
@@ -207,6 +211,9 @@ pub struct RunResult {
     pub phases: Phases,
     /// Provenance.
     pub provenance: Provenance,
+    /// Where it ran: host, kiln, operator (absent when the caller probed none).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub environment: Option<crate::environment::Environment>,
     /// The bundle directory, when one was kept.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub bundle: Option<PathBuf>,
@@ -601,6 +608,25 @@ pub fn file_id(path: &Path) -> FileId {
     }
 }
 
+/// The guest image digest from the kernel's and initrd's (see
+/// [`Provenance::guest_image_sha256`]); `None` when either could not be read.
+pub fn guest_image_sha256(kernel: &FileId, initrd: Option<&FileId>) -> Option<String> {
+    use sha2::{Digest, Sha256};
+    let mut hasher = Sha256::new();
+    hasher.update(kernel.sha256.as_deref()?);
+    hasher.update(b"\n");
+    if let Some(initrd) = initrd {
+        hasher.update(initrd.sha256.as_deref()?);
+    }
+    Some(
+        hasher
+            .finalize()
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect(),
+    )
+}
+
 /// Lower-case hex SHA-256 of a file's contents, streamed.
 pub fn sha256_file(path: &Path) -> io::Result<String> {
     use sha2::{Digest, Sha256};
@@ -655,6 +681,7 @@ mod tests {
             expectations: Vec::new(),
             phases: Phases::default(),
             provenance: Provenance::default(),
+            environment: None,
             bundle: None,
             console_tail: Vec::new(),
         };

@@ -121,6 +121,7 @@ impl Attempt<'_> {
             expectations: Vec::new(),
             phases: Phases::default(),
             provenance: self.opts.provenance_base.clone(),
+            environment: self.opts.environment.clone(),
             bundle: None,
             console_tail: Vec::new(),
         };
@@ -236,6 +237,11 @@ impl Attempt<'_> {
         };
         result.provenance.kernel = Some(file_id(&plan.kernel));
         result.provenance.initrd = plan.initrd.as_deref().map(file_id);
+        result.provenance.guest_image_sha256 = result
+            .provenance
+            .kernel
+            .as_ref()
+            .and_then(|k| guest_image_sha256(k, result.provenance.initrd.as_ref()));
         result.provenance.disks = plan.disks.iter().map(|d| file_id(&d.base)).collect();
         let driven = self.drive(&plan, work.path(), bundle, result);
         result.failure = driven.failure;

@@ -4,6 +4,7 @@
 //! at once).
 
 pub mod artifacts;
+pub mod environment;
 mod execute;
 mod expect;
 pub mod report;
@@ -19,6 +20,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 pub use artifacts::{ArtifactsMode, FailureClass, KeepPolicy, Provenance, RunResult, Verdict};
+pub use environment::Environment;
 pub use execute::CONSOLE_TAIL;
 
 use kiln_backends::{Backend, CancelFlag, KillSwitch};
@@ -65,6 +67,8 @@ pub struct RunOptions {
     pub console_log_limit: u64,
     /// Overrides every scenario's `fixtures_limit` (bytes copied from its shares).
     pub fixtures_limit: Option<u64>,
+    /// Where the run runs, recorded in every result and the summary (none by default).
+    pub environment: Option<Environment>,
 }
 
 /// The git revision kiln was built from ("0123456789ab", "-dirty" when the tree had changes),
@@ -94,6 +98,7 @@ impl RunOptions {
             artifacts_mode: ArtifactsMode::Private,
             console_log_limit: kiln_backends::console::DEFAULT_CONSOLE_LOG_LIMIT,
             fixtures_limit: None,
+            environment: None,
         }
     }
 }
@@ -141,6 +146,8 @@ pub struct RunSummary {
     pub cancelled: bool,
     /// Wall time.
     pub elapsed: Duration,
+    /// Where it ran ([`RunOptions::environment`]).
+    pub environment: Option<Environment>,
 }
 
 /// How a run ended as a whole; the command line turns it into its exit code.
@@ -455,6 +462,7 @@ pub fn run(
         not_run,
         cancelled: control.cancelled(),
         elapsed: started.elapsed(),
+        environment: opts.environment.clone(),
     }
 }
 
@@ -514,6 +522,7 @@ fn panicked_result(scenario: &Scenario, attempt: u32) -> RunResult {
         expectations: Vec::new(),
         phases: artifacts::Phases::default(),
         provenance: Provenance::default(),
+        environment: None,
         bundle: None,
         console_tail: Vec::new(),
     }

@@ -775,6 +775,32 @@ fn the_summary_counts_one_scenario_in_the_singular() {
 }
 
 #[test]
+fn the_environment_and_guest_image_hash_are_in_every_result_and_the_summary() {
+    let mut env = env();
+    let mut identity = Environment::probe("pvm", Some("10.0.2".into()));
+    identity.operator.system_class = Some("ci-large".into());
+    env.opts.environment = Some(identity.clone());
+    let scenarios = env.scenarios(&[("s.toml", "id = \"x\"\n")]);
+    let backend = FakeBackend::new(BackendKind::Qemu, |_| FakeGuest::ready());
+    let summary = env.run(&backend, &scenarios);
+    let r = one(&summary);
+    let text = fs::read_to_string(bundle(r).join("result.json")).expect("result.json");
+    let json: serde_json::Value = serde_json::from_str(&text).expect("parse");
+    assert_eq!(json["environment"]["host"]["kvm_kind"], "pvm");
+    assert_eq!(json["environment"]["host"]["qemu_version"], "10.0.2");
+    assert_eq!(json["environment"]["operator"]["system_class"], "ci-large");
+    let kernel = artifacts::file_id(&env.dir.path().join("vmlinux"));
+    let initrd = artifacts::file_id(&env.dir.path().join("initrd"));
+    let image = artifacts::guest_image_sha256(&kernel, Some(&initrd)).expect("hashed");
+    assert_eq!(json["provenance"]["guest_image_sha256"], image.as_str());
+    assert_eq!(summary.environment.as_ref(), Some(&identity));
+    let text = crate::report::summary_text(&summary, "fake");
+    assert!(text.contains("environment: kvm pvm, kernel "), "{text}");
+    let doc = crate::report::json_document(&summary, "fake", 0);
+    assert_eq!(doc["environment"]["operator"]["system_class"], "ci-large");
+}
+
+#[test]
 fn a_vm_whose_kill_blocks_does_not_delay_another_jobs_deadline() {
     let mut env = env();
     env.opts.jobs = 2;

@@ -31,6 +31,7 @@ fn result(code: i32, stdout: &str) -> RunResult {
         expectations: Vec::new(),
         phases: Phases::default(),
         provenance: Provenance::default(),
+        environment: None,
         bundle: None,
         console_tail: Vec::new(),
     }

@@ -21,6 +21,13 @@ fn console_tail(r: &RunResult) -> String {
 /// Builds the report.
 pub fn report(summary: &RunSummary) -> Report {
     let mut suite = TestSuite::new("kiln");
+    if let Some(env) = &summary.environment {
+        for field in crate::environment::FIELDS {
+            if let Some(value) = env.field(field).flatten() {
+                suite.add_property((format!("environment.{field}"), value.to_string()));
+            }
+        }
+    }
     for o in &summary.outcomes {
         let r = &o.result;
         let mut status = if r.passed() {
@@ -90,6 +97,7 @@ mod tests {
                 ..Default::default()
             },
             provenance: Default::default(),
+            environment: None,
             bundle: None,
             console_tail: vec![
                 "[ 0.1] booting".into(),
@@ -119,11 +127,24 @@ mod tests {
             not_run: vec!["later".into()],
             cancelled: false,
             elapsed: Duration::from_secs(3),
+            environment: Some(crate::Environment {
+                host: crate::environment::Host {
+                    kvm_kind: "pvm".into(),
+                    ..Default::default()
+                },
+                ..Default::default()
+            }),
         };
         let xml = to_xml(&summary).expect("xml");
         let back = Report::deserialize_from_str(&xml).expect("parses");
         let suite = &back.test_suites[0];
         assert_eq!((suite.tests, suite.failures), (3, 1));
+        let kvm = suite
+            .properties
+            .iter()
+            .find(|p| p.name.as_str() == "environment.host.kvm_kind")
+            .expect("environment property");
+        assert_eq!(kvm.value.as_str(), "pvm");
         let bad = suite
             .test_cases
             .iter()

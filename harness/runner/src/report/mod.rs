@@ -143,6 +143,9 @@ pub fn summary_text(summary: &RunSummary, backend: &str) -> String {
         out += " (interrupted)";
     }
     out.push('\n');
+    if let Some(env) = &summary.environment {
+        out += &format!("  {}\n", env.summary_line());
+    }
     for o in summary.outcomes.iter().filter(|o| !o.passed()) {
         let r = &o.result;
         let class = r.class().map_or("failed", |c| c.as_str());
@@ -166,6 +169,7 @@ pub fn json_document(summary: &RunSummary, backend: &str, exit_code: i32) -> ser
         "passed": summary.outcomes.iter().filter(|o| o.passed()).count(),
         "failed": summary.outcomes.iter().filter(|o| !o.passed()).count(),
         "not_run": summary.not_run,
+        "environment": summary.environment,
         "scenarios": summary.outcomes.iter().map(|o| json!({
             "id": o.result.scenario,
             "result": o.result,
