@@ -42,6 +42,10 @@ pub const USAGE: i32 = 2;
 /// L1, a failed download).
 pub const UNAVAILABLE: i32 = 3;
 
+/// `kiln run --expect-environment`: this host, kiln or operator identity is not the one the
+/// contract pins; one line per differing field on stderr, and nothing was booted.
+pub const ENVIRONMENT_DRIFT: i32 = 4;
+
 /// `kiln boot --timeout` ran out before the guest ended (as `timeout(1)`).
 pub const TIMEOUT: i32 = 124;
 
@@ -98,8 +102,15 @@ mod tests {
     #[test]
     fn the_numbers_do_not_change() {
         assert_eq!(
-            [SUCCESS, FAILURES, ERROR, USAGE, UNAVAILABLE],
-            [0, 1, 1, 2, 3]
+            [
+                SUCCESS,
+                FAILURES,
+                ERROR,
+                USAGE,
+                UNAVAILABLE,
+                ENVIRONMENT_DRIFT
+            ],
+            [0, 1, 1, 2, 3, 4]
         );
         assert_eq!([TIMEOUT, INTERRUPTED, KILLED], [124, 130, 137]);
         assert_eq!(

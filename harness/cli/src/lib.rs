@@ -49,6 +49,10 @@ enum Command {
         /// Machine-readable JSON instead of text.
         #[arg(long)]
         json: bool,
+        /// Print this environment's identity (host, kiln, KILN_ENV_* operator variables) as a
+        /// TOML contract for `kiln run --expect-environment` (JSON with --json).
+        #[arg(long)]
+        environment: bool,
     },
     /// Build, list and locate guest images (kernel + initramfs with kiln-agent).
     #[command(subcommand)]
@@ -207,9 +211,22 @@ pub fn main() -> std::process::ExitCode {
         Command::Bench(what) => bench::main(what),
         Command::Run(args) => crate::commands::run::run(args),
         Command::Scenario(ScenarioCommand::Check { paths }) => crate::commands::run::check(&paths),
-        Command::Doctor { json } => {
+        Command::Doctor { json, environment } => {
             let report = doctor::report();
-            if json {
+            if environment {
+                let env = crate::commands::run::host_environment(&report);
+                if json {
+                    match serde_json::to_string_pretty(&env) {
+                        Ok(text) => println!("{text}"),
+                        Err(e) => {
+                            eprintln!("kiln: error: {e}");
+                            return exit::to_process(exit::ERROR);
+                        }
+                    }
+                } else {
+                    print!("{}", env.to_toml());
+                }
+            } else if json {
                 println!("{}", doctor::render_json(&report));
             } else {
                 print!("{}", doctor::render_text(&report));

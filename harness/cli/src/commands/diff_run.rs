@@ -119,7 +119,8 @@ pub fn run(args: DiffRunArgs) -> i32 {
     }) {
         tracing::warn!("no Ctrl-C handler: {e}");
     }
-    let opts = options(&args, &kvm_kind, &both);
+    let mut opts = options(&args, &kvm_kind, &both);
+    opts.environment = Some(crate::commands::run::host_environment(&doctor));
     let kiln_runs = run_side(&both, kiln.as_ref(), &opts, "kiln", &control);
     let qemu_runs = run_side(&both, qemu.as_ref(), &opts, "qemu", &control);
     if control.cancelled() {

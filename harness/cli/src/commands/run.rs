@@ -1,6 +1,7 @@
 //! `kiln run` and `kiln scenario check`: corpus loading, selection, backend choice, Ctrl-C,
 //! and the output layer (live lines, summary, `--json`, `--junit`). Exit codes (crate::exit):
 //! SUCCESS all passed, FAILURES some failed, USAGE usage or configuration error (nothing
+//! booted), ENVIRONMENT_DRIFT the host is not the one `--expect-environment` pins (nothing
 //! booted), INTERRUPTED Ctrl-C.
 
 use std::io::BufRead;
@@ -13,6 +14,7 @@ use kiln_backends::{self as backend, Backend};
 
 use crate::args::{BackendArg, KeepArg};
 use crate::exit;
+use kiln_runner::environment::{Contract, Environment};
 use kiln_runner::report::{self, LiveReporter};
 use kiln_runner::select::{Filter, Partition};
 use kiln_runner::{self as runner, artifacts::write_atomic, Control, RunOptions};
@@ -60,6 +62,10 @@ pub struct RunArgs {
     /// Run a failed scenario up to N more times.
     #[arg(long, value_name = "N", default_value_t = 0)]
     pub retries: u32,
+    /// Fail before booting anything unless this host matches the environment contract FILE
+    /// (TOML, or JSON when it ends in .json); `kiln doctor --environment` prints one.
+    #[arg(long, value_name = "FILE")]
+    pub expect_environment: Option<PathBuf>,
     #[command(flatten)]
     pub bundle: crate::args::BundleArgs,
 }
@@ -126,11 +132,32 @@ pub fn run(args: RunArgs) -> i32 {
             return exit::USAGE;
         }
     };
+    let contract = match args.expect_environment.as_deref().map(Contract::load) {
+        None => None,
+        Some(Ok(c)) => Some(c),
+        Some(Err(e)) => {
+            eprintln!("kiln: error: --expect-environment {e}");
+            return exit::USAGE;
+        }
+    };
     let doctor = kiln_backends::doctor::report();
-    let kvm_kind = serde_json::to_value(doctor.kvm.kind)
-        .ok()
-        .and_then(|v| v.as_str().map(str::to_string))
-        .unwrap_or_else(|| "unknown".into());
+    let kvm_kind = kvm_kind_name(&doctor);
+    let environment = host_environment(&doctor);
+    eprintln!("kiln: {}", environment.summary_line());
+    if let Some(contract) = contract {
+        let drift = contract.check(&environment);
+        for d in &drift {
+            eprintln!("kiln: environment drift: {d}");
+        }
+        if !drift.is_empty() {
+            eprintln!(
+                "kiln: {} differs from {}; nothing was run",
+                report::plural(drift.len(), "field"),
+                contract.path.display()
+            );
+            return exit::ENVIRONMENT_DRIFT;
+        }
+    }
     let (kind, why) = backend::choose(args.backend.into(), doctor.kvm.linux_capable(), &kvm_kind);
     eprintln!("kiln: backend {kind} ({why})");
     let backend = match backend::construct(kind, doctor.kvm.linux_capable(), &kvm_kind) {
@@ -142,6 +169,7 @@ pub fn run(args: RunArgs) -> i32 {
     };
     let mut opts = options(&args);
     opts.provenance_base.host_kvm = kvm_kind;
+    opts.environment = Some(environment);
     let resolver = default_guest_resolver();
     if scenarios
         .iter()
@@ -160,6 +188,19 @@ pub fn run(args: RunArgs) -> i32 {
     }
     opts.default_guest = Some(resolver);
     run_with(&args, scenarios, backend.as_ref(), opts)
+}
+
+/// The KVM kind as `kiln doctor --json` spells it ("hardware", "pvm", ...).
+pub(crate) fn kvm_kind_name(doctor: &kiln_backends::doctor::DoctorReport) -> String {
+    serde_json::to_value(doctor.kvm.kind)
+        .ok()
+        .and_then(|v| v.as_str().map(str::to_string))
+        .unwrap_or_else(|| "unknown".into())
+}
+
+/// This host's identity, from the doctor probe the run already made (QEMU asked once).
+pub(crate) fn host_environment(doctor: &kiln_backends::doctor::DoctorReport) -> Environment {
+    Environment::probe(&kvm_kind_name(doctor), doctor.qemu_system.version.clone())
 }
 
 /// Resolves the default guest once per run: the first scenario that needs it builds it into the
@@ -350,6 +391,45 @@ mod tests {
         let a = args(&[corpus, "--backend", "qemu"]);
         assert!(select(&a).is_err());
         assert_eq!(run(a), 2);
+    }
+
+    #[test]
+    fn a_bad_or_drifting_environment_contract_stops_the_run_before_a_backend() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../scenarios");
+        let artifacts = dir.path().join("art");
+        let run_with_contract = |text: &str| {
+            let contract = dir.path().join("gate.toml");
+            std::fs::write(&contract, text).expect("write");
+            run(args(&[
+                root.to_str().unwrap_or_default(),
+                "--artifacts",
+                artifacts.to_str().unwrap_or_default(),
+                "--expect-environment",
+                contract.to_str().unwrap_or_default(),
+            ]))
+        };
+        assert_eq!(
+            run_with_contract(
+                "[host]
+kvm_kind = \"\"\n"
+            ),
+            exit::ENVIRONMENT_DRIFT
+        );
+        assert_eq!(
+            run_with_contract(
+                "[host]
+kvm = \"pvm\"\n"
+            ),
+            exit::USAGE
+        );
+        let missing = args(&[
+            root.to_str().unwrap_or_default(),
+            "--expect-environment",
+            dir.path().join("nope.toml").to_str().unwrap_or_default(),
+        ]);
+        assert_eq!(run(missing), exit::USAGE);
+        assert!(!artifacts.exists(), "nothing ran");
     }
 
     #[test]
