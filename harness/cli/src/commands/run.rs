@@ -151,7 +151,7 @@ pub fn run(args: RunArgs) -> i32 {
         }
         if !drift.is_empty() {
             eprintln!(
-                "kiln: {} differs from {}; nothing was run",
+                "kiln: environment drift in {} against {}; nothing was run",
                 report::plural(drift.len(), "field"),
                 contract.path.display()
             );
