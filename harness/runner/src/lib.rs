@@ -7,6 +7,7 @@ pub mod artifacts;
 mod execute;
 mod expect;
 pub mod report;
+pub mod retention;
 pub mod select;
 pub mod stale;
 pub mod tracelog;
