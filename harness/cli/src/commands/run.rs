@@ -12,6 +12,7 @@ use clap::Args;
 use kiln_backends::{self as backend, Backend};
 
 use crate::args::{BackendArg, KeepArg};
+use crate::commands::artifacts::Budget;
 use crate::exit;
 use kiln_runner::report::{self, LiveReporter};
 use kiln_runner::select::{Filter, Partition};
@@ -62,6 +63,13 @@ pub struct RunArgs {
     pub retries: u32,
     #[command(flatten)]
     pub bundle: crate::args::BundleArgs,
+    /// Budget for the whole artifacts dir (bytes or "2GiB"; default: `[artifacts] max_size` in
+    /// the corpus's kiln.toml): its use is reported after the summary, with a warning when over.
+    #[arg(long, value_name = "SIZE", value_parser = crate::args::parse_size)]
+    pub max_size: Option<u64>,
+    /// Fail before booting anything when the artifacts dir is already over its budget.
+    #[arg(long)]
+    pub enforce_budget: bool,
 }
 
 fn print_errors(errors: &[impl std::fmt::Display]) {
@@ -126,6 +134,13 @@ pub fn run(args: RunArgs) -> i32 {
             return exit::USAGE;
         }
     };
+    let budget = match check_budget(&args) {
+        Ok(budget) => budget,
+        Err(error) => {
+            eprintln!("kiln: error: {error}");
+            return exit::USAGE;
+        }
+    };
     let doctor = kiln_backends::doctor::report();
     let kvm_kind = serde_json::to_value(doctor.kvm.kind)
         .ok()
@@ -159,7 +174,36 @@ pub fn run(args: RunArgs) -> i32 {
         }
     }
     opts.default_guest = Some(resolver);
-    run_with(&args, scenarios, backend.as_ref(), opts)
+    let artifacts = opts.artifacts.clone();
+    let code = run_with(&args, scenarios, backend.as_ref(), opts);
+    if let Some(budget) = budget {
+        let used = runner::retention::tree_bytes(&artifacts);
+        for line in budget.report(&args.artifacts, used) {
+            eprintln!("{line}");
+        }
+    }
+    code
+}
+
+/// The run's artifacts budget; with `--enforce-budget`, an error when there is none or the
+/// artifacts dir is already over it (before anything boots).
+fn check_budget(args: &RunArgs) -> Result<Option<Budget>, String> {
+    let budget = Budget::of_run(args.max_size, &args.paths).map_err(|e| e.to_string())?;
+    if !args.enforce_budget {
+        return Ok(budget);
+    }
+    let Some(budget) = budget else {
+        return Err(
+            "--enforce-budget needs a budget: --max-size SIZE, or [artifacts] \
+                    max_size in the corpus's kiln.toml"
+                .into(),
+        );
+    };
+    let used = runner::retention::tree_bytes(&args.artifacts);
+    match budget.refusal(&args.artifacts, used) {
+        Some(refusal) => Err(refusal),
+        None => Ok(Some(budget)),
+    }
 }
 
 /// Resolves the default guest once per run: the first scenario that needs it builds it into the
