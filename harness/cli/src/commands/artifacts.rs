@@ -123,7 +123,7 @@ pub fn status_table(dir: &Path, inv: &Inventory) -> String {
         .max()
         .unwrap_or(0);
     let mut out = format!(
-        "{:<width$}  {:>5}  {:>11}  {:<20}  {:<20}\n",
+        "{:<width$}  {:>5}  {:>11}  {:<20}  {}\n",
         "SCENARIO", "RUNS", "SIZE", "OLDEST", "NEWEST"
     );
     for s in &inv.scenarios {
@@ -132,7 +132,7 @@ pub fn status_table(dir: &Path, inv: &Inventory) -> String {
             _ => ("-".into(), "-".into()),
         };
         out += &format!(
-            "{:<width$}  {:>5}  {:>11}  {oldest:<20}  {newest:<20}\n",
+            "{:<width$}  {:>5}  {:>11}  {oldest:<20}  {newest}\n",
             s.scenario,
             s.runs.len(),
             mib(s.bytes)
@@ -244,43 +244,63 @@ impl Budget {
         )
     }
 
-    /// The prune command that makes room in `dir`.
-    fn prune_hint(dir: &Path) -> String {
+    /// The prune command that brings `dir` under the budget: the largest `--keep` that frees
+    /// enough (0 when none does).
+    fn prune_hint(&self, dir: &Path, inv: &Inventory) -> String {
+        let most = inv
+            .scenarios
+            .iter()
+            .map(|s| s.runs.len())
+            .max()
+            .unwrap_or(0);
+        let now = SystemTime::now();
+        let enough = |keep: usize| {
+            let rule = PruneRule {
+                keep,
+                older_than: None,
+            };
+            let freed: u64 = retention::plan(inv, &rule, now)
+                .iter()
+                .map(|r| r.bytes)
+                .sum();
+            inv.bytes.saturating_sub(freed) <= self.bytes
+        };
+        let keep = (0..most).rev().find(|&k| enough(k)).unwrap_or(0);
         format!(
-            "kiln artifacts prune --keep 5 --artifacts {}",
+            "kiln artifacts prune --keep {keep} --artifacts {}",
             dir.display()
         )
     }
 
-    /// Why a run with `--enforce-budget` must not start, when `dir` already holds `used` bytes.
-    pub fn refusal(&self, dir: &Path, used: u64) -> Option<String> {
-        (used > self.bytes).then(|| {
+    /// Why a run with `--enforce-budget` must not start, when `dir` already holds `inv`.
+    pub fn refusal(&self, dir: &Path, inv: &Inventory) -> Option<String> {
+        (inv.bytes > self.bytes).then(|| {
             format!(
                 "{} holds {}, over its budget of {} ({}); nothing was run; make room with `{}`",
                 dir.display(),
-                mib(used),
+                mib(inv.bytes),
                 mib(self.bytes),
                 self.source,
-                Self::prune_hint(dir)
+                self.prune_hint(dir, inv)
             )
         })
     }
 
     /// The lines `kiln run` prints after its summary: the use, and a warning when over.
-    pub fn report(&self, dir: &Path, used: u64) -> Vec<String> {
+    pub fn report(&self, dir: &Path, inv: &Inventory) -> Vec<String> {
         let mut lines = vec![format!(
             "kiln: artifacts: {} of budget {} in {}",
-            mib(used),
+            mib(inv.bytes),
             mib(self.bytes),
             dir.display()
         )];
-        if used > self.bytes {
+        if inv.bytes > self.bytes {
             lines.push(format!(
                 "kiln: warning: {} is over its budget ({}) by {}; make room with `{}`",
                 dir.display(),
                 self.source,
-                mib(used - self.bytes),
-                Self::prune_hint(dir)
+                mib(inv.bytes - self.bytes),
+                self.prune_hint(dir, inv)
             ));
         }
         lines
@@ -315,27 +335,54 @@ mod tests {
         assert_eq!(parse_age("30m"), Ok(Duration::from_secs(1800)));
     }
 
+    /// An inventory of one scenario with runs of `sizes` bytes, oldest first, none latest.
+    fn inventory(sizes: &[u64]) -> Inventory {
+        let runs = sizes
+            .iter()
+            .enumerate()
+            .map(|(i, &bytes)| retention::Run {
+                id: format!("r{i}"),
+                path: PathBuf::from(format!("/a/s/r{i}")),
+                started: SystemTime::UNIX_EPOCH + Duration::from_secs(i as u64),
+                bytes,
+                latest: false,
+                in_progress: false,
+            })
+            .collect();
+        let bytes = sizes.iter().sum();
+        Inventory {
+            scenarios: vec![retention::ScenarioRuns {
+                scenario: "s".into(),
+                bytes,
+                runs,
+            }],
+            bytes,
+        }
+    }
+
     #[test]
-    fn budget_lines_say_use_budget_and_the_prune_command() {
+    fn budget_lines_say_use_budget_and_the_prune_command_that_fits() {
         let budget = Budget {
             bytes: 10 << 20,
             source: "--max-size".into(),
         };
         let dir = Path::new("/a");
         assert_eq!(
-            budget.report(dir, 3 << 20),
+            budget.report(dir, &inventory(&[1 << 20, 2 << 20])),
             ["kiln: artifacts: 3.0 MiB of budget 10.0 MiB in /a"]
         );
-        let over = budget.report(dir, 12 << 20);
+        // 12 MiB in runs of 4 MiB each: keeping 2 leaves 8 MiB.
+        let over = budget.report(dir, &inventory(&[4 << 20, 4 << 20, 4 << 20]));
         assert_eq!(over.len(), 2);
         assert!(over[1].contains("over its budget (--max-size) by 2.0 MiB"));
-        assert!(over[1].contains("kiln artifacts prune --keep 5 --artifacts /a"));
-        assert_eq!(budget.refusal(dir, 10 << 20), None);
+        assert!(over[1].ends_with("`kiln artifacts prune --keep 2 --artifacts /a`"));
+        assert_eq!(budget.refusal(dir, &inventory(&[10 << 20])), None);
+        let refusal = budget.refusal(dir, &inventory(&[11 << 20])).expect("over");
+        assert!(refusal.starts_with("/a holds 11.0 MiB, over its budget of 10.0 MiB"));
+        assert!(refusal.ends_with("--keep 0 --artifacts /a`"), "{refusal}");
         assert_eq!(
             [mib(0), mib(1536), mib(3 << 19)],
             ["0 B", "1.5 KiB", "1.5 MiB"]
         );
-        let refusal = budget.refusal(dir, 11 << 20).expect("over");
-        assert!(refusal.starts_with("/a holds 11.0 MiB, over its budget of 10.0 MiB"));
     }
 }

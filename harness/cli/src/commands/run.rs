@@ -177,9 +177,16 @@ pub fn run(args: RunArgs) -> i32 {
     let artifacts = opts.artifacts.clone();
     let code = run_with(&args, scenarios, backend.as_ref(), opts);
     if let Some(budget) = budget {
-        let used = runner::retention::tree_bytes(&artifacts);
-        for line in budget.report(&args.artifacts, used) {
-            eprintln!("{line}");
+        match runner::retention::scan(&artifacts) {
+            Ok(inventory) => {
+                for line in budget.report(&args.artifacts, &inventory) {
+                    eprintln!("{line}");
+                }
+            }
+            Err(e) => eprintln!(
+                "kiln: warning: cannot measure {} against its budget: {e}",
+                args.artifacts.display()
+            ),
         }
     }
     code
@@ -199,8 +206,13 @@ fn check_budget(args: &RunArgs) -> Result<Option<Budget>, String> {
                 .into(),
         );
     };
-    let used = runner::retention::tree_bytes(&args.artifacts);
-    match budget.refusal(&args.artifacts, used) {
+    let inventory = runner::retention::scan(&args.artifacts).map_err(|e| {
+        format!(
+            "--enforce-budget: cannot read {}: {e}",
+            args.artifacts.display()
+        )
+    })?;
+    match budget.refusal(&args.artifacts, &inventory) {
         Some(refusal) => Err(refusal),
         None => Ok(Some(budget)),
     }
