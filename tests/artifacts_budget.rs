@@ -144,8 +144,22 @@ fn prune_keeps_the_newest_n_latest_and_runs_in_progress() {
         "{listed}"
     );
 
+    // What a killed prune and a killed run left: the prune finishes and removes them.
+    let leftovers = [
+        art.join("a/.pruning-20261130T000000.000Z-p1-a1"),
+        art.join(format!(
+            "a/.20261130T000000.000Z-p{}-a1.partial",
+            dead_pid()
+        )),
+    ];
+    for d in &leftovers {
+        fs::create_dir_all(d.join("vm")).unwrap();
+    }
     let out = kiln(&["artifacts", "prune", "--keep", "1"], &art);
     assert_eq!(out.status.code(), Some(0), "{}", describe(&out));
+    for d in &leftovers {
+        assert!(!d.exists(), "{} left", d.display());
+    }
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(
         stderr.contains("kiln: pruned 2 runs of 1 scenario, freed 2.0 MiB"),

@@ -26,7 +26,8 @@ pub enum ArtifactsCommand {
         Never removed: the run the scenario's `latest` link points at, a run whose `kiln run` is \
         still running, staging dirs of runs in progress, anything that is not a run dir, and \
         anything behind a symbolic link. A run is renamed to `.pruning-<run>` before it is \
-        deleted; a prune killed half-way is finished by the next.\n\n\
+        deleted; a prune killed half-way is finished by the next, which also removes the staging \
+        dirs that killed runs left (as `kiln run` does).\n\n\
         Examples:\n  kiln artifacts prune --keep 5\n  \
         kiln artifacts prune --keep 1 --older-than 7d --dry-run"
     )]
@@ -173,7 +174,9 @@ pub fn status_json(dir: &Path, inv: &Inventory) -> serde_json::Value {
 
 fn prune(args: &PruneArgs) -> i32 {
     if !args.dry_run {
+        // What killed prunes and killed runs left (never a run): gone first, as `kiln run` does.
         retention::finish_interrupted(&args.artifacts);
+        kiln_runner::stale::sweep(&args.artifacts, &std::env::temp_dir());
     }
     let inv = match scan(&args.artifacts) {
         Ok(inv) => inv,
