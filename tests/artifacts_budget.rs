@@ -318,6 +318,20 @@ fn enforce_budget_fails_before_booting_when_over() {
     }
     assert!(!art.join("s").exists(), "a bundle was made");
 
+    // --enforce-budget without a budget is a usage error, not a silent pass.
+    let out = kiln(
+        &[
+            "run",
+            corpus.to_str().unwrap(),
+            "--backend",
+            "kiln",
+            "--enforce-budget",
+        ],
+        &art,
+    );
+    assert_eq!(out.status.code(), Some(2), "{}", describe(&out));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--enforce-budget needs a budget"));
+
     // The same budget from kiln.toml.
     let corpus = self::corpus(dir.path(), &kernel, "[artifacts]\nmax_size = \"6MiB\"\n");
     let out = kiln(
