@@ -33,7 +33,8 @@ pub const ERROR: i32 = 1;
 
 /// A usage, scenario or configuration error: nothing was booted. clap's own usage errors exit
 /// with the same code; so does `kiln diff img --profile` naming another version's profile than
-/// the qemu-img's.
+/// the qemu-img's, and `kiln run --enforce-budget` when the artifacts dir is already over its
+/// budget.
 pub const USAGE: i32 = 2;
 
 /// Something the command needs is not available on this host, so nothing ran: a backend of

@@ -41,6 +41,9 @@ enum Command {
     Bench(bench::BenchCommand),
     /// Run scenarios, each in its own throwaway VM.
     Run(crate::commands::run::RunArgs),
+    /// What the artifacts dir holds, and pruning old runs' bundles from it.
+    #[command(subcommand)]
+    Artifacts(crate::commands::artifacts::ArtifactsCommand),
     /// Work with scenario files.
     #[command(subcommand)]
     Scenario(ScenarioCommand),
@@ -210,6 +213,7 @@ pub fn main() -> std::process::ExitCode {
         Command::Boot(args) => boot(args),
         Command::Bench(what) => bench::main(what),
         Command::Run(args) => crate::commands::run::run(args),
+        Command::Artifacts(cmd) => crate::commands::artifacts::run(cmd),
         Command::Scenario(ScenarioCommand::Check { paths }) => crate::commands::run::check(&paths),
         Command::Doctor { json, environment } => {
             let report = doctor::report();

@@ -8,6 +8,7 @@ pub mod environment;
 mod execute;
 mod expect;
 pub mod report;
+pub mod retention;
 pub mod select;
 pub mod stale;
 pub mod tracelog;

@@ -26,7 +26,7 @@ pub struct Swept {
 }
 
 /// Whether process `pid` exists (EPERM: it does, owned by someone else).
-fn alive(pid: u32) -> bool {
+pub(crate) fn alive(pid: u32) -> bool {
     let Ok(pid) = libc::pid_t::try_from(pid) else {
         return false;
     };
@@ -39,7 +39,7 @@ fn alive(pid: u32) -> bool {
 }
 
 /// The pid in a run id `<stamp>-p<pid>-a<attempt>`.
-fn run_id_pid(run_id: &str) -> Option<u32> {
+pub(crate) fn run_id_pid(run_id: &str) -> Option<u32> {
     let mut parts = run_id.rsplitn(3, '-');
     let attempt = parts.next()?.strip_prefix('a')?;
     let pid = parts.next()?.strip_prefix('p')?;

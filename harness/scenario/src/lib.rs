@@ -424,6 +424,25 @@ fn ser_opt_duration<S: Serializer>(d: &Option<Duration>, s: S) -> Result<S::Ok, 
     }
 }
 
+/// The artifacts budget a corpus sets: `[artifacts] max_size` in the `kiln.toml` (or
+/// `defaults.toml`) of the first of `paths` (a directory, or a scenario file's directory) that
+/// sets one, with that file. `None` when none does: no budget.
+pub fn artifacts_max_size(paths: &[PathBuf]) -> Result<Option<(u64, PathBuf)>, ScenarioError> {
+    for path in paths {
+        let dir = if path.is_dir() {
+            path.as_path()
+        } else {
+            path.parent().unwrap_or(Path::new("."))
+        };
+        if let Some(defaults) = resolve::load_defaults(dir)? {
+            if let Some(size) = defaults.artifacts_max_size() {
+                return Ok(Some((size, defaults.path().to_path_buf())));
+            }
+        }
+    }
+    Ok(None)
+}
+
 /// Loads every scenario under `paths` (files or directories), checking each and the corpus as a
 /// whole (duplicate ids). Returns all errors found, not just the first.
 pub fn load_corpus(paths: &[PathBuf]) -> Result<Vec<Scenario>, Vec<ScenarioError>> {

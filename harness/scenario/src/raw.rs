@@ -67,6 +67,15 @@ pub enum RawStepRef {
 pub struct RawDefaultsFile {
     #[serde(default)]
     pub defaults: RawDefaults,
+    #[serde(default)]
+    pub artifacts: RawArtifacts,
+}
+
+/// `[artifacts]`: settings of the artifacts dir, for the whole run rather than each scenario.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawArtifacts {
+    pub max_size: Option<Spanned<RawSize>>,
 }
 
 /// What `[defaults]` may set; each scenario's own values win.

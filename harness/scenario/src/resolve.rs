@@ -17,6 +17,19 @@ use super::*;
 pub struct DefaultsSource {
     source: SourceFile,
     raw: RawDefaults,
+    artifacts_max_size: Option<u64>,
+}
+
+impl DefaultsSource {
+    /// The file these defaults were read from.
+    pub fn path(&self) -> &Path {
+        &self.source.path
+    }
+
+    /// `[artifacts] max_size`: the artifacts dir's budget in bytes, if set.
+    pub fn artifacts_max_size(&self) -> Option<u64> {
+        self.artifacts_max_size
+    }
 }
 
 /// Reads the defaults file of `dir`, if it has one.
@@ -34,9 +47,11 @@ pub fn load_defaults(dir: &Path) -> Result<Option<DefaultsSource>, ScenarioError
         })?;
         let source = SourceFile { path, text };
         let file: RawDefaultsFile = deserialize(&source)?;
+        let artifacts_max_size = file.artifacts.max_size.map(|s| s.into_inner().0);
         return Ok(Some(DefaultsSource {
             source,
             raw: file.defaults,
+            artifacts_max_size,
         }));
     }
     Ok(None)

@@ -346,3 +346,23 @@ fn fixtures_limit_takes_sizes_and_defaults() {
         assert!(errs[0].contains("fixtures_limit"), "{bad}: {errs:?}");
     }
 }
+
+/// `[artifacts] max_size` in kiln.toml: the run's budget, read without touching the scenarios;
+/// a bad size is an error naming the field.
+#[test]
+fn kiln_toml_sets_the_artifacts_budget() {
+    let (dir, result) = corpus(&[
+        ("kiln.toml", "[artifacts]\nmax_size = \"2GiB\"\n"),
+        ("a.toml", "id = \"a\"\n"),
+    ]);
+    assert!(result.is_ok(), "{result:?}");
+    let found = artifacts_max_size(&[dir.path().join("a.toml")]).expect("valid");
+    assert_eq!(found, Some((2 << 30, dir.path().join("kiln.toml"))));
+    let (none, _) = corpus(&[("a.toml", "id = \"a\"\n")]);
+    assert_eq!(artifacts_max_size(&[none.path().to_path_buf()]), Ok(None));
+    let e = errors(&[
+        ("kiln.toml", "[artifacts]\nmax_size = \"12Q\"\n"),
+        ("a.toml", "id = \"a\"\n"),
+    ]);
+    assert!(e[0].contains("artifacts.max_size"), "{e:?}");
+}

@@ -1,5 +1,6 @@
 //! One module per `kiln` subcommand that has more than a few lines of glue.
 
+pub mod artifacts;
 pub mod diff_img;
 pub mod diff_run;
 pub mod guest;

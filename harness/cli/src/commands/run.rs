@@ -13,6 +13,7 @@ use clap::Args;
 use kiln_backends::{self as backend, Backend};
 
 use crate::args::{BackendArg, KeepArg};
+use crate::commands::artifacts::Budget;
 use crate::exit;
 use kiln_runner::environment::{Contract, Environment};
 use kiln_runner::report::{self, LiveReporter};
@@ -68,6 +69,13 @@ pub struct RunArgs {
     pub expect_environment: Option<PathBuf>,
     #[command(flatten)]
     pub bundle: crate::args::BundleArgs,
+    /// Budget for the whole artifacts dir (bytes or "2GiB"; default: `[artifacts] max_size` in
+    /// the corpus's kiln.toml): its use is reported after the summary, with a warning when over.
+    #[arg(long, value_name = "SIZE", value_parser = crate::args::parse_size)]
+    pub max_size: Option<u64>,
+    /// Fail before booting anything when the artifacts dir is already over its budget.
+    #[arg(long)]
+    pub enforce_budget: bool,
 }
 
 fn print_errors(errors: &[impl std::fmt::Display]) {
@@ -140,6 +148,13 @@ pub fn run(args: RunArgs) -> i32 {
             return exit::USAGE;
         }
     };
+    let budget = match check_budget(&args) {
+        Ok(budget) => budget,
+        Err(error) => {
+            eprintln!("kiln: error: {error}");
+            return exit::USAGE;
+        }
+    };
     let doctor = kiln_backends::doctor::report();
     let kvm_kind = kvm_kind_name(&doctor);
     let environment = host_environment(&doctor);
@@ -187,7 +202,48 @@ pub fn run(args: RunArgs) -> i32 {
         }
     }
     opts.default_guest = Some(resolver);
-    run_with(&args, scenarios, backend.as_ref(), opts)
+    let artifacts = opts.artifacts.clone();
+    let code = run_with(&args, scenarios, backend.as_ref(), opts);
+    if let Some(budget) = budget {
+        match runner::retention::scan(&artifacts) {
+            Ok(inventory) => {
+                for line in budget.report(&args.artifacts, &inventory) {
+                    eprintln!("{line}");
+                }
+            }
+            Err(e) => eprintln!(
+                "kiln: warning: cannot measure {} against its budget: {e}",
+                args.artifacts.display()
+            ),
+        }
+    }
+    code
+}
+
+/// The run's artifacts budget; with `--enforce-budget`, an error when there is none or the
+/// artifacts dir is already over it (before anything boots).
+fn check_budget(args: &RunArgs) -> Result<Option<Budget>, String> {
+    let budget = Budget::of_run(args.max_size, &args.paths).map_err(|e| e.to_string())?;
+    if !args.enforce_budget {
+        return Ok(budget);
+    }
+    let Some(budget) = budget else {
+        return Err(
+            "--enforce-budget needs a budget: --max-size SIZE, or [artifacts] \
+                    max_size in the corpus's kiln.toml"
+                .into(),
+        );
+    };
+    let inventory = runner::retention::scan(&args.artifacts).map_err(|e| {
+        format!(
+            "--enforce-budget: cannot read {}: {e}",
+            args.artifacts.display()
+        )
+    })?;
+    match budget.refusal(&args.artifacts, &inventory) {
+        Some(refusal) => Err(refusal),
+        None => Ok(Some(budget)),
+    }
 }
 
 /// The KVM kind as `kiln doctor --json` spells it ("hardware", "pvm", ...).
