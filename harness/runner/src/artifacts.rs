@@ -640,6 +640,41 @@ pub fn sha256_file(path: &Path) -> io::Result<String> {
         .collect())
 }
 
+/// A console line as result.json records it: terminal escape sequences (CSI `ESC [ … final`,
+/// OSC `ESC ] … BEL/ST`, two-byte `ESC x`) and other control characters removed, tabs kept.
+/// Firmware clears the screen before the kernel starts ("Booting from ROM..\x1bc…"); the raw
+/// console.log keeps every byte.
+pub fn printable(line: &str) -> String {
+    let mut out = String::with_capacity(line.len());
+    let mut chars = line.chars().peekable();
+    while let Some(c) = chars.next() {
+        match c {
+            '\x1b' => match chars.next() {
+                Some('[') => {
+                    // Parameters and intermediates, then one final byte in @..~.
+                    for c in chars.by_ref() {
+                        if ('@'..='~').contains(&c) {
+                            break;
+                        }
+                    }
+                }
+                Some(']') => {
+                    while let Some(c) = chars.next() {
+                        if c == '\x07' || (c == '\x1b' && chars.next_if_eq(&'\\').is_some()) {
+                            break;
+                        }
+                    }
+                }
+                _ => {}
+            },
+            '\t' => out.push(c),
+            c if c.is_control() => {}
+            c => out.push(c),
+        }
+    }
+    out
+}
+
 /// Milliseconds as f64 with microsecond resolution.
 pub fn ms(d: Duration) -> f64 {
     (d.as_micros() as f64) / 1000.0
@@ -648,6 +683,17 @@ pub fn ms(d: Duration) -> f64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn records_lose_escape_sequences_and_control_characters() {
+        assert_eq!(
+            printable("Booting from ROM..\x1bc\x1b[?7l\x1b[2JKILN_READY t=12\r"),
+            "Booting from ROM..KILN_READY t=12"
+        );
+        assert_eq!(printable("\x1b]0;title\x07a\tb\x1b]2;x\x1b\\c"), "a\tbc");
+        assert_eq!(printable("plain ü line"), "plain ü line");
+        assert_eq!(printable("cut \x1b["), "cut ");
+    }
 
     #[test]
     fn atomic_write_replaces_whole_files() {

@@ -485,6 +485,7 @@ impl Attempt<'_> {
                             .into_iter()
                             .map(|(l, at)| format!("{} {l}", ms(at))),
                     )
+                    .map(|line| printable(&line))
                     .collect();
                 tracing::info!("ready after {:.1} ms", ms(t.elapsed()));
                 let mut transcript = Transcript::open(&bundle.path("agent.jsonl"));
@@ -561,7 +562,12 @@ impl Attempt<'_> {
             tracing::warn!("clean shutdown failed ({e}); killing the VM");
             machine.kill();
         }
-        out.console_tail = machine.console().tail(CONSOLE_TAIL);
+        out.console_tail = machine
+            .console()
+            .tail(CONSOLE_TAIL)
+            .iter()
+            .map(|line| printable(line))
+            .collect();
         drop(machine);
         drop(active);
         result.phases.teardown_ms = Some(ms(t.elapsed()));
