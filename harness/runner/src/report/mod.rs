@@ -23,6 +23,15 @@ pub fn progress_wanted() -> bool {
     std::io::stderr().is_terminal() && std::env::var_os("CI").is_none()
 }
 
+/// ` START              id` (and `(attempt N)` on a retry), aligned with the status lines.
+pub fn start_line(id: &str, attempt: u32) -> String {
+    let mut line = format!("{:>6} {:>11} {id}", "START", "");
+    if attempt > 1 {
+        line.push_str(&format!(" (attempt {attempt})"));
+    }
+    line
+}
+
 /// `PASS [   1.234s] id`, nextest's shape.
 pub fn status_line(outcome: &ScenarioOutcome) -> String {
     let r = &outcome.result;
@@ -77,11 +86,12 @@ impl LiveReporter {
     /// Handles one runner event.
     pub fn on_event(&self, event: RunEvent<'_>) {
         match event {
-            RunEvent::Started { id, attempt } => {
-                if let Some(bar) = &self.bar {
-                    bar.set_message(format!("{id} (attempt {attempt})"));
-                }
-            }
+            RunEvent::Started { id, attempt } => match &self.bar {
+                Some(bar) => bar.set_message(format!("{id} (attempt {attempt})")),
+                // Without a bar (CI logs, pipes) a line per start, so a long run is never silent
+                // until its first scenario ends.
+                None => self.print(&start_line(id, attempt)),
+            },
             RunEvent::Retrying(r) => self.print(&format!(
                 "{:>6} [{:>8.3}s] {}: {}",
                 format!("TRY {}", r.attempt),
@@ -176,4 +186,20 @@ pub fn json_document(summary: &RunSummary, backend: &str, exit_code: i32) -> ser
             "retries": o.retries,
         })).collect::<Vec<_>>(),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn start_lines_put_the_id_where_status_lines_do() {
+        let start = start_line("cow-disk", 1);
+        assert_eq!(start, " START             cow-disk");
+        assert_eq!(start.find("cow-disk"), Some("  FAIL [  12.345s] ".len()));
+        assert_eq!(
+            start_line("cow-disk", 2),
+            " START             cow-disk (attempt 2)"
+        );
+    }
 }
