@@ -438,13 +438,14 @@ impl Checker {
     }
 
     fn shares(&mut self, src: &SourceFile, raw: Option<&[Spanned<RawShare>]>) -> Vec<ShareSpec> {
+        let output = ShareSpec {
+            tag: DEFAULT_SHARE_TAG.into(),
+            host: None,
+            mount: format!("/mnt/{DEFAULT_SHARE_TAG}"),
+            readonly: false,
+        };
         let Some(raw) = raw else {
-            return vec![ShareSpec {
-                tag: DEFAULT_SHARE_TAG.into(),
-                host: None,
-                mount: format!("/mnt/{DEFAULT_SHARE_TAG}"),
-                readonly: false,
-            }];
+            return vec![output];
         };
         let mut tags = BTreeSet::new();
         let mut out = Vec::new();
@@ -488,6 +489,15 @@ impl Checker {
                 mount,
                 readonly: matches!(s.mode, Some(ShareModeName::Ro)),
             });
+        }
+        // Declaring shares keeps the default `output` share, unless a share takes its tag or
+        // its mount point (then that share is the scenario's own choice).
+        if !out
+            .iter()
+            .any(|s| s.tag == output.tag || s.mount == output.mount)
+            && !tags.contains(DEFAULT_SHARE_TAG)
+        {
+            out.push(output);
         }
         out
     }

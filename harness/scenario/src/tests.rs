@@ -33,6 +33,31 @@ fn errors(files: &[(&str, &str)]) -> Vec<String> {
 }
 
 #[test]
+fn declared_shares_keep_the_default_output_share_unless_they_take_it() {
+    let tags = |share: &str| {
+        let text = format!("id = \"a\"\n[[steps]]\nrun = [\"true\"]\n{share}");
+        let (_dir, result) = corpus(&[("a.toml", &text), ("in/.keep", "")]);
+        let s = result.expect("valid").remove(0);
+        s.shares
+            .iter()
+            .map(|s| format!("{}:{}", s.tag, s.mount))
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(
+        tags("[[shares]]\ntag = \"in\"\nhost = \"in\"\n"),
+        ["in:/mnt/in", "output:/mnt/output"]
+    );
+    assert_eq!(
+        tags("[[shares]]\ntag = \"output\"\nhost = \"in\"\n"),
+        ["output:/mnt/output"]
+    );
+    assert_eq!(
+        tags("[[shares]]\ntag = \"results\"\nmount = \"/mnt/output\"\n"),
+        ["results:/mnt/output"]
+    );
+}
+
+#[test]
 fn minimal_scenario_gets_the_defaults() {
     let (_dir, result) = corpus(&[("a.toml", "id = \"a\"\n[[steps]]\nrun = [\"true\"]\n")]);
     let s = &result.expect("valid")[0];
