@@ -34,9 +34,11 @@ const LARGE_GUEST_MIB: u64 = 2048;
 #[derive(Debug, Subcommand)]
 pub enum BenchCommand {
     /// Boot time and RSS of kiln's VMM vs QEMU for a tiny PVH guest.
+    #[command(after_help = "Example:\n  kiln bench boot --runs 20")]
     Boot(BootBenchArgs),
     /// Thousands of tiny-guest VMs in one process, one after another and 64 at once: fails
     /// when fds, threads or RSS grow.
+    #[command(after_help = "Example:\n  kiln bench soak --sequential 1000 --parallel 64")]
     Soak(soak::SoakBenchArgs),
 }
 

@@ -35,11 +35,17 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Boot a kernel in a throwaway VM and print its serial console.
+    #[command(
+        after_help = "Examples:\n  kiln boot --kernel bzImage --initrd initrd.img --timeout 30\n  kiln boot --kernel guest.elf --disk base.qcow2 --share out=./out --marker KILN_READY"
+    )]
     Boot(BootArgs),
     /// Measure kiln against QEMU.
     #[command(subcommand)]
     Bench(bench::BenchCommand),
     /// Run scenarios, each in its own throwaway VM.
+    #[command(
+        after_help = "Examples:\n  kiln run scenarios/\n  kiln run scenarios/ --filter cow-disk --backend kiln --junit junit.xml"
+    )]
     Run(crate::commands::run::RunArgs),
     /// What the artifacts dir holds, and pruning old runs' bundles from it.
     #[command(subcommand)]
@@ -48,6 +54,7 @@ enum Command {
     #[command(subcommand)]
     Scenario(ScenarioCommand),
     /// Report what this host can run: KVM kind, capabilities, QEMU tools.
+    #[command(after_help = "Examples:\n  kiln doctor\n  kiln doctor --environment > gate.toml")]
     Doctor {
         /// Machine-readable JSON instead of text.
         #[arg(long)]
@@ -123,6 +130,7 @@ fn nested(args: NestedArgs) -> i32 {
 #[derive(Debug, Subcommand)]
 enum ScenarioCommand {
     /// Validate scenario files without booting anything (exit 0 valid, 2 errors).
+    #[command(after_help = "Example:\n  kiln scenario check scenarios/")]
     Check {
         /// Scenario files or directories.
         #[arg(required = true, value_name = "PATH")]
@@ -365,6 +373,36 @@ fn boot(args: BootArgs) -> i32 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn every_command_help_ends_with_an_example() {
+        use clap::CommandFactory;
+        fn leaves(cmd: &clap::Command, path: String, out: &mut Vec<(String, String)>) {
+            let subs: Vec<_> = cmd
+                .get_subcommands()
+                .filter(|c| c.get_name() != "help")
+                .collect();
+            if subs.is_empty() {
+                let help = cmd
+                    .get_after_help()
+                    .map(|h| h.to_string())
+                    .unwrap_or_default();
+                out.push((path.clone(), help));
+            }
+            for sub in subs {
+                leaves(sub, format!("{path} {}", sub.get_name()), out);
+            }
+        }
+        let mut all = Vec::new();
+        leaves(&Cli::command(), "kiln".into(), &mut all);
+        let missing: Vec<_> = all
+            .iter()
+            .filter(|(_, help)| !help.contains("Example"))
+            .map(|(path, _)| path.as_str())
+            .collect();
+        assert!(all.len() >= 20, "{all:?}");
+        assert!(missing.is_empty(), "no example in --help of: {missing:?}");
+    }
 
     #[test]
     fn share_syntax() {

@@ -15,8 +15,12 @@ use crate::exit;
 #[derive(Debug, Subcommand)]
 pub enum DiffCommand {
     /// Run kiln img and qemu-img on images and report every divergence.
+    #[command(
+        after_help = "Examples:\n  kiln diff img --generate 30 --seed 4242\n  kiln diff img --generate 200 --seed 2024 --qemu-img ~/.cache/kiln/qemu-img-7.2/VERSION/qemu-img --log diff-log"
+    )]
     Img(DiffImgArgs),
     /// Run scenarios on kiln's VMM and on QEMU and compare every fact of the two runs.
+    #[command(after_help = "Example:\n  kiln diff run scenarios/ --retries 1")]
     Run(super::diff_run::DiffRunArgs),
 }
 

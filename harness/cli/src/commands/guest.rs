@@ -10,11 +10,16 @@ use kiln_guest_build::{build, stderr_progress, Cache, GuestError, KernelFrom, DE
 #[derive(Debug, Subcommand)]
 pub enum GuestCommand {
     /// Build a guest (kernel + initramfs with kiln-agent) into the cache.
+    #[command(
+        after_help = "Examples:\n  kiln guest build\n  kiln guest build --from-source /usr/src/linux-source-6.1.tar.xz --alias kiln-config"
+    )]
     Build(BuildArgs),
     /// List cached guests.
+    #[command(after_help = "Example:\n  kiln guest list")]
     List,
     /// Print the cache directory of a guest (alias, or hash prefix). Without a name: the default
     /// guest as `kiln run` uses it, built (or rebuilt for this kiln) first if needed.
+    #[command(after_help = "Examples:\n  kiln guest path\n  kiln guest path kiln-config")]
     Path {
         /// Alias or hash prefix.
         name: Option<String>,

@@ -16,6 +16,9 @@ pub enum OutputFormat {
 #[derive(Debug, Subcommand)]
 pub enum ImgCommand {
     /// Describe an image like `qemu-img info`.
+    #[command(
+        after_help = "Examples:\n  kiln img info disk.qcow2\n  kiln img info --output json --backing-chain overlay.qcow2"
+    )]
     Info {
         #[arg(long, value_enum, default_value_t)]
         output: OutputFormat,
@@ -27,6 +30,7 @@ pub enum ImgCommand {
         file: String,
     },
     /// Check metadata consistency like `qemu-img check` (exit 0/2/3; never repairs).
+    #[command(after_help = "Example:\n  kiln img check --output json disk.qcow2")]
     Check {
         #[arg(long, value_enum, default_value_t)]
         output: OutputFormat,
@@ -35,6 +39,7 @@ pub enum ImgCommand {
         file: String,
     },
     /// Print the allocation map like `qemu-img map`.
+    #[command(after_help = "Example:\n  kiln img map --output json disk.qcow2")]
     Map {
         #[arg(long, value_enum, default_value_t)]
         output: OutputFormat,
@@ -43,6 +48,9 @@ pub enum ImgCommand {
         file: String,
     },
     /// Compare guest-visible contents like `qemu-img compare` (exit 0 same, 1 different, 2 error).
+    #[command(
+        after_help = "Examples:\n  kiln img compare a.qcow2 b.raw\n  kiln img compare -s a.qcow2 b.qcow2"
+    )]
     Compare {
         /// Strict mode: sizes and allocation status must match too.
         #[arg(short = 's')]
@@ -53,6 +61,9 @@ pub enum ImgCommand {
         b: String,
     },
     /// Create a raw or qcow2 image like `qemu-img create` (imago writes it).
+    #[command(
+        after_help = "Examples:\n  kiln img create -f qcow2 disk.qcow2 10G\n  kiln img create -f qcow2 -b base.qcow2 -F qcow2 overlay.qcow2"
+    )]
     Create {
         /// Image format: raw or qcow2.
         #[arg(short = 'f', default_value = "raw")]
@@ -79,6 +90,7 @@ pub enum ImgCommand {
     },
     /// Convert an image (its whole backing chain, flattened) to raw or qcow2 like
     /// `qemu-img convert`.
+    #[command(after_help = "Example:\n  kiln img convert -O raw disk.qcow2 disk.raw")]
     Convert {
         /// Source format (probed when omitted).
         #[arg(short = 'f')]
