@@ -1,7 +1,7 @@
 //! `kiln diff img --generate 40 --seed 7` against the installed qemu-img (10.0.2 on CI) and
 //! the corpus against Debian 12's own qemu-img 7.2 (`KILN_QEMU_IMG_7_2`, which .ci/run sets from
-//! .ci/qemu-img-7.2): zero DIVERGENT, and no input image changed by either tool (sha256 before
-//! and after). Also `--log`: one JSON file per tolerated or DIVERGENT finding, and summary.json.
+//! .ci/qemu-img-7.2): zero DIVERGENT, zero unsupported, and no input image changed by either
+//! tool (sha256 before and after). Also `--log`: one JSON file per tolerated or DIVERGENT finding, and summary.json.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -95,6 +95,9 @@ fn no_divergence_with(q: &str, n: usize, seed: u64) -> Report {
     let text = report.to_text(false);
     eprintln!("{text}");
     assert_eq!(report.divergent(), 0, "{text}");
+    // Extended L2 and zstd images are read by kiln-disk's own reader: nothing is unsupported.
+    let unsupported = report.count(|v| matches!(v, Verdict::Unsupported(_)));
+    assert_eq!(unsupported, 0, "{text}");
     assert!(report.count(|v| *v == Verdict::Identical) > 5 * n, "{text}");
     assert_eq!(before, hashes(dir.path()), "an input image changed");
     report
