@@ -9,26 +9,8 @@ use kiln_img::{convert, create, ConvertArgs, CreateArgs};
 use serde_json::Value;
 use sha2::{Digest, Sha256};
 
-fn qemu_img_present() -> bool {
-    let ok = Command::new("qemu-img")
-        .arg("--version")
-        .output()
-        .is_ok_and(|o| o.status.success());
-    assert!(
-        ok || !on_ci(),
-        "CI is set and qemu-img is not installed; .ci/install-deps installs qemu-utils"
-    );
-    if !ok {
-        println!("skipped: qemu-img is not installed (apt-get install qemu-utils)");
-    }
-    ok
-}
-
-/// Whether this is a CI run (`CI` set, and not to "false" or "0"): there .ci/install-deps
-/// installs qemu-img, so its absence is a failure, not a skip.
-fn on_ci() -> bool {
-    std::env::var("CI").is_ok_and(|v| !v.is_empty() && v != "false" && v != "0")
-}
+mod common;
+use common::qemu_img_present;
 
 fn qemu(args: &[&str]) -> (i32, String) {
     let o = Command::new("qemu-img")

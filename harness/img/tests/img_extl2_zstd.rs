@@ -7,25 +7,8 @@ use std::process::Command;
 
 use kiln_img::{check, compare, convert, map, ConvertArgs, Profile};
 
-fn qemu_img_present() -> bool {
-    let ok = Command::new("qemu-img")
-        .arg("--version")
-        .output()
-        .is_ok_and(|o| o.status.success());
-    assert!(
-        ok || !on_ci(),
-        "CI is set and qemu-img is not installed; .ci/install-deps installs qemu-utils"
-    );
-    if !ok {
-        println!("skipped: qemu-img is not installed (apt-get install qemu-utils)");
-    }
-    ok
-}
-
-/// Whether this is a CI run (`CI` set, and not to "false" or "0").
-fn on_ci() -> bool {
-    std::env::var("CI").is_ok_and(|v| !v.is_empty() && v != "false" && v != "0")
-}
+mod common;
+use common::{on_ci, qemu_img_present};
 
 /// The output profile matching the installed qemu-img, if kiln has one.
 fn profile() -> Option<Profile> {
