@@ -63,6 +63,7 @@ pub const MAX_VIRTIO_DEVICES: usize = (VIRTIO_IRQ_MAX - VIRTIO_IRQ_BASE + 1) as 
 pub struct DeviceManager {
     slots: Vec<VirtioMmioSlot>,
     subscribers: Vec<Subscriber>,
+    transports: Vec<Arc<Mutex<MmioTransport>>>,
 }
 
 impl DeviceManager {
@@ -127,6 +128,7 @@ impl DeviceManager {
         let host_fds =
             HostFdWatch::new().map_err(|source| DeviceError::EventFd { index, source })?;
         mmio.insert(transport.clone(), slot.base, slot.size)?;
+        self.transports.push(transport.clone());
         self.subscribers.push(Arc::new(Mutex::new(VirtioSubscriber {
             transport,
             queue_evts,
@@ -134,6 +136,11 @@ impl DeviceManager {
         })));
         self.slots.push(slot);
         Ok(slot)
+    }
+
+    /// Each device's transport, in slot order (snapshots save and restore them).
+    pub fn transports(&self) -> &[Arc<Mutex<MmioTransport>>] {
+        &self.transports
     }
 
     /// The slots, for the ACPI DSDT.

@@ -18,6 +18,7 @@ pub mod host_fds;
 pub mod kvm;
 pub mod layout;
 pub mod memory;
+pub mod snapshot;
 pub mod vcpu;
 pub mod vm;
 

@@ -144,14 +144,15 @@ fn describe_registers(vcpu: &VcpuFd) -> String {
     s
 }
 
-/// Runs `vcpu` until the VM ends: reports the reason to `latch` and returns.
+/// Runs `vcpu` until the VM ends or the vCPU is stopped: reports the reason to `latch` and
+/// hands the vCPU back, its last exit completed (so that a snapshot reads consistent state).
 pub fn run_vcpu(
     index: u8,
     mut vcpu: VcpuFd,
     ctx: ExitContext,
     latch: Arc<ExitLatch>,
     state: Arc<RunState>,
-) {
+) -> VcpuFd {
     state.set(VcpuState::Running);
     let _span = tracing::debug_span!("vcpu", index).entered();
     loop {
@@ -183,7 +184,13 @@ pub fn run_vcpu(
             }
         }
     }
+    // An I/O or MMIO exit is complete (a read's value in its register) only after the next
+    // KVM_RUN; with immediate_exit set that entry returns at once without running the guest.
+    vcpu.set_kvm_immediate_exit(1);
+    let _ = vcpu.run();
+    vcpu.set_kvm_immediate_exit(0);
     state.set(VcpuState::Exited);
+    vcpu
 }
 
 #[cfg(test)]

@@ -295,43 +295,7 @@ impl Vm {
     pub fn start(config: VmConfig) -> Result<VmHandle, Error> {
         let started = Instant::now();
         let _span = tracing::info_span!("vm", kernel = %config.kernel.display()).entered();
-        if config.vcpus == 0 {
-            return Err(Error::Vcpus {
-                count: 0,
-                problem: VcpusProblem::Zero,
-            });
-        }
-        let kvm = Kvm::new().map_err(|source| Error::KvmOpen {
-            hint: match source.errno() {
-                libc::EACCES | libc::EPERM => {
-                    " (add yourself to the kvm group: `sudo usermod -aG kvm $USER`, then log in again)"
-                }
-                libc::ENOENT => " (no KVM here: load kvm_intel/kvm_amd, or use the QEMU backend)",
-                _ => "",
-            },
-            source,
-        })?;
-        let max = kvm.get_max_vcpus().min(usize::from(u8::MAX));
-        if usize::from(config.vcpus) > max {
-            return Err(Error::Vcpus {
-                count: config.vcpus,
-                problem: VcpusProblem::AboveMax { max },
-            });
-        }
-        let vm_fd = kvm.create_vm().map_err(kvm_err("KVM_CREATE_VM"))?;
-        vm_fd
-            .set_tss_address(KVM_TSS_ADDRESS)
-            .map_err(kvm_err("KVM_SET_TSS_ADDR"))?;
-        vm_fd
-            .create_irq_chip()
-            .map_err(kvm_err("KVM_CREATE_IRQCHIP"))?;
-        vm_fd
-            .create_pit2(kvm_pit_config {
-                flags: KVM_PIT_SPEAKER_DUMMY,
-                ..Default::default()
-            })
-            .map_err(kvm_err("KVM_CREATE_PIT2"))?;
-
+        let (kvm, vm_fd) = open_vm(config.vcpus)?;
         let mem = create_guest_memory(config.memory_mib)?;
         register_memory(&vm_fd, &mem)?;
 
@@ -340,24 +304,7 @@ impl Vm {
         let mut devices = DeviceManager::new();
         // Overlays the user asked to keep must not outlive a start that fails.
         let mut created = RemoveOnError::default();
-        for spec in &config.disks {
-            let disk = open_disk(spec)?;
-            if let DiskMode::KeptOverlay(path) = &spec.mode {
-                created.0.push(path.clone());
-            }
-            devices.add_virtio(&vm_fd, &mem, &mut mmio, Box::new(Block::new(disk)))?;
-        }
-        for share in &config.shares {
-            let fs = VirtioFs::new(&share.tag, &share.dir, share.read_only)?;
-            devices.add_virtio(&vm_fd, &mem, &mut mmio, Box::new(fs))?;
-        }
-        if let Some(uds) = &config.vsock {
-            let vsock = Vsock::new(uds, GUEST_CID)?;
-            devices.add_virtio(&vm_fd, &mem, &mut mmio, Box::new(vsock))?;
-        }
-        if config.rng {
-            devices.add_virtio(&vm_fd, &mem, &mut mmio, Box::new(Rng::new()))?;
-        }
+        attach_devices(&config, &vm_fd, &mem, &mut mmio, &mut devices, &mut created)?;
         let kiln_parts = if config.virtio_cmdline {
             devices.cmdline_entries()
         } else {
@@ -377,40 +324,7 @@ impl Vm {
         setup_mptable(&mem, config.vcpus)?;
         write_boot_structures(&mem, &kernel, cmdline_text.len(), rsdp)?;
 
-        let latch = Arc::new(ExitLatch::default());
-        let phases = PhaseLog::new(started);
-        let (sink, console_log, console_writer) = console(&config.console, &config.markers)?;
-        let pio = legacy_devices(&vm_fd, latch.clone(), phases.clone(), sink)?;
-        let ctx = ExitContext { pio, mmio };
-
         let vcpus = create_vcpus(&kvm, &vm_fd, &mem, &kernel.entry, config.vcpus)?;
-        install_kick_handler();
-        let events =
-            EventLoop::start(devices.take_subscribers()).map_err(|source| Error::Host {
-                what: "the event loop thread",
-                source,
-            })?;
-        let mut threads = Vec::with_capacity(vcpus.len());
-        for (i, vcpu) in vcpus.into_iter().enumerate() {
-            let state = Arc::new(RunState::default());
-            let (ctx, latch2, state2) = (ctx.clone(), latch.clone(), state.clone());
-            let spawned = std::thread::Builder::new()
-                .name(format!("kiln-vcpu{i}"))
-                .spawn(move || run_vcpu(i as u8, vcpu, ctx, latch2, state2));
-            match spawned {
-                Ok(handle) => threads.push((handle, state)),
-                Err(source) => {
-                    // Tear down what already runs before reporting.
-                    latch.set(ExitReason::Killed);
-                    stop_vcpus(&mut threads);
-                    return Err(Error::Host {
-                        what: "a vCPU thread",
-                        source,
-                    });
-                }
-            }
-        }
-        created.0.clear();
         let info = BootInfo {
             protocol: match kernel.entry {
                 EntryPoint::Pvh(_) => "pvh",
@@ -422,28 +336,181 @@ impl Vm {
             cmdline: cmdline_text,
             initrd: kernel.initrd.map(|(a, s)| (a.0, s)),
         };
-        tracing::debug!(?info, "VM started in {:?}", started.elapsed());
-        Ok(VmHandle {
-            running: Some(Running {
-                threads,
-                events,
-                _vm_fd: vm_fd,
-                _mem: mem,
-            }),
-            latch,
-            console: console_log,
-            console_writer: Some(console_writer),
-            phases,
+        let parts = Parts {
+            config: &config,
             started,
+            vm_fd,
+            mem,
+            mmio,
+            devices,
+            vcpus,
             info,
-            vsock: config.vsock.clone(),
-        })
+            serial: None,
+        };
+        let handle = launch(parts)?;
+        created.0.clear();
+        tracing::debug!(info = ?handle.info, "VM started in {:?}", started.elapsed());
+        Ok(handle)
     }
+}
+
+/// Opens /dev/kvm and creates a VM with the in-kernel irqchip and PIT, checking `vcpus`
+/// against what this host allows.
+pub(crate) fn open_vm(vcpus: u8) -> Result<(Kvm, VmFd), Error> {
+    if vcpus == 0 {
+        return Err(Error::Vcpus {
+            count: 0,
+            problem: VcpusProblem::Zero,
+        });
+    }
+    let kvm = Kvm::new().map_err(|source| Error::KvmOpen {
+        hint: match source.errno() {
+            libc::EACCES | libc::EPERM => {
+                " (add yourself to the kvm group: `sudo usermod -aG kvm $USER`, then log in again)"
+            }
+            libc::ENOENT => " (no KVM here: load kvm_intel/kvm_amd, or use the QEMU backend)",
+            _ => "",
+        },
+        source,
+    })?;
+    let max = kvm.get_max_vcpus().min(usize::from(u8::MAX));
+    if usize::from(vcpus) > max {
+        return Err(Error::Vcpus {
+            count: vcpus,
+            problem: VcpusProblem::AboveMax { max },
+        });
+    }
+    let vm_fd = kvm.create_vm().map_err(kvm_err("KVM_CREATE_VM"))?;
+    vm_fd
+        .set_tss_address(KVM_TSS_ADDRESS)
+        .map_err(kvm_err("KVM_SET_TSS_ADDR"))?;
+    vm_fd
+        .create_irq_chip()
+        .map_err(kvm_err("KVM_CREATE_IRQCHIP"))?;
+    vm_fd
+        .create_pit2(kvm_pit_config {
+            flags: KVM_PIT_SPEAKER_DUMMY,
+            ..Default::default()
+        })
+        .map_err(kvm_err("KVM_CREATE_PIT2"))?;
+    Ok((kvm, vm_fd))
+}
+
+/// Creates the virtio devices of `config` in kiln's fixed order (disks, shares, vsock, rng):
+/// a snapshot's devices are matched to a restored VM's by this order.
+pub(crate) fn attach_devices(
+    config: &VmConfig,
+    vm_fd: &VmFd,
+    mem: &GuestMemory,
+    mmio: &mut Bus,
+    devices: &mut DeviceManager,
+    created: &mut RemoveOnError,
+) -> Result<(), Error> {
+    for spec in &config.disks {
+        let disk = open_disk(spec)?;
+        if let DiskMode::KeptOverlay(path) = &spec.mode {
+            created.0.push(path.clone());
+        }
+        devices.add_virtio(vm_fd, mem, mmio, Box::new(Block::new(disk)))?;
+    }
+    for share in &config.shares {
+        let fs = VirtioFs::new(&share.tag, &share.dir, share.read_only)?;
+        devices.add_virtio(vm_fd, mem, mmio, Box::new(fs))?;
+    }
+    if let Some(uds) = &config.vsock {
+        let vsock = Vsock::new(uds, GUEST_CID)?;
+        devices.add_virtio(vm_fd, mem, mmio, Box::new(vsock))?;
+    }
+    if config.rng {
+        devices.add_virtio(vm_fd, mem, mmio, Box::new(Rng::new()))?;
+    }
+    Ok(())
+}
+
+/// A VM built and ready to run (by a boot or a restore).
+pub(crate) struct Parts<'a> {
+    pub config: &'a VmConfig,
+    pub started: Instant,
+    pub vm_fd: VmFd,
+    pub mem: GuestMemory,
+    pub mmio: Bus,
+    pub devices: DeviceManager,
+    pub vcpus: Vec<VcpuFd>,
+    pub info: BootInfo,
+    /// The COM1 state to start from (a restore), or a reset UART.
+    pub serial: Option<kiln_devices::legacy::SerialSnapshot>,
+}
+
+/// Wires the legacy devices and the console, starts the event loop and one thread per vCPU.
+pub(crate) fn launch(mut p: Parts<'_>) -> Result<VmHandle, Error> {
+    let latch = Arc::new(ExitLatch::default());
+    let phases = PhaseLog::new(p.started);
+    let (sink, console_log, console_writer) = console(&p.config.console, &p.config.markers)?;
+    let (pio, serial) = legacy_devices(
+        &p.vm_fd,
+        latch.clone(),
+        phases.clone(),
+        sink,
+        p.serial.as_ref(),
+    )?;
+    let ctx = ExitContext { pio, mmio: p.mmio };
+    install_kick_handler();
+    let transports = p.devices.transports().to_vec();
+    let events = EventLoop::start(p.devices.take_subscribers()).map_err(|source| Error::Host {
+        what: "the event loop thread",
+        source,
+    })?;
+    let first_run = Arc::new(std::sync::OnceLock::new());
+    let mut threads = Vec::with_capacity(p.vcpus.len());
+    for (i, vcpu) in p.vcpus.into_iter().enumerate() {
+        let state = Arc::new(RunState::default());
+        let (ctx, latch2, state2) = (ctx.clone(), latch.clone(), state.clone());
+        let first = first_run.clone();
+        let spawned = std::thread::Builder::new()
+            .name(format!("kiln-vcpu{i}"))
+            .spawn(move || {
+                if i == 0 {
+                    let _ = first.set(Instant::now());
+                }
+                run_vcpu(i as u8, vcpu, ctx, latch2, state2)
+            });
+        match spawned {
+            Ok(handle) => threads.push((handle, state)),
+            Err(source) => {
+                // Tear down what already runs before reporting.
+                latch.set(ExitReason::Killed);
+                stop_vcpus(&mut threads);
+                return Err(Error::Host {
+                    what: "a vCPU thread",
+                    source,
+                });
+            }
+        }
+    }
+    Ok(VmHandle {
+        running: Some(Running {
+            threads,
+            events,
+            transports,
+            serial,
+            vm_fd: p.vm_fd,
+            mem: p.mem,
+        }),
+        latch,
+        console: console_log,
+        console_writer: Some(console_writer),
+        phases,
+        started: p.started,
+        first_run,
+        info: p.info,
+        vsock: p.config.vsock.clone(),
+        memory_mib: p.config.memory_mib,
+    })
 }
 
 /// Files created while starting a VM, removed if the start fails.
 #[derive(Default)]
-struct RemoveOnError(Vec<PathBuf>);
+pub(crate) struct RemoveOnError(pub(crate) Vec<PathBuf>);
 
 impl Drop for RemoveOnError {
     fn drop(&mut self) {
@@ -454,7 +521,7 @@ impl Drop for RemoveOnError {
 }
 
 /// Hands every guest RAM region to KVM.
-fn register_memory(vm_fd: &VmFd, mem: &GuestMemory) -> Result<(), Error> {
+pub(crate) fn register_memory(vm_fd: &VmFd, mem: &GuestMemory) -> Result<(), Error> {
     for (slot, region) in mem.iter().enumerate() {
         let host = region
             .get_host_address(vm_memory::MemoryRegionAddress(0))
@@ -505,25 +572,31 @@ fn write_boot_structures(
     Ok(())
 }
 
-/// COM1, i8042, ACPI PM ports and kiln's debug ports on a new PIO bus.
+/// COM1 (reset, or in the state a snapshot saved), i8042, ACPI PM ports and kiln's debug
+/// ports on a new PIO bus; also returns COM1 (snapshots read its state).
 fn legacy_devices(
     vm_fd: &VmFd,
     latch: Arc<ExitLatch>,
     phases: PhaseLog,
     sink: kiln_devices::console::ConsoleSink,
-) -> Result<Bus, Error> {
+    serial_state: Option<&kiln_devices::legacy::SerialSnapshot>,
+) -> Result<(Bus, Arc<Mutex<SerialPort>>), Error> {
     let host = |what| move |source| Error::Host { what, source };
     let com1_irq = EventFd::new(libc::EFD_NONBLOCK).map_err(host("the COM1 eventfd"))?;
     vm_fd
         .register_irqfd(&com1_irq, layout::COM1_IRQ)
         .map_err(kvm_err("KVM_IRQFD (COM1)"))?;
+    let serial = match serial_state {
+        None => SerialPort::new(com1_irq, sink),
+        Some(state) => SerialPort::from_state(state, com1_irq, sink).map_err(|e| Error::Host {
+            what: "COM1 from the snapshot",
+            source: std::io::Error::other(e),
+        })?,
+    };
+    let serial = Arc::new(Mutex::new(serial));
     let exit: Arc<dyn ExitRequester> = latch;
     let mut pio = Bus::new();
-    pio.insert(
-        Arc::new(Mutex::new(SerialPort::new(com1_irq, sink))),
-        u64::from(layout::COM1_PORT),
-        8,
-    )?;
+    pio.insert(serial.clone(), u64::from(layout::COM1_PORT), 8)?;
     pio.insert(
         Arc::new(Mutex::new(I8042::new(exit.clone()))),
         u64::from(layout::I8042_PORT),
@@ -542,7 +615,7 @@ fn legacy_devices(
         u64::from(layout::EXIT_PORT),
         2,
     )?;
-    Ok(pio)
+    Ok((pio, serial))
 }
 
 /// Creates and configures the vCPUs; vCPU 0 gets the entry state, the others wait for
@@ -601,7 +674,10 @@ fn install_kick_handler() {
 
 /// Marks every vCPU stopping and kicks the unfinished ones out of KVM_RUN until all returned
 /// or `deadline` passed; returns whether all did.
-fn kick_vcpus(threads: &[(JoinHandle<()>, Arc<RunState>)], deadline: Instant) -> bool {
+pub(crate) fn kick_vcpus(
+    threads: &[(JoinHandle<VcpuFd>, Arc<RunState>)],
+    deadline: Instant,
+) -> bool {
     for (_, state) in threads {
         state.set(VcpuState::Stopping);
     }
@@ -624,7 +700,7 @@ fn kick_vcpus(threads: &[(JoinHandle<()>, Arc<RunState>)], deadline: Instant) ->
 
 /// Stops every vCPU thread: mark it stopping, kick it out of KVM_RUN until it returns (at
 /// most [`KICK_DEADLINE`]), join; a vCPU that never returns is leaked.
-fn stop_vcpus(threads: &mut Vec<(JoinHandle<()>, Arc<RunState>)>) {
+fn stop_vcpus(threads: &mut Vec<(JoinHandle<VcpuFd>, Arc<RunState>)>) {
     kick_vcpus(threads, Instant::now() + KICK_DEADLINE);
     for (handle, state) in threads.drain(..) {
         if handle.is_finished() {
@@ -638,24 +714,29 @@ fn stop_vcpus(threads: &mut Vec<(JoinHandle<()>, Arc<RunState>)>) {
     }
 }
 
-struct Running {
-    threads: Vec<(JoinHandle<()>, Arc<RunState>)>,
-    events: EventLoop,
+pub(crate) struct Running {
+    pub(crate) threads: Vec<(JoinHandle<VcpuFd>, Arc<RunState>)>,
+    pub(crate) events: EventLoop,
+    pub(crate) transports: Vec<Arc<Mutex<kiln_devices::virtio::mmio::MmioTransport>>>,
+    pub(crate) serial: Arc<Mutex<SerialPort>>,
     // Dropped after the threads are joined: KVM's view of memory goes before the mapping.
-    _vm_fd: VmFd,
-    _mem: GuestMemory,
+    pub(crate) vm_fd: VmFd,
+    pub(crate) mem: GuestMemory,
 }
 
 /// A started VM. Dropping it kills the VM and frees everything.
 pub struct VmHandle {
-    running: Option<Running>,
-    latch: Arc<ExitLatch>,
+    pub(crate) running: Option<Running>,
+    pub(crate) latch: Arc<ExitLatch>,
     console: ConsoleLog,
-    console_writer: Option<ConsoleWriter>,
+    pub(crate) console_writer: Option<ConsoleWriter>,
     phases: PhaseLog,
     started: Instant,
-    info: BootInfo,
+    /// When vCPU 0 first entered KVM_RUN.
+    first_run: Arc<std::sync::OnceLock<Instant>>,
+    pub(crate) info: BootInfo,
     vsock: Option<PathBuf>,
+    pub(crate) memory_mib: u64,
 }
 
 impl VmHandle {
@@ -735,6 +816,14 @@ impl VmHandle {
         self.started
     }
 
+    /// Time from [`Vm::start`] (or the restore) until vCPU 0 first entered the guest: the
+    /// VMM's share of the boot, before the kernel runs.
+    pub fn kernel_entry(&self) -> Option<Duration> {
+        self.first_run
+            .get()
+            .map(|t| t.saturating_duration_since(self.started))
+    }
+
     /// Time from start until the VM ended, once it has.
     pub fn run_time(&self) -> Option<Duration> {
         self.latch.at().map(|t| t.duration_since(self.started))
@@ -769,7 +858,7 @@ impl VmHandle {
 
 /// Ends the VM's threads however long that takes, then frees its memory and fds, then lets the
 /// console writer drain.
-fn finish(mut r: Running, writer: Option<ConsoleWriter>) {
+pub(crate) fn finish(mut r: Running, writer: Option<ConsoleWriter>) {
     if !kick_vcpus(&r.threads, Instant::now() + KICK_DEADLINE) {
         tracing::error!("a vCPU did not leave KVM_RUN within {KICK_DEADLINE:?}; still waiting");
     }

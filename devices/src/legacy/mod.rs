@@ -9,4 +9,4 @@ mod serial;
 pub use acpi_pm::{AcpiPmPorts, S5_SLEEP_TYPE};
 pub use debug_ports::{DebugPorts, Phase, PhaseLog};
 pub use i8042::I8042;
-pub use serial::{EventFdTrigger, SerialPort};
+pub use serial::{EventFdTrigger, SerialPort, SerialSnapshot};

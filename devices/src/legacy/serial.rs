@@ -19,6 +19,16 @@ impl Trigger for EventFdTrigger {
     }
 }
 
+/// The 16550's state in a snapshot: DLL, DLM, IER, IIR, LCR, LSR, MCR, MSR, SCR, and the
+/// receive FIFO.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct SerialSnapshot {
+    /// The nine registers, in the order above.
+    pub registers: [u8; 9],
+    /// Bytes received and not yet read by the guest.
+    pub in_buffer: Vec<u8>,
+}
+
 /// The 16550 UART on COM1; its output goes to a [`ConsoleSink`].
 pub struct SerialPort {
     uart: Serial<EventFdTrigger, vm_superio::serial::NoEvents, ConsoleSink>,
@@ -30,6 +40,50 @@ impl SerialPort {
         Self {
             uart: Serial::new(EventFdTrigger(irq), sink),
         }
+    }
+
+    /// The UART's registers and receive FIFO, for a snapshot.
+    pub fn state(&self) -> SerialSnapshot {
+        let s = self.uart.state();
+        SerialSnapshot {
+            registers: [
+                s.baud_divisor_low,
+                s.baud_divisor_high,
+                s.interrupt_enable,
+                s.interrupt_identification,
+                s.line_control,
+                s.line_status,
+                s.modem_control,
+                s.modem_status,
+                s.scratch,
+            ],
+            in_buffer: s.in_buffer,
+        }
+    }
+
+    /// A UART in the state a snapshot saved; a FIFO longer than the 16550's is refused.
+    pub fn from_state(
+        state: &SerialSnapshot,
+        irq: EventFd,
+        sink: ConsoleSink,
+    ) -> Result<Self, String> {
+        let [baud_divisor_low, baud_divisor_high, interrupt_enable, interrupt_identification, line_control, line_status, modem_control, modem_status, scratch] =
+            state.registers;
+        let s = vm_superio::serial::SerialState {
+            baud_divisor_low,
+            baud_divisor_high,
+            interrupt_enable,
+            interrupt_identification,
+            line_control,
+            line_status,
+            modem_control,
+            modem_status,
+            scratch,
+            in_buffer: state.in_buffer.clone(),
+        };
+        let uart = Serial::from_state(&s, EventFdTrigger(irq), vm_superio::serial::NoEvents, sink)
+            .map_err(|e| format!("serial state: {e:?}"))?;
+        Ok(Self { uart })
     }
 
     /// Feeds host input to the guest (the UART's receive FIFO); returns the bytes accepted.

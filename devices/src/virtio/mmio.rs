@@ -134,8 +134,8 @@ enum QueueSetupError {
 }
 
 /// One queue's registers as the driver wrote them; turned into a `Queue` at DRIVER_OK.
-#[derive(Clone, Copy)]
-struct QueueRegs {
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct QueueRegs {
     max_size: u16,
     size: u32,
     ready: bool,
@@ -202,6 +202,27 @@ impl QueueRegs {
 }
 
 /// A virtio device behind the virtio-mmio version 2 register file; insert it on the MMIO bus.
+/// What a snapshot keeps of a transport: its registers, each queue's position and the
+/// pending interrupt reasons. The device's own state is its business (see
+/// [`VirtioDevice::snapshot_blocker`]).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct TransportState {
+    /// The device type, checked on restore.
+    pub device_type: u32,
+    status: u32,
+    activated: bool,
+    device_features_sel: u32,
+    driver_features_sel: u32,
+    acked_features: u64,
+    acked_unknown_page: bool,
+    queue_sel: u32,
+    shm_sel: u32,
+    queues: Vec<QueueRegs>,
+    /// `(next_avail, next_used)` per queue held by the device.
+    positions: Vec<(u16, u16)>,
+    interrupt_status: u32,
+}
+
 pub struct MmioTransport {
     device: Box<dyn VirtioDevice>,
     mem: GuestMem,
@@ -244,6 +265,91 @@ impl MmioTransport {
     }
 
     /// The device behind the transport.
+    /// The transport's state for a snapshot; refused while the device holds state a snapshot
+    /// cannot carry. The device must be quiet (no vCPU or event-loop thread in it).
+    pub fn save(&self) -> Result<TransportState, String> {
+        if let Some(why) = self.device.snapshot_blocker() {
+            return Err(why);
+        }
+        Ok(TransportState {
+            device_type: self.device.device_type(),
+            status: self.status,
+            activated: self.activated,
+            device_features_sel: self.device_features_sel,
+            driver_features_sel: self.driver_features_sel,
+            acked_features: self.acked_features,
+            acked_unknown_page: self.acked_unknown_page,
+            queue_sel: self.queue_sel,
+            shm_sel: self.shm_sel,
+            queues: self.queues.clone(),
+            positions: self.device.queue_positions(),
+            interrupt_status: self.interrupt.status(),
+        })
+    }
+
+    /// Puts a fresh transport (and its device) in the state [`MmioTransport::save`] returned:
+    /// registers, then the device activated with queues at their saved positions, then
+    /// [`VirtioDevice::restored`]. Refused, with the transport untouched, when the state is for
+    /// another device type or queue layout.
+    pub fn restore(&mut self, state: &TransportState) -> Result<(), String> {
+        let device_type = self.device.device_type();
+        if state.device_type != device_type {
+            return Err(format!(
+                "the snapshot has device type {} where this VM has {device_type}",
+                state.device_type
+            ));
+        }
+        let same_layout = state.queues.len() == self.queues.len()
+            && state
+                .queues
+                .iter()
+                .zip(&self.queues)
+                .all(|(a, b)| a.max_size == b.max_size);
+        if !same_layout {
+            return Err(format!(
+                "device type {device_type}: the snapshot's queues do not match this device's"
+            ));
+        }
+        if self.activated {
+            return Err("the device is already active".into());
+        }
+        self.status = state.status;
+        self.device_features_sel = state.device_features_sel;
+        self.driver_features_sel = state.driver_features_sel;
+        self.acked_features = state.acked_features;
+        self.acked_unknown_page = state.acked_unknown_page;
+        self.queue_sel = state.queue_sel;
+        self.shm_sel = state.shm_sel;
+        self.queues.clone_from(&state.queues);
+        if state.activated {
+            let event_idx = self.acked_features & VIRTIO_RING_F_EVENT_IDX != 0;
+            let mut queues = Vec::with_capacity(self.queues.len());
+            for (i, regs) in self.queues.iter().enumerate() {
+                queues.push(
+                    regs.build(i, &self.mem, event_idx)
+                        .map_err(|e| e.to_string())?,
+                );
+            }
+            // Devices hold every queue they were given, in order.
+            for (queue, &(avail, used)) in queues.iter_mut().zip(&state.positions) {
+                queue.set_next_avail(avail);
+                queue.set_next_used(used);
+            }
+            self.device
+                .activate(
+                    self.mem.clone(),
+                    queues,
+                    self.interrupt.clone(),
+                    self.acked_features,
+                )
+                .map_err(|e| e.to_string())?;
+            self.activated = true;
+            self.device.restored();
+        }
+        self.interrupt.restore_status(state.interrupt_status);
+        Ok(())
+    }
+
     pub fn device(&self) -> &dyn VirtioDevice {
         self.device.as_ref()
     }

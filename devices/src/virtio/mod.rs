@@ -94,6 +94,14 @@ impl Interrupt {
         self.status.fetch_and(!bits, Ordering::AcqRel);
     }
 
+    /// Sets the status bits a snapshot saved and signals them again (a spurious interrupt is
+    /// harmless; a lost one would stall the driver).
+    pub fn restore_status(&self, bits: u32) {
+        if bits != 0 {
+            self.raise(bits);
+        }
+    }
+
     /// The eventfd (for tests and for the VMM's irqfd registration).
     pub fn eventfd(&self) -> &EventFd {
         &self.evt
@@ -262,4 +270,21 @@ pub trait VirtioDevice: Send {
     fn is_broken(&self) -> bool {
         false
     }
+
+    /// `(next_avail, next_used)` of each queue the device holds, in queue order; empty before
+    /// activation. A snapshot saves them; a restore hands them back through the queues given
+    /// to [`VirtioDevice::activate`].
+    fn queue_positions(&self) -> Vec<(u16, u16)> {
+        Vec::new()
+    }
+
+    /// Why this device's state cannot go into a snapshot now (e.g. a FUSE session the host side
+    /// would have to carry over), or `None` when it can.
+    fn snapshot_blocker(&self) -> Option<String> {
+        None
+    }
+
+    /// Called once after a restore re-activated the device: tell the driver what did not
+    /// survive (vsock: the transport-reset event for connections from before the snapshot).
+    fn restored(&mut self) {}
 }

@@ -225,6 +225,13 @@ impl VirtioDevice for Rng {
     fn is_broken(&self) -> bool {
         self.broken
     }
+
+    fn queue_positions(&self) -> Vec<(u16, u16)> {
+        self.active
+            .iter()
+            .map(|a| (a.queue.next_avail(), a.queue.next_used()))
+            .collect()
+    }
 }
 
 #[cfg(test)]

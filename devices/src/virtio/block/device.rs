@@ -308,6 +308,19 @@ impl VirtioDevice for Block {
     fn is_broken(&self) -> bool {
         self.broken
     }
+
+    fn queue_positions(&self) -> Vec<(u16, u16)> {
+        self.active
+            .iter()
+            .map(|a| (a.queue.next_avail(), a.queue.next_used()))
+            .collect()
+    }
+
+    fn snapshot_blocker(&self) -> Option<String> {
+        self.in_flight
+            .is_some()
+            .then(|| "virtio-blk has a request in flight".to_string())
+    }
 }
 
 /// The descriptors of one chain, split into header, data and status.

@@ -57,6 +57,9 @@ pub struct VirtioFs {
     /// Written when a queue still had requests after [`CHAINS_PER_EVENT`]; watched as a host
     /// fd, so the event loop comes back for the rest after serving everything else.
     kick: EventFd,
+    /// FUSE requests served since the driver activated the device: a session has begun (a
+    /// snapshot cannot carry it, see [`VirtioDevice::snapshot_blocker`]).
+    served: u64,
 }
 
 struct Active {
@@ -132,6 +135,7 @@ impl VirtioFs {
             active: None,
             broken: false,
             kick,
+            served: 0,
         })
     }
 
@@ -216,6 +220,7 @@ impl VirtioDevice for VirtioFs {
                 break;
             };
             served += 1;
+            self.served += 1;
             let head = chain.head_index();
             let len = match handle_chain(&self.server, mem, chain) {
                 Outcome::Used(len) => len,
@@ -269,11 +274,29 @@ impl VirtioDevice for VirtioFs {
         // handles so that nothing it held stays open on the host.
         self.fs.destroy();
         self.broken = false;
+        self.served = 0;
         true
     }
 
     fn is_broken(&self) -> bool {
         self.broken
+    }
+
+    fn queue_positions(&self) -> Vec<(u16, u16)> {
+        self.active
+            .iter()
+            .flat_map(|a| a.queues.iter())
+            .map(|q| (q.next_avail(), q.next_used()))
+            .collect()
+    }
+
+    fn snapshot_blocker(&self) -> Option<String> {
+        (self.served > 0).then(|| {
+            format!(
+                "virtio-fs `{}` has served {} FUSE requests (the share is mounted); snapshots are taken before shares are mounted",
+                self.tag, self.served
+            )
+        })
     }
 }
 

@@ -41,8 +41,13 @@ struct Active {
     mem: GuestMem,
     rxq: Queue,
     txq: Queue,
+    evq: Queue,
     interrupt: Interrupt,
 }
+
+/// `VIRTIO_VSOCK_EVENT_TRANSPORT_RESET` (virtio 1.2 §5.10.6.7): the driver drops every
+/// connection and reads the guest CID again.
+const EVENT_TRANSPORT_RESET: u32 = 0;
 
 /// A virtio-vsock device (type 19) whose host side is a Unix socket (Firecracker's protocol).
 pub struct Vsock {
@@ -263,7 +268,7 @@ impl VirtioDevice for Vsock {
     ) -> Result<(), ActivateError> {
         let n = queues.len();
         let mut it = queues.into_iter();
-        let (Some(rxq), Some(txq), Some(_evq), None) = (it.next(), it.next(), it.next(), it.next())
+        let (Some(rxq), Some(txq), Some(evq), None) = (it.next(), it.next(), it.next(), it.next())
         else {
             return Err(ActivateError::BadQueue(format!(
                 "virtio-vsock needs 3 queues (rx, tx, event), got {n}"
@@ -273,6 +278,7 @@ impl VirtioDevice for Vsock {
             mem,
             rxq,
             txq,
+            evq,
             interrupt,
         });
         self.broken = false;
@@ -320,5 +326,45 @@ impl VirtioDevice for Vsock {
 
     fn is_broken(&self) -> bool {
         self.broken
+    }
+
+    fn queue_positions(&self) -> Vec<(u16, u16)> {
+        self.active
+            .iter()
+            .flat_map(|a| [&a.rxq, &a.txq, &a.evq])
+            .map(|q| (q.next_avail(), q.next_used()))
+            .collect()
+    }
+
+    fn restored(&mut self) {
+        // Connections from before the snapshot have no host side any more.
+        self.muxer.reset();
+        if let Err(e) = self.send_event(EVENT_TRANSPORT_RESET) {
+            tracing::warn!("vsock: cannot send the transport-reset event: {e}");
+        }
+    }
+}
+
+impl Vsock {
+    /// Puts one `virtio_vsock_event` in the first buffer of the event queue.
+    fn send_event(&mut self, id: u32) -> Result<(), String> {
+        let act = self.active.as_mut().ok_or("the device is not active")?;
+        let mem = &act.mem;
+        let chain = act
+            .evq
+            .pop_descriptor_chain(mem)
+            .ok_or("the driver gave no event buffer")?;
+        let head = chain.head_index();
+        let desc = chain
+            .clone()
+            .find(|d| d.is_write_only() && d.len() >= 4)
+            .ok_or("the event buffer has no writable descriptor of 4 bytes")?;
+        mem.write_obj(id.to_le(), desc.addr())
+            .map_err(|e| format!("cannot write the event: {e}"))?;
+        act.evq
+            .add_used(mem, head, 4)
+            .map_err(|e| format!("cannot add the used entry: {e}"))?;
+        act.interrupt.signal_used_queue();
+        Ok(())
     }
 }
