@@ -201,6 +201,7 @@ impl TestVmBuilder {
             shares: self.shares,
             console_log,
             console_log_limit: kiln_backends::console::DEFAULT_CONSOLE_LOG_LIMIT,
+            snapshot: None,
         };
         let mut machine = backend.boot(&plan, run_dir.path())?;
         let readiness = Readiness {

@@ -146,6 +146,19 @@ fn the_corpus_runs_on_the_kiln_backend_with_hardware_kvm() {
     // as under kiln (docs/nested.md); a scenario that fails twice still fails.
     let out = kiln_run_with(&corpus, &artifacts, &["--retries", "1"]);
     assert_eq!(out.status.code(), Some(0), "{}", describe(&out));
+    // Scenarios whose readiness is the agent's record started from a snapshot.
+    let mut restored = 0;
+    for (id, _) in common::corpus(&corpus) {
+        let (_, result) = result(&artifacts, &id);
+        if let Some(snap) = result.get("snapshot") {
+            assert_eq!(snap["restored"], true, "{id}: not restored: {snap}");
+            restored += 1;
+        }
+    }
+    assert!(
+        restored > 0,
+        "no scenario of the corpus was restored from a snapshot"
+    );
     // Every guest powered off when asked (the agent over vsock), rather than being killed when
     // the clean-shutdown wait ran out.
     for (id, _) in common::corpus(&corpus) {
@@ -155,5 +168,129 @@ fn the_corpus_runs_on_the_kiln_backend_with_hardware_kvm() {
             !log.contains("clean shutdown failed"),
             "{id}: the guest did not power off when asked:\n{log}"
         );
+    }
+}
+
+/// Two scenarios of one guest shape start from one snapshot (made by the first), and each
+/// restored guest is a fresh one: its own random bytes and boot id, the host's wall clock, the
+/// output share mounted after the restore. The same scenario with `--no-snapshot` boots cold and
+/// gives the same verdict.
+#[test]
+fn restored_guests_differ_in_randomness_and_boot_id_and_match_a_cold_boot() {
+    or_skip!(common::hardware_kvm());
+    let dir = tempfile::tempdir().unwrap();
+    let corpus = dir.path().join("corpus");
+    fs::create_dir(&corpus).unwrap();
+    // A cache of its own, so the first scenario makes the snapshot in this test.
+    let cache = dir.path().join("cache");
+    fs::create_dir(&cache).unwrap();
+    let guests = kiln::guest::cache::cache_root().expect("guest cache");
+    fs::create_dir(cache.join("kiln")).unwrap();
+    std::os::unix::fs::symlink(&guests, cache.join("kiln/guests")).unwrap();
+    for id in ["fresh-a", "fresh-b"] {
+        fs::write(
+            corpus.join(format!("{id}.toml")),
+            format!(
+                r#"id = "{id}"
+backends = ["kiln"]
+[[steps]]
+name = "what makes a guest fresh"
+shell = '''
+set -e
+head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \n' > /mnt/output/random
+echo >> /mnt/output/random
+date +%s > /mnt/output/clock
+'''
+"#
+            ),
+        )
+        .unwrap();
+    }
+    let run = |artifacts: &Path, extra: &[&str]| {
+        let out = Command::new(env!("CARGO_BIN_EXE_kiln"))
+            .arg("run")
+            .arg(&corpus)
+            .args([
+                "--backend",
+                "kiln",
+                "--jobs",
+                "1",
+                "--retries",
+                "1",
+                "--artifacts",
+            ])
+            .arg(artifacts)
+            .args(extra)
+            .env("XDG_CACHE_HOME", &cache)
+            .stdin(Stdio::null())
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(0), "{}", describe(&out));
+    };
+    let restored = dir.path().join("restored");
+    run(&restored, &[]);
+    let snaps: Vec<_> = fs::read_dir(cache.join("kiln/snapshots"))
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .filter(|e| e.path().extension().is_some_and(|x| x == "snap"))
+        .collect();
+    assert_eq!(snaps.len(), 1, "one shape, one snapshot");
+
+    let mut randoms = Vec::new();
+    let mut boots = Vec::new();
+    let mut made = 0;
+    for id in ["fresh-a", "fresh-b"] {
+        let (bundle, result) = result(&restored, id);
+        let snap = &result["snapshot"];
+        assert_eq!(snap["restored"], true, "{id}: {result}");
+        assert!(
+            snap["snapshot"].as_str().is_some_and(|s| s.len() == 64),
+            "{snap}"
+        );
+        assert!(snap["restore"]["total_ms"].as_f64().is_some(), "{snap}");
+        made += usize::from(snap.get("created_ms").is_some());
+        let random = fs::read_to_string(bundle.join("fixtures/output/random")).unwrap();
+        assert_eq!(random.trim().len(), 64, "{id}: {random:?}");
+        randoms.push(random);
+        let ready = result["ready"][0].as_str().unwrap_or_default().to_string();
+        let boot = ready
+            .split_whitespace()
+            .find_map(|w| w.strip_prefix("boot="))
+            .unwrap_or_else(|| panic!("{id}: no boot id in {ready:?}"))
+            .to_string();
+        boots.push(boot);
+        let clock: u64 = fs::read_to_string(bundle.join("fixtures/output/clock"))
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap();
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs();
+        assert!(
+            clock.abs_diff(now) < 120,
+            "{id}: guest clock {clock} against host {now}: the restored guest's clock is stale"
+        );
+    }
+    assert_eq!(
+        made, 1,
+        "the first scenario made the snapshot, the second reused it"
+    );
+    assert_ne!(
+        randoms[0], randoms[1],
+        "two restored guests read the same random bytes"
+    );
+    assert_ne!(
+        boots[0], boots[1],
+        "two restored guests announced the same boot id"
+    );
+
+    let cold = dir.path().join("cold");
+    run(&cold, &["--no-snapshot"]);
+    for id in ["fresh-a", "fresh-b"] {
+        let (_, result) = result(&cold, id);
+        assert_eq!(result["verdict"], "pass", "{id}: {result}");
+        assert!(result.get("snapshot").is_none(), "{id}: {result}");
     }
 }

@@ -8,8 +8,7 @@ use std::time::{Duration, Instant};
 
 use kiln_agent::transport::{self, ShutdownHandler};
 use kiln_agent::{children, cmdline, init, Agent, FilePolicy};
-use kiln_agent_proto::readiness::MARKER_PREFIX;
-use kiln_agent_proto::{ReadyRecord, Transport, SERIAL_PORT_NAME, VSOCK_PORT};
+use kiln_agent_proto::{Transport, SERIAL_PORT_NAME, VSOCK_PORT};
 
 const USAGE: &str = "usage: kiln-agent [--files DIR]... [--listen-unix PATH]
 
@@ -118,16 +117,11 @@ fn main() {
     });
 
     let transports = start_transports(&args, &agent, &on_shutdown);
-    let record = ReadyRecord {
-        version: 1,
-        boot: init::boot_id(),
+    kiln_agent::resume::set_ready_info(kiln_agent::resume::ReadyInfo {
         transports,
-        t_ms: init::ms_since_boot(),
-    };
-    let mut lines = format!("{record}\n");
-    for marker in &options.markers {
-        lines.push_str(&format!("{MARKER_PREFIX} {marker}\n"));
-    }
+        markers: options.markers.clone(),
+    });
+    let lines = kiln_agent::resume::ready_lines();
     // One write, so kernel messages cannot land inside the record.
     let mut stdout = std::io::stdout().lock();
     let _ = stdout

@@ -100,13 +100,20 @@ pub fn serve_session<S: Read + Write>(
             Ok(data) => write_frame(stream, &data)?,
             Err(e) => reply_error(stream, e.to_string())?,
         },
+        Message::Resume(req) => match crate::resume::resume(&req) {
+            Ok(()) => write_frame(stream, &Message::Ok)?,
+            Err(e) => reply_error(stream, e)?,
+        },
         Message::Shutdown { reboot } => {
             write_frame(stream, &Message::Ok)?;
             return Ok(Outcome::Shutdown { reboot });
         }
         other => reply_error(
             stream,
-            format!("expected exec, put, get or shutdown, got {}", other.kind()),
+            format!(
+                "expected exec, put, get, resume or shutdown, got {}",
+                other.kind()
+            ),
         )?,
     }
     Ok(Outcome::Served)

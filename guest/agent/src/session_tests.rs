@@ -373,7 +373,7 @@ fn bad_utf8_in_argv_is_a_protocol_error() {
 #[test]
 fn a_non_request_message_is_answered_with_an_error() {
     let (answers, outcome) = raw_session(1, &encode_frame(&Message::Ok).expect("encodes"));
-    assert!(agent_error(&answers).contains("expected exec, put, get or shutdown, got ok"));
+    assert!(agent_error(&answers).contains("expected exec, put, get, resume or shutdown, got ok"));
     assert!(matches!(outcome, Ok(Outcome::Served)));
 }
 
@@ -422,4 +422,18 @@ fn shared_stream_stops_at_shutdown() {
         server.join().expect("server"),
         Outcome::Shutdown { reboot: false }
     );
+}
+
+#[test]
+fn a_resume_with_a_bad_boot_id_is_refused_before_anything_changes() {
+    let request = Message::Resume(kiln_agent_proto::ResumeRequest {
+        entropy: vec![7; 64],
+        unix_secs: 1,
+        unix_nanos: 0,
+        boot_id: "two words".into(),
+        shares: Vec::new(),
+    });
+    let (answers, outcome) = raw_session(1, &encode_frame(&request).expect("encodes"));
+    assert!(agent_error(&answers).contains("bad boot id"), "{answers:?}");
+    assert!(matches!(outcome, Ok(Outcome::Served)));
 }

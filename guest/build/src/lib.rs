@@ -31,7 +31,7 @@ pub const DEFAULT_ALIAS: &str = "default";
 /// the agent's behaviour changes, so [`default_guest`] rebuilds a default cached by an older kiln.
 /// 3: the agent's shutdown no longer waits up to a minute for a host that keeps its vsock
 /// connection open.
-pub const RECIPE_VERSION: u32 = 3;
+pub const RECIPE_VERSION: u32 = 4;
 
 /// Why a guest could not be built or found. Every message is one line naming what is wrong.
 #[derive(Debug, thiserror::Error)]

@@ -469,6 +469,12 @@ impl<S: Read + Write + StreamTimeouts> Client<S> {
         self.expect_ok("shutdown")
     }
 
+    /// Make a guest restored from a snapshot a fresh one (see [`Message::Resume`]).
+    pub fn resume(&mut self, request: &crate::ResumeRequest) -> Result<(), ClientError> {
+        self.start("resume", &Message::Resume(request.clone()))?;
+        self.expect_ok("resume")
+    }
+
     fn expect_ok(&mut self, op: &'static str) -> Result<(), ClientError> {
         match self.read(op)? {
             Message::Ok => Ok(()),

@@ -10,7 +10,9 @@ pub mod message;
 pub mod readiness;
 
 pub use frame::{read_frame, write_frame, FrameError, MAX_FRAME_LEN};
-pub use message::{ExecRequest, GetRequest, Message, PutRequest, MAX_FILE_LEN};
+pub use message::{
+    ExecRequest, GetRequest, Message, PutRequest, ResumeRequest, ResumeShare, MAX_FILE_LEN,
+};
 pub use readiness::{ReadyRecord, Transport};
 
 /// The protocol version this crate speaks.

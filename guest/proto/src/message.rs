@@ -61,7 +61,11 @@ pub enum Message {
         /// Reboot instead of powering off.
         reboot: bool,
     },
-    /// Success without data (answers `Put` and `Shutdown`).
+    /// Make a guest restored from a snapshot a fresh one: reseed the kernel's RNG, set the
+    /// clock, mount the shares, take the new boot id; then the agent prints a new readiness
+    /// record carrying that id. Answered with `Ok` once done.
+    Resume(ResumeRequest),
+    /// Success without data (answers `Put`, `Shutdown` and `Resume`).
     Ok,
     /// The request failed; the message says what and why.
     Error {
@@ -83,10 +87,40 @@ impl Message {
             Message::Get(_) => "get",
             Message::FileData { .. } => "file_data",
             Message::Shutdown { .. } => "shutdown",
+            Message::Resume(_) => "resume",
             Message::Ok => "ok",
             Message::Error { .. } => "error",
         }
     }
+}
+
+/// What a restored guest needs to be a fresh one.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ResumeRequest {
+    /// Host random bytes mixed into the kernel's pool (and credited), base64 on the wire.
+    #[serde(with = "b64")]
+    pub entropy: Vec<u8>,
+    /// The host's wall clock: seconds since the Unix epoch.
+    pub unix_secs: u64,
+    /// Nanoseconds past `unix_secs`.
+    pub unix_nanos: u32,
+    /// The boot id the readiness record carries from now on.
+    pub boot_id: String,
+    /// Shares to mount now (a snapshot is taken before any is mounted).
+    #[serde(default)]
+    pub shares: Vec<ResumeShare>,
+}
+
+/// One share to mount after a restore.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ResumeShare {
+    /// The virtio-fs / 9p tag.
+    pub tag: String,
+    /// Absolute mount point.
+    pub mountpoint: String,
+    /// Mount read-only.
+    #[serde(default)]
+    pub read_only: bool,
 }
 
 /// A command to run in the guest.

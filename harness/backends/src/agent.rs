@@ -293,6 +293,15 @@ impl AgentLink {
     pub fn poweroff(&mut self, deadline: Instant) -> Result<(), MachineError> {
         self.request("shutdown", deadline, |c| c.shutdown(false))
     }
+
+    /// Makes a guest restored from a snapshot a fresh one.
+    pub fn resume(
+        &mut self,
+        request: &kiln_agent_proto::ResumeRequest,
+        deadline: Instant,
+    ) -> Result<(), MachineError> {
+        self.request("resume", deadline, |c| c.resume(request))
+    }
 }
 
 #[cfg(test)]

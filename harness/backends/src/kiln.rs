@@ -152,7 +152,24 @@ impl Backend for KilnBackend {
                 ..Default::default()
             },
         );
-        let handle = Vm::start(config).map_err(|e| error(e.to_string()))?;
+        let mut restore = None;
+        let handle = match &plan.snapshot {
+            Some(sp) => match restore_from_snapshot(plan, sp, config.clone()) {
+                Ok((handle, record)) => {
+                    restore = Some(record);
+                    handle
+                }
+                Err(record) => {
+                    tracing::warn!(
+                        "snapshot: {}; booting cold",
+                        record.fallback.as_deref().unwrap_or("unknown")
+                    );
+                    restore = Some(*record);
+                    Vm::start(config).map_err(|e| error(e.to_string()))?
+                }
+            },
+            None => Vm::start(config).map_err(|e| error(e.to_string()))?,
+        };
         let log = handle.console();
         let vm = Arc::new(Mutex::new(handle));
         let mut machine = KilnMachine {
@@ -164,6 +181,7 @@ impl Backend for KilnBackend {
             }),
             poller: None,
             uds,
+            restore,
         };
         let abort = machine.agent.abort_handle();
         let poller = std::thread::Builder::new()
@@ -176,7 +194,70 @@ impl Backend for KilnBackend {
             })
             .map_err(|e| error(format!("cannot start the console thread: {e}")))?;
         machine.poller = Some(poller);
+        if machine.restore.as_ref().is_some_and(|r| r.restored) {
+            // The restored guest must become a fresh one before anything else talks to it.
+            let t = Instant::now();
+            let resumed = crate::snapshot::resume_request(plan)
+                .map_err(error)
+                .and_then(|req| {
+                    machine
+                        .agent
+                        .resume(&req, Instant::now() + RESUME_TIMEOUT)
+                        .map_err(|e| {
+                            error(format!(
+                                "the agent could not resume the restored guest: {e}"
+                            ))
+                        })
+                });
+            // A guest that cannot be resumed is a real failure (entropy, clock or a share):
+            // the run says so rather than hiding it behind a cold boot.
+            resumed?;
+            if let Some(r) = machine.restore.as_mut() {
+                r.resume_ms = Some(t.elapsed().as_secs_f64() * 1e3);
+            }
+        }
         Ok(Box::new(machine))
+    }
+}
+
+/// Longest the agent may take to resume a restored guest (mounting shares included).
+const RESUME_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Restores `plan`'s VM from its shape's snapshot (making it on first need); on any failure
+/// the record says why, and the caller boots cold.
+fn restore_from_snapshot(
+    plan: &RunPlan,
+    sp: &crate::snapshot::SnapshotPlan,
+    config: VmConfig,
+) -> Result<(VmHandle, crate::snapshot::RestoreRecord), Box<crate::snapshot::RestoreRecord>> {
+    let shape = crate::snapshot::shape(plan);
+    let mut record = crate::snapshot::RestoreRecord {
+        shape: shape.clone(),
+        ..Default::default()
+    };
+    let (path, made) = match crate::snapshot::ensure(plan, sp, &shape) {
+        Ok(found) => found,
+        Err(why) => {
+            record.fallback = Some(why);
+            return Err(Box::new(record));
+        }
+    };
+    record.created_ms = made.map(|d| d.as_secs_f64() * 1e3);
+    match Vm::restore(&path, &shape, config) {
+        Ok((handle, info)) => {
+            record.restored = true;
+            record.snapshot = Some(info.id);
+            record.restore = Some(info.timings);
+            Ok((handle, record))
+        }
+        Err(e) => {
+            if matches!(e, kiln_vmm::snapshot::SnapshotError::Invalid { .. }) {
+                // Corrupt or stale: the next run makes a new one.
+                let _ = std::fs::remove_file(&path);
+            }
+            record.fallback = Some(e.to_string());
+            Err(Box::new(record))
+        }
     }
 }
 
@@ -212,6 +293,7 @@ struct KilnMachine {
     agent: AgentLink,
     poller: Option<JoinHandle<()>>,
     uds: PathBuf,
+    restore: Option<crate::snapshot::RestoreRecord>,
 }
 
 impl KilnMachine {
@@ -315,6 +397,14 @@ impl Machine for KilnMachine {
         self.console.close();
     }
 
+    fn kernel_entry(&self) -> Option<Duration> {
+        lock(&self.vm).kernel_entry()
+    }
+
+    fn restore_record(&self) -> Option<crate::snapshot::RestoreRecord> {
+        self.restore.clone()
+    }
+
     fn kill_switch(&self) -> KillSwitch {
         let vm = self.vm.clone();
         let abort = self.agent.abort_handle();
@@ -360,6 +450,7 @@ mod tests {
             }],
             console_log: dir.join("console.log"),
             console_log_limit: crate::console::DEFAULT_CONSOLE_LOG_LIMIT,
+            snapshot: None,
         }
     }
 

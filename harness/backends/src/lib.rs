@@ -26,6 +26,7 @@ pub mod doctor;
 pub mod fake;
 pub mod kiln;
 pub mod qemu;
+pub mod snapshot;
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicBool;
@@ -66,6 +67,9 @@ pub struct RunPlan {
     pub console_log: PathBuf,
     /// Most bytes console.log may grow to (a note marks the cut).
     pub console_log_limit: u64,
+    /// Start from a snapshot of the guest's shape where the backend can (kiln), made on first
+    /// need in this cache; `None`: always boot cold.
+    pub snapshot: Option<snapshot::SnapshotPlan>,
 }
 
 /// A disk: a copy-on-write overlay the backend creates over `base`.
@@ -249,6 +253,12 @@ pub trait Machine: Send {
 
     /// Time from VM creation to the kernel's first instruction, when the backend knows it.
     fn kernel_entry(&self) -> Option<Duration> {
+        None
+    }
+
+    /// Whether the VM was restored from a snapshot, from which, and the restore's timings
+    /// (`None` where snapshots were not asked for).
+    fn restore_record(&self) -> Option<snapshot::RestoreRecord> {
         None
     }
 }

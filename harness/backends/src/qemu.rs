@@ -699,6 +699,7 @@ mod tests {
             }],
             console_log: "/b/console.log".into(),
             console_log_limit: crate::console::DEFAULT_CONSOLE_LOG_LIMIT,
+            snapshot: None,
         }
     }
 

@@ -219,6 +219,10 @@ pub struct RunResult {
     pub bundle: Option<PathBuf>,
     /// The last console lines.
     pub console_tail: Vec<String>,
+    /// Snapshots (kiln backend): whether the VM was restored, from which snapshot, the
+    /// restore's phase timings, or why it booted cold. Absent where snapshots were off.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub snapshot: Option<serde_json::Value>,
 }
 
 impl RunResult {
@@ -730,6 +734,7 @@ mod tests {
             environment: None,
             bundle: None,
             console_tail: Vec::new(),
+            snapshot: None,
         };
         let err = bundle
             .finish(&result, KeepPolicy::Always)

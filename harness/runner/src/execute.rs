@@ -17,7 +17,7 @@ use super::{Control, RunOptions};
 use kiln_backends::{
     Backend, ConsoleWait, Machine, MachineError, PlannedDisk, PlannedShare, ReadyError, RunPlan,
 };
-use kiln_scenario::{ImageRef, Scenario, StepAction};
+use kiln_scenario::{BackendKind, ImageRef, ReadinessKind, Scenario, StepAction};
 
 /// Extra time the host waits beyond a step's own timeout, for the agent to report it.
 const AGENT_GRACE: Duration = Duration::from_secs(2);
@@ -124,6 +124,7 @@ impl Attempt<'_> {
             environment: self.opts.environment.clone(),
             bundle: None,
             console_tail: Vec::new(),
+            snapshot: None,
         };
         result.provenance.backend = self.backend.name().to_string();
         result.provenance.backend_version = self.backend.version();
@@ -439,6 +440,16 @@ impl Attempt<'_> {
             shares,
             console_log,
             console_log_limit: self.opts.console_log_limit,
+            snapshot: match &self.opts.snapshot_cache {
+                Some(dir)
+                    if s.snapshot
+                        && self.backend.kind() == BackendKind::Kiln
+                        && matches!(s.readiness.kind, ReadinessKind::Agent) =>
+                {
+                    Some(kiln_backends::snapshot::SnapshotPlan { dir: dir.clone() })
+                }
+                _ => None,
+            },
         })
     }
 
@@ -472,6 +483,9 @@ impl Attempt<'_> {
         tracing::info!(backend = self.backend.name(), "VM started");
         let active = self.control.register(machine.kill_switch(), deadline);
         result.phases.kernel_entry_ms = machine.kernel_entry().map(ms);
+        result.snapshot = machine
+            .restore_record()
+            .and_then(|r| serde_json::to_value(r).ok());
         let ready_deadline = deadline.min(Instant::now() + s.readiness.timeout);
         match machine.wait_ready(&s.readiness, ready_deadline, &cancel) {
             Ok(report) => {

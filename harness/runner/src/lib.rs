@@ -70,6 +70,9 @@ pub struct RunOptions {
     pub fixtures_limit: Option<u64>,
     /// Where the run runs, recorded in every result and the summary (none by default).
     pub environment: Option<Environment>,
+    /// The snapshot cache: on the kiln backend, scenarios whose readiness is the agent's record
+    /// start from a snapshot of their guest shape kept here (`None`: every VM boots cold).
+    pub snapshot_cache: Option<PathBuf>,
 }
 
 /// The git revision kiln was built from ("0123456789ab", "-dirty" when the tree had changes),
@@ -99,6 +102,7 @@ impl RunOptions {
             artifacts_mode: ArtifactsMode::Private,
             console_log_limit: kiln_backends::console::DEFAULT_CONSOLE_LOG_LIMIT,
             fixtures_limit: None,
+            snapshot_cache: None,
             environment: None,
         }
     }
@@ -526,6 +530,7 @@ fn panicked_result(scenario: &Scenario, attempt: u32) -> RunResult {
         environment: None,
         bundle: None,
         console_tail: Vec::new(),
+        snapshot: None,
     }
 }
 

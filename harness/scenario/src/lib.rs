@@ -54,6 +54,9 @@ pub struct Scenario {
     /// Most bytes copied from its shares into the bundle's fixtures/; past it the scenario
     /// fails.
     pub fixtures_limit: u64,
+    /// Whether the kiln backend may start it from a snapshot of its guest shape (`snapshot =
+    /// false` boots it cold every time; `kiln run --no-snapshot` does so for every scenario).
+    pub snapshot: bool,
     /// Backends it may run on; empty means any.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub backends: Vec<BackendKind>,

@@ -17,6 +17,7 @@ pub struct RawScenario {
     pub description: Option<String>,
     pub timeout: Option<Spanned<RawDuration>>,
     pub fixtures_limit: Option<Spanned<RawSize>>,
+    pub snapshot: Option<bool>,
     #[serde(default)]
     pub guest: RawGuest,
     #[serde(default)]

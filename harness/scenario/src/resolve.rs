@@ -205,6 +205,7 @@ impl Checker {
             file: src.path.clone(),
             timeout,
             fixtures_limit,
+            snapshot: raw.snapshot.unwrap_or(true),
             backends,
             guest: guest?,
             disks,

@@ -33,6 +33,7 @@ fn result(code: i32, stdout: &str) -> RunResult {
         provenance: Provenance::default(),
         environment: None,
         bundle: None,
+        snapshot: None,
         console_tail: Vec::new(),
     }
 }

@@ -99,6 +99,7 @@ mod tests {
             provenance: Default::default(),
             environment: None,
             bundle: None,
+            snapshot: None,
             console_tail: vec![
                 "[ 0.1] booting".into(),
                 "Kernel panic - not syncing: oops".into(),
