@@ -597,7 +597,7 @@ impl Client {
                 Err(ureq::Error::Transport(t)) => {
                     return Err(RegistryError::Transport {
                         url: url.to_owned(),
-                        message: t.to_string(),
+                        message: transport_message(&t),
                     })
                 }
             }
@@ -663,7 +663,7 @@ impl Client {
                     Err(ureq::Error::Transport(t)) => {
                         return Err(RegistryError::Transport {
                             url: realm,
-                            message: t.to_string(),
+                            message: transport_message(&t),
                         })
                     }
                 };
@@ -736,6 +736,18 @@ impl Client {
         check_digest(&data, &descriptor.digest, what, &self.reference)?;
         Ok(data)
     }
+}
+
+/// What went wrong with a connection, without the URL ureq puts first (the error names it).
+fn transport_message(t: &ureq::Transport) -> String {
+    let mut message = format!("cannot reach the registry: {}", t.kind());
+    if let Some(detail) = t.message() {
+        message.push_str(&format!(": {detail}"));
+    }
+    if let Some(source) = std::error::Error::source(t) {
+        message.push_str(&format!(": {source}"));
+    }
+    message
 }
 
 /// The body of `response`, refused when longer than `limit`.
