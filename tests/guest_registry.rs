@@ -434,3 +434,82 @@ fn pulling_a_digest_the_registry_does_not_have_is_a_clear_error() {
     let err = error_line(&runner.kiln(&["guest", "pull", "oci://host/kiln/guest:v1"], &[]));
     assert!(err.contains("a guest is pulled by digest"), "{err}");
 }
+
+/// `Ok` when QEMU is installed and the default guest is cached or can be built here.
+fn real_guest() -> Result<kiln::guest::GuestImage, String> {
+    common::qemu()?;
+    match kiln::guest::default_guest() {
+        Ok(guest) => Ok(guest),
+        // No apt, no network or no package lists: the machine cannot fetch the kernel (CI can).
+        Err(kiln::guest::GuestError::Invalid(message))
+            if message.contains("apt-get") || message.contains("cannot run dpkg-deb") =>
+        {
+            common::ci_requires(format!("cannot build the default guest here: {message}"))
+        }
+        Err(e) => panic!("building the default guest failed: {e}"),
+    }
+}
+
+#[test]
+fn kiln_run_boots_registry_guests_pulled_into_an_empty_cache() {
+    let registry = or_skip!(Registry::start(None));
+    let guest = or_skip!(real_guest());
+    let target =
+        kiln::guest::registry::Reference::parse(&format!("{}/kiln/default-guest", registry.host()))
+            .expect("reference");
+    let pushed = kiln::guest::registry::push(&guest, &target, &|_| {})
+        .expect("push the default guest")
+        .to_string();
+
+    // One scenario names the registry guest itself; the other asks for the default guest,
+    // which --guest makes the same registry guest. The runner's cache starts empty and cannot
+    // build a default guest in time to pass unnoticed: no alias may appear in it.
+    let runner = Home::new();
+    let corpus = runner.dir.path().join("corpus");
+    fs::create_dir_all(&corpus).expect("corpus dir");
+    let scenario = |id: &str, kernel: &str| {
+        format!(
+            "id = \"{id}\"\n[guest]\nkernel = \"{kernel}\"\nmemory = 256\n\
+             [readiness]\ntimeout = \"3m\"\n\
+             [[steps]]\nshell = \"uname -r\"\nstdout_contains = \"{}\"\n",
+            guest.manifest.kernel_release.as_deref().unwrap_or("")
+        )
+    };
+    fs::write(corpus.join("named.toml"), scenario("named", &pushed)).expect("scenario");
+    fs::write(corpus.join("default.toml"), scenario("default", "default")).expect("scenario");
+    let artifacts = runner.dir.path().join("artifacts");
+    let out = runner.kiln(
+        &[
+            "run",
+            corpus.to_str().expect("utf-8 path"),
+            "--backend",
+            "qemu",
+            "--jobs",
+            "2",
+            "--guest",
+            &pushed,
+            "--artifacts",
+            artifacts.to_str().expect("utf-8 path"),
+        ],
+        &[("KILN_LOG", "warn")],
+    );
+    assert!(out.status.success(), "{}", describe(&out));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(
+        stderr.matches("kiln: guest: pulled ").count(),
+        1,
+        "pulled once for both scenarios: {}",
+        describe(&out)
+    );
+    let cache = runner.cache();
+    let digest = pushed.rsplit_once("@sha256:").expect("digest").1;
+    let pulled = cache
+        .pulled(digest)
+        .expect("the pulled guest is recorded")
+        .expect("and verifies");
+    assert_eq!(
+        fs::read(&pulled.kernel).expect("pulled kernel"),
+        fs::read(&guest.kernel).expect("default kernel")
+    );
+    assert!(cache.aliases().is_empty(), "{:?}", cache.aliases());
+}
