@@ -539,6 +539,9 @@ impl Client {
             agent: ureq::AgentBuilder::new()
                 .timeout_connect(Duration::from_secs(15))
                 .timeout_read(Duration::from_secs(300))
+                // Blob downloads may redirect to storage elsewhere (pre-signed, which a
+                // registry token would spoil); only the registry itself gets the token again.
+                .redirect_auth_headers(ureq::RedirectAuthHeaders::SameHost)
                 .build(),
             base: reference.base_url(),
             credentials: Credentials::for_host(&reference.host)?,
@@ -1074,5 +1077,102 @@ mod tests {
             err.contains("no application/vnd.kiln.guest.initrd"),
             "{err}"
         );
+    }
+
+    /// A registry that wants a Bearer token from its token service, on one loopback port:
+    /// answers `requests` connections and returns each request's first line and Authorization.
+    fn token_registry(requests: usize) -> (u16, std::thread::JoinHandle<Vec<(String, String)>>) {
+        use std::io::{BufRead, BufReader, Write};
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let server = std::thread::spawn(move || {
+            let mut seen = Vec::new();
+            // Never wait forever for a request that does not come: the asserts say what did.
+            listener.set_nonblocking(true).unwrap();
+            let deadline = std::time::Instant::now() + Duration::from_secs(20);
+            while seen.len() < requests && std::time::Instant::now() < deadline {
+                let stream = match listener.accept() {
+                    Ok((stream, _)) => stream,
+                    Err(_) => {
+                        std::thread::sleep(Duration::from_millis(10));
+                        continue;
+                    }
+                };
+                stream.set_nonblocking(false).unwrap();
+                let mut reader = BufReader::new(stream.try_clone().unwrap());
+                let mut line = String::new();
+                reader.read_line(&mut line).unwrap();
+                let mut auth = String::new();
+                loop {
+                    let mut header = String::new();
+                    reader.read_line(&mut header).unwrap();
+                    if header.trim().is_empty() {
+                        break;
+                    }
+                    if let Some((name, value)) = header.split_once(':') {
+                        if name.eq_ignore_ascii_case("authorization") {
+                            auth = value.trim().to_owned();
+                        }
+                    }
+                }
+                let (status, extra, body) = if line.starts_with("GET /token") {
+                    ("200 OK", String::new(), r#"{"token":"tok123"}"#.to_owned())
+                } else if auth != "Bearer tok123" {
+                    (
+                        "401 Unauthorized",
+                        format!(
+                            "WWW-Authenticate: Bearer realm=\"http://127.0.0.1:{port}/token\",service=\"test-registry\"\r\n"
+                        ),
+                        String::new(),
+                    )
+                } else {
+                    (
+                        "404 Not Found",
+                        String::new(),
+                        r#"{"errors":[{"code":"MANIFEST_UNKNOWN","message":"manifest unknown"}]}"#
+                            .to_owned(),
+                    )
+                };
+                let mut stream = stream;
+                write!(
+                    stream,
+                    "HTTP/1.1 {status}\r\n{extra}Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                    body.len()
+                )
+                .unwrap();
+                seen.push((line.trim().to_owned(), auth));
+            }
+            seen
+        });
+        (port, server)
+    }
+
+    #[test]
+    fn a_bearer_challenge_is_answered_with_a_token_for_the_repository() {
+        let (port, server) = token_registry(3);
+        let dir = tempfile::tempdir().unwrap();
+        let reference = Reference::parse(&format!(
+            "oci://127.0.0.1:{port}/kiln/guest@sha256:{}",
+            "c".repeat(64)
+        ))
+        .unwrap();
+        let err = pull(&Cache::new(dir.path()), &reference, &|_| {})
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("is not in the registry"), "{err}");
+        let seen = server.join().unwrap();
+        assert!(
+            seen[0]
+                .0
+                .starts_with("GET /v2/kiln/guest/manifests/sha256:"),
+            "{seen:?}"
+        );
+        assert!(seen[1].0.starts_with("GET /token?"), "{seen:?}");
+        assert!(seen[1].0.contains("service=test-registry"), "{seen:?}");
+        assert!(
+            seen[1].0.contains("scope=repository%3Akiln%2Fguest%3Apull"),
+            "{seen:?}"
+        );
+        assert_eq!(seen[2].1, "Bearer tok123", "{seen:?}");
     }
 }
