@@ -522,6 +522,9 @@ fn parse_challenge(header: &str) -> Option<Challenge> {
     }
 }
 
+/// A registry's answer.
+type Response = ureq::http::Response<ureq::Body>;
+
 /// An HTTP client for one repository that answers authentication challenges once and then sends
 /// the resulting `Authorization` with every request.
 struct Client {
@@ -535,14 +538,18 @@ struct Client {
 
 impl Client {
     fn new(reference: &Reference, action: &'static str) -> Result<Client, RegistryError> {
+        let agent: ureq::Agent = ureq::Agent::config_builder()
+            .timeout_connect(Some(Duration::from_secs(15)))
+            .timeout_recv_body(Some(Duration::from_secs(300)))
+            // Statuses are answers to read (challenges, the registry's error messages).
+            .http_status_as_error(false)
+            // Blob downloads may redirect to storage elsewhere (pre-signed, which a registry
+            // token would spoil); only the registry itself gets the token again.
+            .redirect_auth_headers(ureq::config::RedirectAuthHeaders::SameHost)
+            .build()
+            .into();
         Ok(Client {
-            agent: ureq::AgentBuilder::new()
-                .timeout_connect(Duration::from_secs(15))
-                .timeout_read(Duration::from_secs(300))
-                // Blob downloads may redirect to storage elsewhere (pre-signed, which a
-                // registry token would spoil); only the registry itself gets the token again.
-                .redirect_auth_headers(ureq::RedirectAuthHeaders::SameHost)
-                .build(),
+            agent,
             base: reference.base_url(),
             credentials: Credentials::for_host(&reference.host)?,
             reference: reference.clone(),
@@ -555,52 +562,62 @@ impl Client {
         format!("{}/v2/{}/{tail}", self.base, self.reference.repo)
     }
 
+    /// One request, `Authorization` added when there is one; statuses are not errors here.
+    fn request(
+        &self,
+        method: &str,
+        url: &str,
+        headers: &[(&str, &str)],
+        body: Option<&[u8]>,
+    ) -> Result<Response, RegistryError> {
+        let mut request = ureq::http::Request::builder().method(method).uri(url);
+        for (name, value) in headers {
+            request = request.header(*name, *value);
+        }
+        if let Some(auth) = &self.authorization {
+            request = request.header("Authorization", auth);
+        }
+        let bad = |message: String| RegistryError::Transport {
+            url: url.to_owned(),
+            message,
+        };
+        let sent = match body {
+            Some(bytes) => request
+                .body(bytes)
+                .map_err(|e| bad(e.to_string()))
+                .map(|r| self.agent.run(r)),
+            None => request
+                .body(())
+                .map_err(|e| bad(e.to_string()))
+                .map(|r| self.agent.run(r)),
+        }?;
+        sent.map_err(|e| bad(format!("cannot reach the registry: {e}")))
+    }
+
     /// Sends a request, answering one authentication challenge; error statuses become errors.
     fn send(
         &mut self,
         method: &str,
         url: &str,
         headers: &[(&str, &str)],
-        query: Option<(&str, &str)>,
         body: Option<&[u8]>,
-    ) -> Result<ureq::Response, RegistryError> {
+    ) -> Result<Response, RegistryError> {
         let mut challenged = false;
         loop {
-            let mut request = self.agent.request(method, url);
-            for (name, value) in headers {
-                request = request.set(name, value);
-            }
-            if let Some((name, value)) = query {
-                request = request.query(name, value);
-            }
-            if let Some(auth) = &self.authorization {
-                request = request.set("Authorization", auth);
-            }
-            let result = match body {
-                Some(bytes) => request.send_bytes(bytes),
-                None => request.call(),
-            };
-            match result {
-                Ok(response) => return Ok(response),
-                Err(ureq::Error::Status(401, response)) if !challenged => {
+            let response = self.request(method, url, headers, body)?;
+            match response.status().as_u16() {
+                200..=399 => return Ok(response),
+                401 if !challenged => {
                     challenged = true;
-                    let header = response.header("www-authenticate").unwrap_or_default();
-                    self.authorization = Some(self.authenticate(header)?);
+                    let header = header(&response, "www-authenticate").unwrap_or_default();
+                    self.authorization = Some(self.authenticate(&header)?);
                 }
-                Err(ureq::Error::Status(status @ (401 | 403), _)) => {
-                    return Err(self.refused(status));
-                }
-                Err(ureq::Error::Status(status, response)) => {
+                status @ (401 | 403) => return Err(self.refused(status)),
+                status => {
                     return Err(RegistryError::Status {
                         url: url.to_owned(),
                         status,
                         message: error_message(response),
-                    })
-                }
-                Err(ureq::Error::Transport(t)) => {
-                    return Err(RegistryError::Transport {
-                        url: url.to_owned(),
-                        message: transport_message(&t),
                     })
                 }
             }
@@ -626,76 +643,81 @@ impl Client {
 
     /// The `Authorization` value that answers `challenge`.
     fn authenticate(&self, challenge: &str) -> Result<String, RegistryError> {
-        match parse_challenge(challenge) {
-            Some(Challenge::Basic) | None => match &self.credentials {
-                Some(credentials) => Ok(credentials.basic()),
-                None => Err(self.refused(401)),
-            },
+        let (realm, service, scope) = match parse_challenge(challenge) {
+            Some(Challenge::Basic) | None => {
+                return match &self.credentials {
+                    Some(credentials) => Ok(credentials.basic()),
+                    None => Err(self.refused(401)),
+                }
+            }
             Some(Challenge::Bearer {
                 realm,
                 service,
                 scope,
-            }) => {
-                let scope = scope.unwrap_or_else(|| {
-                    let actions = if self.action == "push" {
-                        "pull,push"
-                    } else {
-                        "pull"
-                    };
-                    format!("repository:{}:{actions}", self.reference.repo)
-                });
-                let mut request = self.agent.get(&realm).query("scope", &scope);
-                if let Some(service) = &service {
-                    request = request.query("service", service);
-                }
-                if let Some(credentials) = &self.credentials {
-                    request = request.set("Authorization", &credentials.basic());
-                }
-                let response = match request.call() {
-                    Ok(response) => response,
-                    Err(ureq::Error::Status(status @ (401 | 403), _)) => {
-                        return Err(self.refused(status))
-                    }
-                    Err(ureq::Error::Status(status, response)) => {
-                        return Err(RegistryError::Status {
-                            url: realm,
-                            status,
-                            message: error_message(response),
-                        })
-                    }
-                    Err(ureq::Error::Transport(t)) => {
-                        return Err(RegistryError::Transport {
-                            url: realm,
-                            message: transport_message(&t),
-                        })
-                    }
-                };
-                #[derive(Deserialize)]
-                struct Token {
-                    token: Option<String>,
-                    access_token: Option<String>,
-                }
-                let body = read_limited(response, MAX_MANIFEST, &realm)?;
-                let token: Token =
-                    serde_json::from_slice(&body).map_err(|e| RegistryError::Transport {
-                        url: realm.clone(),
-                        message: format!("the token answer is not JSON with a token: {e}"),
-                    })?;
-                match token.token.or(token.access_token) {
-                    Some(token) => Ok(format!("Bearer {token}")),
-                    None => Err(RegistryError::Transport {
-                        url: realm,
-                        message: "the token answer has no token".into(),
-                    }),
-                }
+            }) => (realm, service, scope),
+        };
+        let scope = scope.unwrap_or_else(|| {
+            let actions = if self.action == "push" {
+                "pull,push"
+            } else {
+                "pull"
+            };
+            format!("repository:{}:{actions}", self.reference.repo)
+        });
+        let mut url = with_query(&realm, "scope", &scope);
+        if let Some(service) = &service {
+            url = with_query(&url, "service", service);
+        }
+        let basic = self.credentials.as_ref().map(Credentials::basic);
+        let headers: Vec<(&str, &str)> = basic
+            .as_deref()
+            .map(|b| ("Authorization", b))
+            .into_iter()
+            .collect();
+        // The token service gets the credentials, never an earlier token.
+        let tokenless = Client {
+            agent: self.agent.clone(),
+            reference: self.reference.clone(),
+            base: self.base.clone(),
+            credentials: None,
+            authorization: None,
+            action: self.action,
+        };
+        let response = tokenless.request("GET", &url, &headers, None)?;
+        match response.status().as_u16() {
+            200..=299 => {}
+            status @ (401 | 403) => return Err(self.refused(status)),
+            status => {
+                return Err(RegistryError::Status {
+                    url: realm,
+                    status,
+                    message: error_message(response),
+                })
             }
+        }
+        #[derive(Deserialize)]
+        struct Token {
+            token: Option<String>,
+            access_token: Option<String>,
+        }
+        let body = read_limited(response, MAX_MANIFEST, &realm)?;
+        let token: Token = serde_json::from_slice(&body).map_err(|e| RegistryError::Transport {
+            url: realm.clone(),
+            message: format!("the token answer is not JSON with a token: {e}"),
+        })?;
+        match token.token.or(token.access_token) {
+            Some(token) => Ok(format!("Bearer {token}")),
+            None => Err(RegistryError::Transport {
+                url: realm,
+                message: "the token answer has no token".into(),
+            }),
         }
     }
 
     /// Whether the repository already holds blob `digest`.
     fn has_blob(&mut self, digest: &str) -> Result<bool, RegistryError> {
         let url = self.url(&format!("blobs/{digest}"));
-        match self.send("HEAD", &url, &[], None, None) {
+        match self.send("HEAD", &url, &[], None) {
             Ok(_) => Ok(true),
             Err(RegistryError::Status { status: 404, .. }) => Ok(false),
             Err(e) => Err(e),
@@ -708,24 +730,22 @@ impl Client {
             return Ok(());
         }
         let start = self.url("blobs/uploads/");
-        let response = self.send("POST", &start, &[("Content-Length", "0")], None, None)?;
-        let location = response
-            .header("location")
-            .ok_or_else(|| RegistryError::Status {
-                url: start.clone(),
-                status: response.status(),
-                message: "the upload answer has no Location".into(),
-            })?;
+        let response = self.send("POST", &start, &[], Some(&[]))?;
+        let location = header(&response, "location").ok_or_else(|| RegistryError::Status {
+            url: start.clone(),
+            status: response.status().as_u16(),
+            message: "the upload answer has no Location".into(),
+        })?;
         let location = if location.starts_with("http://") || location.starts_with("https://") {
-            location.to_owned()
+            location
         } else {
             format!("{}{location}", self.base)
         };
+        let url = with_query(&location, "digest", &descriptor.digest);
         self.send(
             "PUT",
-            &location,
+            &url,
             &[("Content-Type", "application/octet-stream")],
-            Some(("digest", &descriptor.digest)),
             Some(data),
         )?;
         Ok(())
@@ -734,29 +754,41 @@ impl Client {
     /// Fetches blob `descriptor` and checks its size and digest.
     fn fetch(&mut self, descriptor: &Descriptor, what: &str) -> Result<Vec<u8>, RegistryError> {
         let url = self.url(&format!("blobs/{}", descriptor.digest));
-        let response = self.send("GET", &url, &[], None, None)?;
+        let response = self.send("GET", &url, &[], None)?;
         let data = read_limited(response, descriptor.size, &url)?;
         check_digest(&data, &descriptor.digest, what, &self.reference)?;
         Ok(data)
     }
 }
 
-/// What went wrong with a connection, without the URL ureq puts first (the error names it).
-fn transport_message(t: &ureq::Transport) -> String {
-    let mut message = format!("cannot reach the registry: {}", t.kind());
-    if let Some(detail) = t.message() {
-        message.push_str(&format!(": {detail}"));
+/// A response header as text.
+fn header(response: &Response, name: &str) -> Option<String> {
+    response
+        .headers()
+        .get(name)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned)
+}
+
+/// `url` with `key=value` (percent-encoded) added to its query.
+fn with_query(url: &str, key: &str, value: &str) -> String {
+    let separator = if url.contains('?') { '&' } else { '?' };
+    let mut out = format!("{url}{separator}{key}=");
+    for b in value.bytes() {
+        if b.is_ascii_alphanumeric() || b"-._~".contains(&b) {
+            out.push(char::from(b));
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
     }
-    if let Some(source) = std::error::Error::source(t) {
-        message.push_str(&format!(": {source}"));
-    }
-    message
+    out
 }
 
 /// The body of `response`, refused when longer than `limit`.
-fn read_limited(response: ureq::Response, limit: u64, url: &str) -> Result<Vec<u8>, RegistryError> {
+fn read_limited(response: Response, limit: u64, url: &str) -> Result<Vec<u8>, RegistryError> {
     let mut data = Vec::new();
     response
+        .into_body()
         .into_reader()
         .take(limit.saturating_add(1))
         .read_to_end(&mut data)
@@ -792,7 +824,7 @@ fn check_digest(
 }
 
 /// The registry's own error message (`{"errors":[{"message":…}]}`), else a short body excerpt.
-fn error_message(response: ureq::Response) -> String {
+fn error_message(response: Response) -> String {
     #[derive(Deserialize)]
     struct Errors {
         errors: Vec<Entry>,
@@ -804,9 +836,17 @@ fn error_message(response: ureq::Response) -> String {
         #[serde(default)]
         message: String,
     }
-    let status_text = response.status_text().to_owned();
+    let status_text = response
+        .status()
+        .canonical_reason()
+        .unwrap_or("error")
+        .to_owned();
     let mut body = Vec::new();
-    let _ = response.into_reader().take(4096).read_to_end(&mut body);
+    let _ = response
+        .into_body()
+        .into_reader()
+        .take(4096)
+        .read_to_end(&mut body);
     if let Ok(errors) = serde_json::from_slice::<Errors>(&body) {
         if !errors.errors.is_empty() {
             return errors
@@ -896,14 +936,8 @@ pub fn push(
     }
     let tag = reference.tag.as_deref().unwrap_or("latest");
     let url = client.url(&format!("manifests/{tag}"));
-    let response = client.send(
-        "PUT",
-        &url,
-        &[("Content-Type", OCI_MANIFEST)],
-        None,
-        Some(&bytes),
-    )?;
-    if let Some(stored) = response.header("docker-content-digest") {
+    let response = client.send("PUT", &url, &[("Content-Type", OCI_MANIFEST)], Some(&bytes))?;
+    if let Some(stored) = header(&response, "docker-content-digest") {
         if stored != digest {
             return Err(GuestError::Invalid(format!(
                 "{url}: the registry stored the manifest as {stored}, kiln sent {digest}"
@@ -944,7 +978,7 @@ pub fn pull(
     let url = client.url(&format!("manifests/{digest}"));
     let accept = format!("{OCI_MANIFEST}, application/vnd.docker.distribution.manifest.v2+json");
     let response = client
-        .send("GET", &url, &[("Accept", &accept)], None, None)
+        .send("GET", &url, &[("Accept", &accept)], None)
         .map_err(|e| match e {
             RegistryError::Status { status: 404, .. } => RegistryError::Status {
                 url: url.clone(),
