@@ -199,6 +199,37 @@ impl Home {
     }
 }
 
+impl Home {
+    /// `kiln ARGS` as user nobody (uid 65534) with this home, when the tests run as root and
+    /// `setpriv` is there; `None` (said on stderr) otherwise.
+    fn kiln_as_nobody(&self, args: &[&str]) -> Option<Output> {
+        // SAFETY: geteuid has no preconditions.
+        if unsafe { libc::geteuid() } != 0 {
+            eprintln!("note: not root, so the cache is not tried as another user");
+            return None;
+        }
+        let Some(setpriv) = on_path("setpriv") else {
+            eprintln!("note: no setpriv, so the cache is not tried as another user");
+            return None;
+        };
+        // The home itself is a private temporary directory; let nobody in to read.
+        fs::set_permissions(self.dir.path(), fs::Permissions::from_mode(0o755)).expect("chmod");
+        let out = Command::new(setpriv)
+            .args(["--reuid=65534", "--regid=65534", "--clear-groups"])
+            .arg(env!("CARGO_BIN_EXE_kiln"))
+            .args(args)
+            .env("HOME", self.dir.path())
+            .env("XDG_CACHE_HOME", self.dir.path().join("xdg"))
+            .env("DOCKER_CONFIG", self.dir.path().join("docker"))
+            .env_remove("KILN_REGISTRY_USER")
+            .env_remove("KILN_REGISTRY_PASSWORD")
+            .stdin(Stdio::null())
+            .output()
+            .expect("run kiln as nobody");
+        Some(out)
+    }
+}
+
 fn describe(out: &Output) -> String {
     format!(
         "exit {:?}\nstdout:\n{}\nstderr:\n{}",
@@ -304,6 +335,13 @@ fn a_pushed_guest_pulls_into_a_fresh_cache_byte_for_byte_with_a_stable_digest() 
         stdout_line(&runner.kiln(&["guest", "path", "ci"], &[])),
         dir
     );
+    // Another user (nobody) uses the same cache, which takes files everyone may read.
+    if let Some(out) = runner.kiln_as_nobody(&["guest", "pull", &pushed]) {
+        assert_eq!(stdout_line(&out), dir);
+    }
+    if let Some(out) = runner.kiln_as_nobody(&["guest", "path", "ci"]) {
+        assert_eq!(stdout_line(&out), dir);
+    }
     assert_eq!(
         snapshot(&cache_root),
         before,
