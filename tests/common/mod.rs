@@ -5,10 +5,10 @@
 //! `skipped: <reason>` to stderr and returns; a guest that does not assemble is a failure.
 //!
 //! On CI (`CI` set) a missing tool that `.ci/install-deps` installs is a failure, never a quiet
-//! skip ([`ci_requires`]): binutils, QEMU, qemu-img, iasl, nix-instantiate. What CI cannot have
-//! by design stays a skip with its reason: hardware KVM (the nested stage runs those tests, with
-//! `KILN_REQUIRE_LINUX_KVM` making a missing one a failure there), and the reference daemons
-//! Debian bookworm does not package (virtiofsd, vhost-device-vsock).
+//! skip ([`ci_requires`]): binutils, QEMU, qemu-img, iasl, nix-instantiate, docker-registry and
+//! htpasswd. What CI cannot have by design stays a skip with its reason: hardware KVM (the nested
+//! stage runs those tests, with `KILN_REQUIRE_LINUX_KVM` making a missing one a failure there),
+//! and the reference daemons Debian bookworm does not package (virtiofsd, vhost-device-vsock).
 
 #![allow(dead_code)]
 

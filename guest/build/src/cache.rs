@@ -2,11 +2,24 @@
 //! `kernel`, `initrd.img` and `manifest.json`, plus `aliases/<name>` files naming an entry
 //! (`default` is the one `kiln run` uses). Entries are written into a temporary directory beside
 //! the final one and renamed into place, so a failed build never leaves a half-written entry.
+//! Guests pulled from an OCI registry also leave `oci/sha256-<hex>`: the registry manifest
+//! itself, named by its digest (see [`crate::registry`]).
+//!
+//! Every entry is checked when it is opened: its name is the hash of the two file hashes its
+//! manifest records, and the files must have those sha256 hashes (hashed once per process and
+//! file version), so a damaged or tampered file is refused, never booted. Entries are readable
+//! by everyone (directories 0755, files 0644) and using a complete entry writes nothing, so one
+//! cache can be shared with other users or CI jobs from a read-only mount.
 
+use std::collections::HashSet;
 use std::fs;
-use std::io::Write;
+use std::io::{Read, Write};
 use std::os::fd::AsRawFd;
+use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+
+use sha2::{Digest, Sha256};
 
 use serde::{Deserialize, Serialize};
 
@@ -20,6 +33,26 @@ pub const INITRD_FILE: &str = "initrd.img";
 pub const MANIFEST_FILE: &str = "manifest.json";
 /// Hex digits of the content hash used as the entry name.
 const NAME_LEN: usize = 16;
+/// The directory of registry manifests of pulled guests.
+pub const OCI_DIR: &str = "oci";
+/// Mode of entry directories: everyone may read a cache shared between users.
+const DIR_MODE: u32 = 0o755;
+/// Mode of entry files and aliases.
+const FILE_MODE: u32 = 0o644;
+
+/// Files already hashed by this process, by (device, inode, size, mtime seconds and nanoseconds,
+/// expected sha256): opening an entry twice hashes it once, and a file changed since is hashed
+/// again.
+static VERIFIED: Mutex<Option<HashSet<FileVersion>>> = Mutex::new(None);
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+struct FileVersion {
+    dev: u64,
+    ino: u64,
+    size: u64,
+    mtime: (i64, i64),
+    sha256: String,
+}
 
 /// Where a guest's kernel came from.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -121,6 +154,99 @@ pub fn sha256_hex(data: &[u8]) -> String {
     kiln_agent_proto::sha256_hex(data)
 }
 
+/// The entry name of a guest whose kernel and initramfs have these sha256 hashes.
+pub fn entry_name(kernel_sha256: &str, initrd_sha256: &str) -> String {
+    let key = format!("{kernel_sha256}\n{initrd_sha256}\n");
+    sha256_hex(key.as_bytes())[..NAME_LEN].to_owned()
+}
+
+/// Lower-case hex sha256 of a file, read in pieces.
+fn sha256_file(path: &Path) -> Result<String, GuestError> {
+    let mut file = fs::File::open(path).map_err(io(path))?;
+    let mut hasher = Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = file.read(&mut buf).map_err(io(path))?;
+        if n == 0 {
+            break;
+        }
+        hasher.update(&buf[..n]);
+    }
+    Ok(hasher
+        .finalize()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect())
+}
+
+/// Checks that `path` has the size and sha256 `record` gives; each file version is hashed once
+/// per process.
+fn verify_file(path: &Path, record: &FileRecord) -> Result<(), GuestError> {
+    let meta = fs::metadata(path).map_err(io(path))?;
+    if meta.len() != record.size {
+        return Err(GuestError::Invalid(format!(
+            "{}: {} bytes, manifest says {}: the cache entry is damaged, rebuild or pull it again",
+            path.display(),
+            meta.len(),
+            record.size
+        )));
+    }
+    let version = FileVersion {
+        dev: meta.dev(),
+        ino: meta.ino(),
+        size: meta.len(),
+        mtime: (meta.mtime(), meta.mtime_nsec()),
+        sha256: record.sha256.clone(),
+    };
+    let seen = |v: &FileVersion| {
+        let verified = VERIFIED.lock().unwrap_or_else(|p| p.into_inner());
+        verified.as_ref().is_some_and(|set| set.contains(v))
+    };
+    if seen(&version) {
+        return Ok(());
+    }
+    let actual = sha256_file(path)?;
+    if actual != record.sha256 {
+        return Err(GuestError::Invalid(format!(
+            "{}: sha256 {actual}, manifest says {}: the cache entry is damaged or was tampered \
+             with; refusing it (rebuild or pull it again)",
+            path.display(),
+            record.sha256
+        )));
+    }
+    VERIFIED
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .get_or_insert_with(HashSet::new)
+        .insert(version);
+    Ok(())
+}
+
+/// Writes `data` to `path` (a new file) with [`FILE_MODE`], synced.
+fn write_new(path: &Path, data: &[u8]) -> Result<(), GuestError> {
+    let mut file = fs::File::create(path).map_err(io(path))?;
+    file.write_all(data)
+        .and_then(|()| file.set_permissions(fs::Permissions::from_mode(FILE_MODE)))
+        .and_then(|()| file.sync_all())
+        .map_err(io(path))
+}
+
+/// Writes `data` to `dir/name` atomically (temporary file + rename), readable by everyone.
+pub(crate) fn write_atomic(dir: &Path, name: &str, data: &[u8]) -> Result<(), GuestError> {
+    fs::create_dir_all(dir).map_err(io(dir))?;
+    let mut temp = tempfile::NamedTempFile::new_in(dir).map_err(io(dir))?;
+    temp.write_all(data)
+        .and_then(|()| {
+            temp.as_file()
+                .set_permissions(fs::Permissions::from_mode(FILE_MODE))
+        })
+        .and_then(|()| temp.as_file().sync_all())
+        .map_err(io(temp.path()))?;
+    let path = dir.join(name);
+    temp.persist(&path).map_err(|e| io(&path)(e.error))?;
+    Ok(())
+}
+
 /// The guest cache at one root.
 #[derive(Debug, Clone)]
 pub struct Cache {
@@ -151,7 +277,7 @@ impl Cache {
 
     /// Take the build lock (blocks while another process builds).
     pub fn lock(&self) -> Result<CacheLock, GuestError> {
-        fs::create_dir_all(&self.root).map_err(io(&self.root))?;
+        self.create_root()?;
         let path = self.root.join(".lock");
         let file = fs::OpenOptions::new()
             .create(true)
@@ -182,8 +308,7 @@ impl Cache {
             sha256: sha256_hex(initrd),
             size: initrd.len() as u64,
         };
-        let key = format!("{}\n{}\n", manifest.kernel.sha256, manifest.initrd.sha256);
-        manifest.name = sha256_hex(key.as_bytes())[..NAME_LEN].to_owned();
+        manifest.name = entry_name(&manifest.kernel.sha256, &manifest.initrd.sha256);
         let dir = self.root.join(&manifest.name);
         if let Ok(image) = self.open_dir(&dir) {
             // Same bytes from the same recipe: nothing to do. Same bytes written by an older
@@ -195,11 +320,13 @@ impl Cache {
                 return Ok(image);
             }
         }
-        fs::create_dir_all(&self.root).map_err(io(&self.root))?;
+        self.create_root()?;
         let temp = tempfile::Builder::new()
             .prefix(".building-")
             .tempdir_in(&self.root)
             .map_err(io(&self.root))?;
+        fs::set_permissions(temp.path(), fs::Permissions::from_mode(DIR_MODE))
+            .map_err(io(temp.path()))?;
         let json = serde_json::to_vec_pretty(&manifest)
             .map_err(|e| GuestError::Invalid(format!("cannot encode the manifest: {e}")))?;
         for (name, data) in [
@@ -207,11 +334,7 @@ impl Cache {
             (INITRD_FILE, initrd),
             (MANIFEST_FILE, json.as_slice()),
         ] {
-            let path = temp.path().join(name);
-            let mut file = fs::File::create(&path).map_err(io(&path))?;
-            file.write_all(data)
-                .and_then(|()| file.sync_all())
-                .map_err(io(&path))?;
+            write_new(&temp.path().join(name), data)?;
         }
         if dir.exists() {
             // A stale or damaged entry with this name: replace it.
@@ -225,16 +348,55 @@ impl Cache {
         self.open_dir(&dir)
     }
 
+    /// Creates the cache directory (and its parents) readable by everyone.
+    fn create_root(&self) -> Result<(), GuestError> {
+        if self.root.is_dir() {
+            return Ok(());
+        }
+        fs::DirBuilder::new()
+            .recursive(true)
+            .mode(DIR_MODE)
+            .create(&self.root)
+            .map_err(io(&self.root))
+    }
+
     /// Point alias `name` (e.g. `default`) at an entry, atomically.
     pub fn set_alias(&self, alias: &str, entry: &str) -> Result<(), GuestError> {
-        let dir = self.root.join("aliases");
-        fs::create_dir_all(&dir).map_err(io(&dir))?;
-        let mut temp = tempfile::NamedTempFile::new_in(&dir).map_err(io(&dir))?;
-        temp.write_all(format!("{entry}\n").as_bytes())
-            .map_err(io(temp.path()))?;
-        let path = dir.join(alias);
-        temp.persist(&path).map_err(|e| io(&path)(e.error))?;
-        Ok(())
+        if alias.is_empty() || alias.starts_with('.') || alias.contains('/') {
+            return Err(GuestError::Invalid(format!(
+                "guest alias {alias:?}: a name without '/' that does not start with '.'"
+            )));
+        }
+        self.create_root()?;
+        write_atomic(
+            &self.root.join("aliases"),
+            alias,
+            format!("{entry}\n").as_bytes(),
+        )
+    }
+
+    /// The guest pulled as registry manifest `sha256:<hex>`, if this cache holds it. The stored
+    /// registry manifest must hash to that digest and name the entry's kernel and initramfs.
+    pub fn pulled(&self, digest_hex: &str) -> Option<Result<GuestImage, GuestError>> {
+        let path = self.root.join(OCI_DIR).join(format!("sha256-{digest_hex}"));
+        let bytes = fs::read(&path).ok()?;
+        Some(crate::registry::open_pulled(
+            self, &path, digest_hex, &bytes,
+        ))
+    }
+
+    /// Records that registry manifest `sha256:<hex>` (its bytes) is a guest in this cache.
+    pub(crate) fn record_pulled(
+        &self,
+        digest_hex: &str,
+        manifest: &[u8],
+    ) -> Result<(), GuestError> {
+        self.create_root()?;
+        write_atomic(
+            &self.root.join(OCI_DIR),
+            &format!("sha256-{digest_hex}"),
+            manifest,
+        )
     }
 
     /// The entry an alias names, if the alias exists.
@@ -289,14 +451,19 @@ impl Cache {
         };
         let mut out: Vec<_> = entries
             .filter_map(Result::ok)
-            .filter(|e| !e.file_name().to_string_lossy().starts_with('.'))
+            .filter(|e| {
+                let name = e.file_name();
+                let name = name.to_string_lossy();
+                name.len() == NAME_LEN && name.bytes().all(|b| b.is_ascii_hexdigit())
+            })
             .filter_map(|e| self.open_dir(&e.path()).ok())
             .collect();
         out.sort_by(|a, b| a.manifest.name.cmp(&b.manifest.name));
         out
     }
 
-    /// Open one entry directory, checking that its files are there with the recorded sizes.
+    /// Open one entry directory, checking that its name matches its manifest and that its files
+    /// have the sizes and sha256 hashes the manifest records.
     pub fn open_dir(&self, dir: &Path) -> Result<GuestImage, GuestError> {
         let manifest_path = dir.join(MANIFEST_FILE);
         let text = fs::read(&manifest_path).map_err(io(&manifest_path))?;
@@ -308,18 +475,22 @@ impl Cache {
             initrd: dir.join(INITRD_FILE),
             manifest,
         };
+        let expected = entry_name(&image.manifest.kernel.sha256, &image.manifest.initrd.sha256);
+        let dir_name = dir.file_name().map(|n| n.to_string_lossy().into_owned());
+        if image.manifest.name != expected || dir_name.as_deref() != Some(expected.as_str()) {
+            return Err(GuestError::Invalid(format!(
+                "{}: name {:?} in directory {:?}, but its kernel and initrd hashes make {expected:?}: \
+                 the cache entry is damaged or was tampered with; refusing it",
+                manifest_path.display(),
+                image.manifest.name,
+                dir_name.unwrap_or_default()
+            )));
+        }
         for (path, record) in [
             (&image.kernel, &image.manifest.kernel),
             (&image.initrd, &image.manifest.initrd),
         ] {
-            let size = fs::metadata(path).map_err(io(path))?.len();
-            if size != record.size {
-                return Err(GuestError::Invalid(format!(
-                    "{}: {size} bytes, manifest says {}: the cache entry is damaged, rebuild it",
-                    path.display(),
-                    record.size
-                )));
-            }
+            verify_file(path, record)?;
         }
         Ok(image)
     }
@@ -414,5 +585,121 @@ mod tests {
         assert!(err.contains("the cache entry is damaged"), "{err}");
         let fixed = cache.store(b"kernel", b"initrd", manifest()).unwrap();
         assert_eq!(fs::read(&fixed.initrd).unwrap(), b"initrd");
+    }
+
+    #[test]
+    fn a_tampered_file_of_the_same_size_is_refused_when_opened() {
+        let dir = tempfile::tempdir().unwrap();
+        let cache = Cache::new(dir.path());
+        let image = cache.store(b"kernel", b"initrd", manifest()).unwrap();
+        cache.set_alias("default", &image.manifest.name).unwrap();
+        // Opened (and hashed) once in this process; the change must still be seen.
+        cache.find("default").unwrap();
+        fs::write(&image.kernel, b"kernex").unwrap();
+        let err = cache.find("default").unwrap_err().to_string();
+        assert!(err.contains("tampered with; refusing it"), "{err}");
+        assert!(err.contains(&sha256_hex(b"kernex")), "{err}");
+        assert!(cache.list().is_empty());
+    }
+
+    #[test]
+    fn a_manifest_edited_to_match_other_files_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let cache = Cache::new(dir.path());
+        let image = cache.store(b"kernel", b"initrd", manifest()).unwrap();
+        // Swap in other bytes and a manifest recording them, in the old entry's directory.
+        fs::write(&image.kernel, b"evil").unwrap();
+        let mut forged = image.manifest.clone();
+        forged.kernel = FileRecord {
+            sha256: sha256_hex(b"evil"),
+            size: 4,
+        };
+        fs::write(
+            image.dir.join(MANIFEST_FILE),
+            serde_json::to_vec(&forged).unwrap(),
+        )
+        .unwrap();
+        let err = cache.open_dir(&image.dir).unwrap_err().to_string();
+        assert!(err.contains("hashes make"), "{err}");
+    }
+
+    fn mode(path: &Path) -> u32 {
+        fs::metadata(path).unwrap().permissions().mode() & 0o777
+    }
+
+    #[test]
+    fn entries_and_aliases_are_readable_by_everyone() {
+        let dir = tempfile::tempdir().unwrap();
+        let cache = Cache::new(dir.path().join("guests"));
+        let image = cache.store(b"kernel", b"initrd", manifest()).unwrap();
+        cache.set_alias("default", &image.manifest.name).unwrap();
+        assert_eq!(mode(cache.root()), 0o755);
+        assert_eq!(mode(&image.dir), 0o755);
+        assert_eq!(mode(&cache.root().join("aliases")), 0o755);
+        for file in [&image.kernel, &image.initrd, &image.dir.join(MANIFEST_FILE)] {
+            assert_eq!(mode(file), 0o644, "{}", file.display());
+        }
+        assert_eq!(mode(&cache.root().join("aliases/default")), 0o644);
+    }
+
+    /// Every path under `root` with its size and modification time.
+    fn snapshot(root: &Path) -> Vec<(PathBuf, u64, i64, i64)> {
+        let mut out = Vec::new();
+        let mut stack = vec![root.to_owned()];
+        while let Some(dir) = stack.pop() {
+            for entry in fs::read_dir(&dir).unwrap() {
+                let path = entry.unwrap().path();
+                let meta = fs::symlink_metadata(&path).unwrap();
+                if meta.is_dir() {
+                    stack.push(path.clone());
+                }
+                out.push((path, meta.len(), meta.mtime(), meta.mtime_nsec()));
+            }
+        }
+        out.sort();
+        out
+    }
+
+    #[test]
+    fn a_read_only_cache_is_used_without_writing_to_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let cache = Cache::new(dir.path().join("guests"));
+        let image = cache
+            .store(
+                b"kernel",
+                b"initrd",
+                Manifest {
+                    format: crate::RECIPE_VERSION,
+                    ..manifest()
+                },
+            )
+            .unwrap();
+        cache
+            .set_alias(crate::DEFAULT_ALIAS, &image.manifest.name)
+            .unwrap();
+        // What a shared mount looks like: nothing writable. Root ignores the modes, so the test
+        // also checks that nothing was written (no new file, no changed mtime).
+        let mut paths = snapshot(cache.root());
+        paths.push((cache.root().to_owned(), 0, 0, 0));
+        for (path, ..) in &paths {
+            let mut perms = fs::metadata(path).unwrap().permissions();
+            perms.set_mode(perms.mode() & !0o222);
+            fs::set_permissions(path, perms).unwrap();
+        }
+        let before = snapshot(cache.root());
+        let found = crate::default_guest_in(&cache, &|line| panic!("progress: {line}")).unwrap();
+        assert_eq!(found.dir, image.dir);
+        assert_eq!(
+            cache.find(&image.manifest.name[..8]).unwrap().dir,
+            image.dir
+        );
+        assert_eq!(cache.list().len(), 1);
+        assert_eq!(snapshot(cache.root()), before);
+        assert!(!cache.root().join(".lock").exists());
+        for (path, ..) in paths {
+            let mut perms = fs::metadata(&path).unwrap().permissions();
+            perms.set_mode(perms.mode() | 0o200);
+            fs::set_permissions(&path, perms).unwrap();
+        }
     }
 }

@@ -15,6 +15,7 @@ pub mod elf;
 pub mod host;
 pub mod kernel_source;
 pub mod modules;
+pub mod registry;
 pub mod userland;
 
 use std::path::PathBuf;
@@ -51,6 +52,9 @@ pub enum GuestError {
     /// The initramfs could not be written.
     #[error("cannot build the initramfs: {0}")]
     Initramfs(#[from] kiln_guest::InitramfsError),
+    /// A registry push or pull failed.
+    #[error(transparent)]
+    Registry(#[from] registry::RegistryError),
 }
 
 /// Progress reporting: one line per step (downloading, unpacking, packing).

@@ -57,6 +57,9 @@ enum PlanError {
         "the default guest is not available: build it with `kiln guest build` or set guest.kernel"
     )]
     NoDefaultGuest,
+    /// The scenario names a registry guest and the run has no resolver to pull it.
+    #[error("guest {0} is not available: this run has no guest resolver to pull it")]
+    NoRegistryGuest(String),
     /// A work file or directory could not be created.
     #[error("cannot create {}: {source}", path.display())]
     Create {
@@ -379,10 +382,17 @@ impl Attempt<'_> {
             ImageRef::Path(k) => (k.clone(), s.guest.initrd.clone()),
             ImageRef::Default => match &self.opts.default_guest {
                 Some(resolve) => {
-                    let (k, i) = resolve()?;
+                    let (k, i) = resolve(None)?;
                     (k, Some(i))
                 }
                 None => return Err(PlanError::NoDefaultGuest),
+            },
+            ImageRef::Registry(reference) => match &self.opts.default_guest {
+                Some(resolve) => {
+                    let (k, i) = resolve(Some(reference))?;
+                    (k, Some(i))
+                }
+                None => return Err(PlanError::NoRegistryGuest(reference.clone())),
             },
         };
         let mut cmdline = vec![s.guest.cmdline.clone()];

@@ -27,14 +27,15 @@ pub use execute::CONSOLE_TAIL;
 use kiln_backends::{Backend, CancelFlag, KillSwitch};
 use kiln_scenario::Scenario;
 
-/// Resolves the default guest to (kernel, initrd).
+/// Resolves a guest to (kernel, initrd): `None` the default guest, `Some(reference)` a registry
+/// guest (`oci://…@sha256:…`, as in `guest.kernel`).
 pub type GuestResolver =
-    Arc<dyn Fn() -> Result<(PathBuf, PathBuf), GuestUnavailable> + Send + Sync>;
+    Arc<dyn Fn(Option<&str>) -> Result<(PathBuf, PathBuf), GuestUnavailable> + Send + Sync>;
 
-/// The default guest could not be had (built or found); the resolver's own error says why.
+/// The guest could not be had (built, found or pulled); the resolver's own error says why.
 /// Cheap to clone, so one answer can serve every scenario of a run.
 #[derive(Debug, Clone, thiserror::Error)]
-#[error("the default guest is not available: {0}")]
+#[error("the guest is not available: {0}")]
 pub struct GuestUnavailable(#[source] pub Arc<dyn std::error::Error + Send + Sync>);
 /// Called before a VM is torn down with `--pause-before-teardown`; returns when to continue.
 pub type PauseHook = Arc<dyn Fn(&str) + Send + Sync>;
@@ -56,7 +57,7 @@ pub struct RunOptions {
     pub fail_fast: bool,
     /// Extra attempts for a failed scenario.
     pub retries: u32,
-    /// The default guest, when available.
+    /// The default guest and registry guests, when available.
     pub default_guest: Option<GuestResolver>,
     /// The pause prompt.
     pub pause: Option<PauseHook>,

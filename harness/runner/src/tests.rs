@@ -22,7 +22,7 @@ fn env() -> Env {
     fs::write(dir.path().join("initrd"), b"initrd").expect("initrd");
     let mut opts = RunOptions::new(dir.path().join("artifacts"));
     let (k, i) = (dir.path().join("vmlinux"), dir.path().join("initrd"));
-    opts.default_guest = Some(Arc::new(move || Ok((k.clone(), i.clone()))));
+    opts.default_guest = Some(Arc::new(move |_| Ok((k.clone(), i.clone()))));
     Env { dir, opts }
 }
 

@@ -152,6 +152,9 @@ pub enum ImageRef {
     Default,
     /// A file on the host.
     Path(PathBuf),
+    /// `"oci://HOST[:PORT]/REPOSITORY[:TAG]@sha256:HEX"`: a guest (kernel and initrd) pulled
+    /// from an OCI registry by digest into the guest cache, verified, on first use.
+    Registry(String),
 }
 
 impl Serialize for ImageRef {
@@ -159,6 +162,7 @@ impl Serialize for ImageRef {
         match self {
             ImageRef::Default => s.serialize_str("default"),
             ImageRef::Path(p) => s.serialize_str(&p.display().to_string()),
+            ImageRef::Registry(r) => s.serialize_str(r),
         }
     }
 }

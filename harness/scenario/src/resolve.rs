@@ -341,6 +341,15 @@ impl Checker {
         let kernel = match pick(&raw.kernel, src, d.map(|(g, s)| (&g.kernel, s))) {
             None => ImageRef::Default,
             Some((k, _)) if k.get_ref() == "default" => ImageRef::Default,
+            Some((k, ksrc)) if k.get_ref().starts_with(REGISTRY_SCHEME) => {
+                match registry_reference(k.get_ref()) {
+                    Ok(()) => ImageRef::Registry(k.get_ref().clone()),
+                    Err(why) => {
+                        self.err(ksrc, k.span(), "guest.kernel", why);
+                        return None;
+                    }
+                }
+            }
             Some((k, ksrc)) => {
                 ImageRef::Path(self.host_path(ksrc, k, "guest.kernel", Want::File)?)
             }
@@ -355,6 +364,15 @@ impl Checker {
                     "guest.initrd",
                     "the default guest brings its own initrd; set guest.kernel too or leave initrd out"
                         .into(),
+                );
+                None
+            }
+            Some((i, isrc)) if matches!(kernel, ImageRef::Registry(_)) => {
+                self.err(
+                    isrc,
+                    i.span(),
+                    "guest.initrd",
+                    "a registry guest brings its own initrd; leave initrd out".into(),
                 );
                 None
             }
@@ -812,4 +830,31 @@ fn valid_name(name: &str) -> bool {
         && name
             .chars()
             .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-'))
+}
+
+/// The prefix of a registry guest in `guest.kernel`.
+const REGISTRY_SCHEME: &str = "oci://";
+
+/// Checks the shape of `oci://HOST[:PORT]/REPOSITORY[:TAG]@sha256:HEX` (kiln-guest-build parses
+/// it fully when pulling); a scenario must pin its guest by digest.
+fn registry_reference(given: &str) -> Result<(), String> {
+    let rest = &given[REGISTRY_SCHEME.len()..];
+    let expected = "expected oci://HOST[:PORT]/REPOSITORY[:TAG]@sha256:<64 hex digits>";
+    let Some((name, digest)) = rest.split_once("@sha256:") else {
+        return Err(format!(
+            "registry guest {given:?} has no digest: a scenario pins its guest by digest \
+             ({expected}; `kiln guest push` prints it)"
+        ));
+    };
+    let hex_ok = digest.len() == 64
+        && digest
+            .bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b));
+    let name_ok = name
+        .split_once('/')
+        .is_some_and(|(host, repo)| !host.is_empty() && !repo.is_empty());
+    if !hex_ok || !name_ok {
+        return Err(format!("registry guest {given:?}: {expected}"));
+    }
+    Ok(())
 }

@@ -391,3 +391,38 @@ fn kiln_toml_sets_the_artifacts_budget() {
     ]);
     assert!(e[0].contains("artifacts.max_size"), "{e:?}");
 }
+
+#[test]
+fn a_registry_guest_is_pinned_by_digest_and_brings_its_own_initrd() {
+    let hex = "0123456789abcdef".repeat(4);
+    let reference = format!("oci://registry.example:5000/kiln/guest:v1@sha256:{hex}");
+    let text = format!("id = \"a\"\n[guest]\nkernel = \"{reference}\"\n");
+    let (_dir, result) = corpus(&[("a.toml", &text)]);
+    let s = result.expect("valid").remove(0);
+    assert_eq!(s.guest.kernel, ImageRef::Registry(reference.clone()));
+    assert!(s.to_toml().contains(&reference));
+
+    let e = errors(&[(
+        "a.toml",
+        "id = \"a\"\n[guest]\nkernel = \"oci://registry.example/kiln/guest:v1\"\n",
+    )]);
+    assert_eq!(e.len(), 1, "{e:?}");
+    assert!(
+        e[0].starts_with("D/a.toml:3:10: guest.kernel: registry guest \"oci://registry.example/kiln/guest:v1\" has no digest"),
+        "{e:?}"
+    );
+    let e = errors(&[(
+        "a.toml",
+        "id = \"a\"\n[guest]\nkernel = \"oci://registry.example/kiln/guest@sha256:abc\"\n",
+    )]);
+    assert!(
+        e[0].contains("expected oci://HOST[:PORT]/REPOSITORY"),
+        "{e:?}"
+    );
+    let text = format!("{text}initrd = \"initrd.img\"\n");
+    let e = errors(&[("a.toml", &text), ("initrd.img", "")]);
+    assert!(
+        e[0].contains("guest.initrd: a registry guest brings its own initrd"),
+        "{e:?}"
+    );
+}

@@ -19,7 +19,7 @@ use kiln_backends::{self as backend, Backend};
 use kiln_diff::scenarios::report::{RunDiffReport, ScenarioDiff};
 use kiln_diff::scenarios::{compare_bundles_in, QemuImg};
 use kiln_runner::{self as runner, Control, KeepPolicy, RunEvent, RunOptions, RunSummary};
-use kiln_scenario::{load_corpus, BackendKind, ImageRef, Scenario};
+use kiln_scenario::{load_corpus, BackendKind, Scenario};
 
 /// Arguments of `kiln diff run`.
 #[derive(Debug, Args)]
@@ -192,12 +192,9 @@ fn options(args: &DiffRunArgs, kvm_kind: &str, scenarios: &[Scenario]) -> RunOpt
     opts.retries = args.retries;
     args.bundle.apply(&mut opts);
     opts.provenance_base.host_kvm = kvm_kind.to_string();
-    let resolver = crate::commands::run::default_guest_resolver();
-    if scenarios
-        .iter()
-        .any(|s| matches!(s.guest.kernel, ImageRef::Default))
-    {
-        if let Err(e) = resolver() {
+    let resolver = crate::commands::run::guest_resolver(None);
+    for guest in crate::commands::run::guests_wanted(scenarios) {
+        if let Err(e) = resolver(guest.as_deref()) {
             eprintln!("kiln: error: {e}");
         }
     }

@@ -1,9 +1,10 @@
-//! `kiln guest build|list|path`.
+//! `kiln guest build|list|path|push|pull`.
 
 use std::path::PathBuf;
 
 use clap::{Args, Subcommand};
 
+use kiln_guest_build::registry::{self, Reference};
 use kiln_guest_build::{build, stderr_progress, Cache, GuestError, KernelFrom, DEFAULT_ALIAS};
 
 /// `kiln guest …`
@@ -23,6 +24,31 @@ pub enum GuestCommand {
     Path {
         /// Alias or hash prefix.
         name: Option<String>,
+    },
+    /// Push a cached guest to an OCI registry (credentials from KILN_REGISTRY_USER and
+    /// KILN_REGISTRY_PASSWORD, or `docker login`) and print the reference, pinned by digest,
+    /// that runners pull. Plain HTTP for loopback hosts and those in KILN_REGISTRY_PLAIN_HTTP.
+    #[command(
+        after_help = "Example:\n  KILN_REGISTRY_USER=ci KILN_REGISTRY_PASSWORD=$TOKEN kiln guest push registry.example.com/kiln/guest:v1"
+    )]
+    Push {
+        /// Where: [oci://]HOST[:PORT]/REPOSITORY[:TAG] (tag `latest` when none).
+        reference: String,
+        /// Which cached guest (alias or hash prefix) [default: the default guest].
+        #[arg(long, value_name = "NAME")]
+        guest: Option<String>,
+    },
+    /// Pull a guest from an OCI registry by digest into the cache, verifying every byte, and
+    /// print its cache directory. Nothing is fetched when the cache already holds it.
+    #[command(
+        after_help = "Example:\n  kiln guest pull oci://registry.example.com/kiln/guest@sha256:3f1c…"
+    )]
+    Pull {
+        /// [oci://]HOST[:PORT]/REPOSITORY[:TAG]@sha256:HEX.
+        reference: String,
+        /// Also name the result (e.g. `default`, which `kiln run` uses).
+        #[arg(long, value_name = "NAME")]
+        alias: Option<String>,
     },
 }
 
@@ -105,6 +131,23 @@ fn execute(command: GuestCommand) -> Result<(), GuestError> {
                 Some(name) => cache.find(&name)?,
                 None => kiln_guest_build::default_guest_in(&cache, &stderr_progress)?,
             };
+            println!("{}", image.dir.display());
+        }
+        GuestCommand::Push { reference, guest } => {
+            let reference = Reference::parse(&reference)?;
+            let image = match guest {
+                Some(name) => cache.find(&name)?,
+                None => kiln_guest_build::default_guest_in(&cache, &stderr_progress)?,
+            };
+            let pushed = registry::push(&image, &reference, &stderr_progress)?;
+            println!("{pushed}");
+        }
+        GuestCommand::Pull { reference, alias } => {
+            let reference = Reference::parse(&reference)?;
+            let image = registry::pull(&cache, &reference, &stderr_progress)?;
+            if let Some(alias) = alias {
+                cache.set_alias(&alias, &image.manifest.name)?;
+            }
             println!("{}", image.dir.display());
         }
     }

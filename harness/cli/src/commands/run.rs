@@ -4,6 +4,7 @@
 //! booted), ENVIRONMENT_DRIFT the host is not the one `--expect-environment` pins (nothing
 //! booted), INTERRUPTED Ctrl-C.
 
+use std::collections::HashMap;
 use std::io::BufRead;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
@@ -11,6 +12,7 @@ use std::sync::{Arc, Mutex};
 use clap::Args;
 
 use kiln_backends::{self as backend, Backend};
+use kiln_guest_build::registry::{self, Reference};
 
 use crate::args::{BackendArg, KeepArg};
 use crate::commands::artifacts::Budget;
@@ -81,6 +83,10 @@ pub struct RunArgs {
     /// Fail before booting anything when the artifacts dir is already over its budget.
     #[arg(long)]
     pub enforce_budget: bool,
+    /// Use this registry guest (oci://HOST/REPOSITORY@sha256:HEX, pulled into the cache and
+    /// verified on first use) wherever a scenario asks for the default guest.
+    #[arg(long, value_name = "oci://HOST/REPO@sha256:HEX")]
+    pub guest: Option<String>,
 }
 
 fn print_errors(errors: &[impl std::fmt::Display]) {
@@ -190,14 +196,17 @@ pub fn run(args: RunArgs) -> i32 {
     let mut opts = options(&args);
     opts.provenance_base.host_kvm = kvm_kind;
     opts.environment = Some(environment);
-    let resolver = default_guest_resolver();
-    if scenarios
-        .iter()
-        .any(|s| matches!(s.guest.kernel, ImageRef::Default))
-    {
-        // Build (or find) it before the first scenario starts, so its build time and progress
-        // lines are not mixed into a scenario's.
-        match resolver() {
+    let resolver = match args.guest.as_deref().map(pinned_guest).transpose() {
+        Ok(default) => guest_resolver(default),
+        Err(e) => {
+            eprintln!("kiln: error: --guest: {e}");
+            return exit::USAGE;
+        }
+    };
+    // Build, find or pull them before the first scenario starts, so that their progress lines
+    // are not mixed into a scenario's.
+    for guest in guests_wanted(&scenarios) {
+        match resolver(guest.as_deref()) {
             // Hash the images for provenance once here rather than inside the first scenarios.
             Ok((kernel, initrd)) => {
                 runner::artifacts::file_id(&kernel);
@@ -264,20 +273,65 @@ pub(crate) fn host_environment(doctor: &kiln_backends::doctor::DoctorReport) -> 
     Environment::probe(&kvm_kind_name(doctor), doctor.qemu_system.version.clone())
 }
 
-/// Resolves the default guest once per run: the first scenario that needs it builds it into the
-/// cache (progress on stderr) while the others wait; every later call gets the cached answer.
-pub(crate) fn default_guest_resolver() -> runner::GuestResolver {
+/// The guests `scenarios` ask for, each once: `None` the default guest, `Some` a registry one.
+pub(crate) fn guests_wanted(scenarios: &[Scenario]) -> Vec<Option<String>> {
+    let mut wanted = Vec::new();
+    for scenario in scenarios {
+        let guest = match &scenario.guest.kernel {
+            ImageRef::Default => None,
+            ImageRef::Registry(reference) => Some(reference.clone()),
+            ImageRef::Path(_) => continue,
+        };
+        if !wanted.contains(&guest) {
+            wanted.push(guest);
+        }
+    }
+    wanted
+}
+
+/// Resolves guests once per run: the first scenario that needs one builds it into the cache, or
+/// pulls it from its registry (progress on stderr), while the others wait; every later call gets
+/// the cached answer. With `default` (`--guest`), the default guest is that registry guest.
+pub(crate) fn guest_resolver(default: Option<Reference>) -> runner::GuestResolver {
     type Resolved = Result<(PathBuf, PathBuf), runner::GuestUnavailable>;
-    let resolved: Arc<Mutex<Option<Resolved>>> = Arc::default();
-    Arc::new(move || {
-        let mut slot = resolved.lock().unwrap_or_else(|p| p.into_inner());
-        slot.get_or_insert_with(|| {
-            kiln_guest_build::default_guest()
-                .map(|g| (g.kernel, g.initrd))
-                .map_err(|e| runner::GuestUnavailable(Arc::new(e)))
-        })
-        .clone()
+    let resolved: Arc<Mutex<HashMap<Option<String>, Resolved>>> = Arc::default();
+    Arc::new(move |guest: Option<&str>| {
+        let mut slots = resolved.lock().unwrap_or_else(|p| p.into_inner());
+        slots
+            .entry(guest.map(str::to_owned))
+            .or_insert_with(|| {
+                let unavailable =
+                    |e: kiln_guest_build::GuestError| runner::GuestUnavailable(Arc::new(e));
+                let reference = match guest {
+                    Some(given) => {
+                        Some(Reference::parse(given).map_err(|e| unavailable(e.into()))?)
+                    }
+                    None => default.clone(),
+                };
+                let image = match reference {
+                    Some(reference) => {
+                        kiln_guest_build::Cache::default_location().and_then(|cache| {
+                            registry::pull(&cache, &reference, &kiln_guest_build::stderr_progress)
+                        })
+                    }
+                    None => kiln_guest_build::default_guest(),
+                };
+                image.map(|g| (g.kernel, g.initrd)).map_err(unavailable)
+            })
+            .clone()
     })
+}
+
+/// `--guest`: a registry reference pinned by digest.
+fn pinned_guest(given: &str) -> Result<Reference, String> {
+    let reference = Reference::parse(given).map_err(|e| e.to_string())?;
+    if reference.digest.is_none() {
+        return Err(format!(
+            "{given:?} has no digest: a run pins its guest by digest \
+             (oci://HOST/REPOSITORY@sha256:HEX, as `kiln guest push` prints it)"
+        ));
+    }
+    Ok(reference)
 }
 
 /// Run options from the arguments (everything but the backend-dependent parts).
