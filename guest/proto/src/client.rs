@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use crate::frame::{encode_frame, read_frame, write_frame, FrameError};
 use crate::message::{ExecRequest, GetRequest, Message, PtyExecRequest, PutRequest, MAX_FILE_LEN};
-use crate::sha256_hex;
+use crate::{sha256_hex, MIN_PROTOCOL_VERSION};
 
 /// Extra time the client waits beyond an exec's own timeout (the agent kills, reaps and reports).
 pub const EXEC_GRACE: Duration = Duration::from_secs(10);
@@ -296,16 +296,37 @@ impl<S: Read + Write + StreamTimeouts> Client<S> {
 
     /// Discard bytes until the exact encoding of the agent's hello reply to `nonce`.
     fn skip_to_hello_reply(&mut self, version: u32, nonce: u64) -> Result<(), ClientError> {
-        let expected = encode_frame(&Message::Hello { version, nonce }).map_err(|source| {
-            ClientError::Frame {
+        let encode = |message: &Message| {
+            encode_frame(message).map_err(|source| ClientError::Frame {
                 op: "hello",
                 source,
-            }
-        })?;
-        let mut window: Vec<u8> = Vec::with_capacity(expected.len());
+            })
+        };
+        let expected = encode(&Message::Hello { version, nonce })?;
+        // An agent that predates `version` refuses the hello with these exact bytes and goes on
+        // serving the stream: recognise them, or the client would wait for a reply that never
+        // comes. (Only version 1 agents exist before this client.)
+        let refusal_text = format!(
+            "unsupported protocol version {version}; this agent speaks {MIN_PROTOCOL_VERSION}"
+        );
+        let refusal = if version > MIN_PROTOCOL_VERSION {
+            encode(&Message::Error {
+                message: refusal_text.clone(),
+            })?
+        } else {
+            Vec::new()
+        };
+        let keep = expected.len().max(refusal.len());
+        let mut window: Vec<u8> = Vec::with_capacity(keep);
         let mut scanned = 0usize;
         let mut byte = [0u8; 1];
-        while window != expected {
+        while !window.ends_with(&expected) {
+            if !refusal.is_empty() && window.ends_with(&refusal) {
+                return Err(ClientError::Agent {
+                    op: "hello",
+                    message: refusal_text,
+                });
+            }
             if scanned >= MAX_RESYNC_BYTES {
                 return Err(ClientError::NoHello { nonce, scanned });
             }
@@ -313,7 +334,7 @@ impl<S: Read + Write + StreamTimeouts> Client<S> {
                 Ok(0) => return Err(ClientError::NoHello { nonce, scanned }),
                 Ok(_) => {
                     scanned += 1;
-                    if window.len() == expected.len() {
+                    if window.len() == keep {
                         window.remove(0);
                     }
                     window.push(byte[0]);
@@ -731,6 +752,34 @@ mod tests {
         });
         client.shutdown(false).expect("shutdown acknowledged");
         agent.join().expect("agent");
+    }
+
+    #[test]
+    fn a_shared_client_hears_a_version_1_agent_refuse_pty_exec_at_once() {
+        let (client_end, mut agent_end) = UnixStream::pair().expect("pair");
+        let agent = thread::spawn(move || {
+            let hello = read_frame(&mut agent_end).expect("hello");
+            assert!(
+                matches!(hello, Message::Hello { version: 2, .. }),
+                "{hello:?}"
+            );
+            // What a version 1 agent answers, and then it waits for the next session.
+            let message = "unsupported protocol version 2; this agent speaks 1".to_string();
+            write_frame(&mut agent_end, &Message::Error { message }).expect("refusal");
+            agent_end
+        });
+        let started = Instant::now();
+        let err = match Client::new_shared(client_end).pty_exec(&PtyExecRequest::default()) {
+            Err(e) => e,
+            Ok(_) => panic!("a version 1 agent cannot run pty_exec"),
+        };
+        assert!(
+            matches!(&err, ClientError::Agent { message, .. }
+                if message == "unsupported protocol version 2; this agent speaks 1"),
+            "{err}"
+        );
+        assert!(started.elapsed() < Duration::from_secs(5));
+        drop(agent.join().expect("agent"));
     }
 
     #[test]

@@ -21,6 +21,9 @@ use crate::exit;
 /// How long connecting to the agent and its hello may take.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// The guest terminal's size when the local one has none.
+const DEFAULT_SIZE: (u16, u16) = (24, 80);
+
 /// `kiln shell`.
 #[derive(Debug, Args)]
 pub struct ShellArgs {
@@ -63,7 +66,7 @@ enum ShellError {
         run_id: String,
         source: ClientError,
     },
-    #[error("run {run_id} of `{scenario}`: the guest's agent predates `kiln shell` (it speaks protocol version 1); rebuild the guest with `kiln guest build`")]
+    #[error("run {run_id} of `{scenario}`: the guest's agent predates `kiln shell` (it speaks protocol version 1); rebuild it with `kiln guest build --alias default` (or build the scenario's own guest anew)")]
     OldAgent { scenario: String, run_id: String },
     #[error("standard input holds more than the {max} bytes one exec carries")]
     StdinTooLarge { max: u64 },
@@ -163,11 +166,12 @@ fn shell_inner(args: &ShellArgs) -> Result<ExitInfo, ShellError> {
     let run = paused::find(&args.artifacts, &args.target)?;
     let stdin_fd = io::stdin().as_raw_fd();
     let terminal = is_terminal(stdin_fd);
-    let (rows, cols) = if terminal {
-        window_size(stdin_fd).unwrap_or((0, 0))
-    } else {
-        (0, 0)
-    };
+    // Without a terminal (or one that reports no size) the guest's gets a classic 24x80: a
+    // 0x0 terminal confuses programs that lay out their output.
+    let (rows, cols) = terminal
+        .then(|| window_size(stdin_fd))
+        .flatten()
+        .unwrap_or(DEFAULT_SIZE);
     let argv = if args.command.is_empty() {
         vec!["sh".to_string()]
     } else {
