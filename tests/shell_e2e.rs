@@ -364,3 +364,49 @@ impl Terminal {
         }
     }
 }
+
+#[test]
+fn shell_and_exec_name_what_is_not_paused_in_one_line() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let artifacts = dir.path().join("artifacts");
+    let finished = artifacts.join("boot").join("20261206T100000.000Z-p1-a1");
+    fs::create_dir_all(&finished).expect("a finished bundle");
+    let cases = [
+        (
+            "exec",
+            "nope".to_string(),
+            format!(
+                "kiln exec: no scenario `nope` under {} and no directory of that name\n",
+                artifacts.display()
+            ),
+        ),
+        (
+            "shell",
+            "boot".to_string(),
+            "kiln shell: scenario `boot` is not paused (no live run has paused.json there)\n"
+                .to_string(),
+        ),
+        (
+            "shell",
+            finished.display().to_string(),
+            format!(
+                "kiln shell: {} is not paused (no live run has paused.json there)\n",
+                finished.display()
+            ),
+        ),
+    ];
+    for (sub, target, expected) in cases {
+        let out = kiln()
+            .arg(sub)
+            .arg(&target)
+            .arg("--artifacts")
+            .arg(&artifacts)
+            .args(["--", "true"])
+            .stdin(Stdio::null())
+            .output()
+            .expect("kiln runs");
+        assert_eq!(out.status.code(), Some(3), "kiln {sub} {target}");
+        assert_eq!(text(&out.stderr), expected, "kiln {sub} {target}");
+        assert!(out.stdout.is_empty());
+    }
+}
