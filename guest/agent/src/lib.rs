@@ -8,6 +8,7 @@ pub mod children;
 pub mod cmdline;
 pub mod exec;
 pub mod files;
+pub mod pty;
 pub mod resume;
 pub mod session;
 

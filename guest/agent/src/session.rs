@@ -3,10 +3,14 @@
 
 use std::io::{Read, Write};
 
-use kiln_agent_proto::{read_frame, write_frame, FrameError, Message, PROTOCOL_VERSION};
+use std::os::fd::AsRawFd;
 
-use crate::exec;
+use kiln_agent_proto::{
+    read_frame, write_frame, FrameError, Message, MIN_PROTOCOL_VERSION, PROTOCOL_VERSION,
+};
+
 use crate::files::FilePolicy;
+use crate::{exec, pty};
 
 /// What the agent needs to serve requests.
 #[derive(Debug, Clone, Default)]
@@ -36,7 +40,9 @@ pub enum SessionError {
     #[error("{0}")]
     Frame(#[from] FrameError),
     /// The client speaks a protocol version this agent does not.
-    #[error("unsupported protocol version {got}; this agent speaks {PROTOCOL_VERSION}")]
+    #[error(
+        "unsupported protocol version {got}; this agent speaks {MIN_PROTOCOL_VERSION} to {PROTOCOL_VERSION}"
+    )]
     Version {
         /// The client's version.
         got: u32,
@@ -61,12 +67,16 @@ impl SessionError {
 
 /// Serve one session: read hello, answer it, read one request and answer it.
 /// Protocol errors are answered with an `Error` message (when the stream still works) and returned.
-pub fn serve_session<S: Read + Write>(
+pub fn serve_session<S: Read + Write + AsRawFd>(
     stream: &mut S,
     agent: &Agent,
 ) -> Result<Outcome, SessionError> {
-    let nonce = match read_frame(stream) {
-        Ok(Message::Hello { version, nonce }) if version == PROTOCOL_VERSION => nonce,
+    let (version, nonce) = match read_frame(stream) {
+        Ok(Message::Hello { version, nonce })
+            if (MIN_PROTOCOL_VERSION..=PROTOCOL_VERSION).contains(&version) =>
+        {
+            (version, nonce)
+        }
         Ok(Message::Hello { version, .. }) => {
             return Err(refuse(stream, SessionError::Version { got: version }))
         }
@@ -74,13 +84,8 @@ pub fn serve_session<S: Read + Write>(
         Err(FrameError::Closed) => return Err(FrameError::Closed.into()),
         Err(e) => return Err(refuse(stream, e.into())),
     };
-    write_frame(
-        stream,
-        &Message::Hello {
-            version: PROTOCOL_VERSION,
-            nonce,
-        },
-    )?;
+    // The client's own version back: a shared-stream client looks for exactly that encoding.
+    write_frame(stream, &Message::Hello { version, nonce })?;
     let request = match read_frame(stream) {
         Ok(request) => request,
         Err(FrameError::Closed) => return Err(FrameError::Closed.into()),
@@ -90,6 +95,11 @@ pub fn serve_session<S: Read + Write>(
         Message::Exec(exec) => match exec::run(&exec, |m| write_frame(stream, m)) {
             Ok(()) => {}
             Err(exec::ExecError::Client { source, .. }) => return Err(source.into()),
+            Err(e) => reply_error(stream, e.to_string())?,
+        },
+        Message::PtyExec(request) => match pty::run(&request, stream) {
+            Ok(()) => {}
+            Err(pty::PtyError::Client { source, .. }) => return Err(source.into()),
             Err(e) => reply_error(stream, e.to_string())?,
         },
         Message::Put(put) => match agent.files.put(&put) {
@@ -111,7 +121,7 @@ pub fn serve_session<S: Read + Write>(
         other => reply_error(
             stream,
             format!(
-                "expected exec, put, get, resume or shutdown, got {}",
+                "expected exec, pty_exec, put, get, resume or shutdown, got {}",
                 other.kind()
             ),
         )?,
@@ -122,7 +132,7 @@ pub fn serve_session<S: Read + Write>(
 /// Serve sessions one after another on a shared stream (virtio-serial) until end of file, a
 /// shutdown request, or a framing error that loses the frame boundary (then input is discarded
 /// up to end of file, which comes when the host side disconnects).
-pub fn serve_stream<S: Read + Write>(stream: &mut S, agent: &Agent) -> Outcome {
+pub fn serve_stream<S: Read + Write + AsRawFd>(stream: &mut S, agent: &Agent) -> Outcome {
     loop {
         match serve_session(stream, agent) {
             Ok(Outcome::Served) => {}

@@ -7,7 +7,10 @@ use std::time::{Duration, Instant};
 
 use kiln_agent_proto::client::{Client, ClientError};
 use kiln_agent_proto::frame::encode_frame;
-use kiln_agent_proto::{read_frame, sha256_hex, ExecRequest, Message, PutRequest, MAX_FRAME_LEN};
+use kiln_agent_proto::{
+    read_frame, sha256_hex, ExecRequest, Message, PutRequest, MAX_FRAME_LEN, MIN_PROTOCOL_VERSION,
+    PROTOCOL_VERSION,
+};
 
 use super::*;
 
@@ -46,8 +49,11 @@ fn raw_session(version: u32, request: &[u8]) -> (Vec<Message>, Result<Outcome, S
         .write_all(&encode_frame(&hello).expect("hello"))
         .expect("send hello");
     let mut answers = Vec::new();
-    if version == kiln_agent_proto::PROTOCOL_VERSION {
-        answers.push(read_frame(&mut stream).expect("hello reply"));
+    if (MIN_PROTOCOL_VERSION..=PROTOCOL_VERSION).contains(&version) {
+        let reply = read_frame(&mut stream).expect("hello reply");
+        // The agent answers in the client's version, the exact bytes a shared stream looks for.
+        assert_eq!(reply, hello);
+        answers.push(reply);
         stream.write_all(request).expect("send request");
     }
     while let Ok(message) = read_frame(&mut stream) {
@@ -332,10 +338,25 @@ fn oversize_frame_is_rejected_with_an_error_reply() {
 
 #[test]
 fn unknown_protocol_version_is_rejected() {
-    let (answers, outcome) = raw_session(2, b"");
+    let (answers, outcome) = raw_session(3, b"");
     assert_eq!(answers.len(), 1);
-    assert!(agent_error(&answers).contains("unsupported protocol version 2; this agent speaks 1"));
-    assert!(matches!(outcome, Err(SessionError::Version { got: 2 })));
+    assert!(
+        agent_error(&answers).contains("unsupported protocol version 3; this agent speaks 1 to 2")
+    );
+    assert!(matches!(outcome, Err(SessionError::Version { got: 3 })));
+}
+
+#[test]
+fn a_version_1_client_is_still_served() {
+    let request = encode_frame(&Message::Exec(ExecRequest::new(["echo", "v1"]))).expect("encodes");
+    let (answers, outcome) = raw_session(1, &request);
+    assert!(
+        answers.contains(&Message::Stdout {
+            data: b"v1\n".to_vec()
+        }),
+        "{answers:?}"
+    );
+    assert!(matches!(outcome, Ok(Outcome::Served)));
 }
 
 #[test]
@@ -373,7 +394,8 @@ fn bad_utf8_in_argv_is_a_protocol_error() {
 #[test]
 fn a_non_request_message_is_answered_with_an_error() {
     let (answers, outcome) = raw_session(1, &encode_frame(&Message::Ok).expect("encodes"));
-    assert!(agent_error(&answers).contains("expected exec, put, get, resume or shutdown, got ok"));
+    assert!(agent_error(&answers)
+        .contains("expected exec, pty_exec, put, get, resume or shutdown, got ok"));
     assert!(matches!(outcome, Ok(Outcome::Served)));
 }
 

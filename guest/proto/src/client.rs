@@ -11,8 +11,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use crate::frame::{encode_frame, read_frame, write_frame, FrameError};
-use crate::message::{ExecRequest, GetRequest, Message, PutRequest, MAX_FILE_LEN};
-use crate::{sha256_hex, PROTOCOL_VERSION};
+use crate::message::{ExecRequest, GetRequest, Message, PtyExecRequest, PutRequest, MAX_FILE_LEN};
+use crate::{sha256_hex, MIN_PROTOCOL_VERSION};
 
 /// Extra time the client waits beyond an exec's own timeout (the agent kills, reaps and reports).
 pub const EXEC_GRACE: Duration = Duration::from_secs(10);
@@ -269,16 +269,16 @@ impl<S: Read + Write + StreamTimeouts> Client<S> {
             .set_write_timeout(self.io_timeout)
             .map_err(ClientError::Timeouts)?;
         let nonce = new_nonce();
-        let hello = Message::Hello {
-            version: PROTOCOL_VERSION,
-            nonce,
-        };
+        // The lowest version that has the request: an agent older than the request's version
+        // refuses it, every other request keeps working with it.
+        let version = request.min_version();
+        let hello = Message::Hello { version, nonce };
         write_frame(&mut self.stream, &hello).map_err(|source| ClientError::Frame {
             op: "hello",
             source,
         })?;
         if self.shared {
-            self.skip_to_hello_reply(nonce)?;
+            self.skip_to_hello_reply(version, nonce)?;
         } else {
             match self.read("hello")? {
                 Message::Hello { nonce: n, .. } if n == nonce => {}
@@ -295,19 +295,38 @@ impl<S: Read + Write + StreamTimeouts> Client<S> {
     }
 
     /// Discard bytes until the exact encoding of the agent's hello reply to `nonce`.
-    fn skip_to_hello_reply(&mut self, nonce: u64) -> Result<(), ClientError> {
-        let expected = encode_frame(&Message::Hello {
-            version: PROTOCOL_VERSION,
-            nonce,
-        })
-        .map_err(|source| ClientError::Frame {
-            op: "hello",
-            source,
-        })?;
-        let mut window: Vec<u8> = Vec::with_capacity(expected.len());
+    fn skip_to_hello_reply(&mut self, version: u32, nonce: u64) -> Result<(), ClientError> {
+        let encode = |message: &Message| {
+            encode_frame(message).map_err(|source| ClientError::Frame {
+                op: "hello",
+                source,
+            })
+        };
+        let expected = encode(&Message::Hello { version, nonce })?;
+        // An agent that predates `version` refuses the hello with these exact bytes and goes on
+        // serving the stream: recognise them, or the client would wait for a reply that never
+        // comes. (Only version 1 agents exist before this client.)
+        let refusal_text = format!(
+            "unsupported protocol version {version}; this agent speaks {MIN_PROTOCOL_VERSION}"
+        );
+        let refusal = if version > MIN_PROTOCOL_VERSION {
+            encode(&Message::Error {
+                message: refusal_text.clone(),
+            })?
+        } else {
+            Vec::new()
+        };
+        let keep = expected.len().max(refusal.len());
+        let mut window: Vec<u8> = Vec::with_capacity(keep);
         let mut scanned = 0usize;
         let mut byte = [0u8; 1];
-        while window != expected {
+        while !window.ends_with(&expected) {
+            if !refusal.is_empty() && window.ends_with(&refusal) {
+                return Err(ClientError::Agent {
+                    op: "hello",
+                    message: refusal_text,
+                });
+            }
             if scanned >= MAX_RESYNC_BYTES {
                 return Err(ClientError::NoHello { nonce, scanned });
             }
@@ -315,7 +334,7 @@ impl<S: Read + Write + StreamTimeouts> Client<S> {
                 Ok(0) => return Err(ClientError::NoHello { nonce, scanned }),
                 Ok(_) => {
                     scanned += 1;
-                    if window.len() == expected.len() {
+                    if window.len() == keep {
                         window.remove(0);
                     }
                     window.push(byte[0]);
@@ -484,6 +503,101 @@ impl<S: Read + Write + StreamTimeouts> Client<S> {
     }
 }
 
+impl Client<UnixStream> {
+    /// Start `request` on a pseudo-terminal in the guest (protocol version 2). The connection
+    /// then belongs to the returned session: input and resizes go in through [`PtySession::input`],
+    /// output and the exit status come out of [`PtySession::next_event`], with no timeouts (an
+    /// interactive shell may sit idle for hours).
+    pub fn pty_exec(mut self, request: &PtyExecRequest) -> Result<PtySession, ClientError> {
+        self.start("pty_exec", &Message::PtyExec(request.clone()))?;
+        self.set_read_timeout(None)?;
+        self.stream
+            .set_write_timeout(None)
+            .map_err(ClientError::Timeouts)?;
+        Ok(PtySession {
+            stream: self.stream,
+        })
+    }
+}
+
+/// What a pty session produced next.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PtyEvent {
+    /// Terminal output (the command's stdout and stderr, as a terminal interleaves them).
+    Output(Vec<u8>),
+    /// The command ended; the session is over.
+    Exited(ExitInfo),
+}
+
+/// The reading half of a running `pty_exec`.
+pub struct PtySession {
+    stream: UnixStream,
+}
+
+impl PtySession {
+    /// A writer for the terminal's input, usable from another thread.
+    pub fn input(&self) -> Result<PtyInput, ClientError> {
+        let stream = self.stream.try_clone().map_err(|e| ClientError::Frame {
+            op: "pty_exec",
+            source: FrameError::Io(e),
+        })?;
+        Ok(PtyInput { stream })
+    }
+
+    /// The next output chunk or the exit status; blocks until one arrives.
+    pub fn next_event(&mut self) -> Result<PtyEvent, ClientError> {
+        let op = "pty_exec";
+        match read_frame(&mut self.stream).map_err(|source| ClientError::Frame { op, source })? {
+            Message::Stdout { data } | Message::Stderr { data } => Ok(PtyEvent::Output(data)),
+            Message::Exited {
+                code,
+                signal,
+                timed_out,
+            } => Ok(PtyEvent::Exited(ExitInfo {
+                code,
+                signal,
+                timed_out,
+            })),
+            Message::Error { message } => Err(ClientError::Agent { op, message }),
+            other => Err(unexpected(op, "stdout, exited or error", &other)),
+        }
+    }
+}
+
+/// The writing half of a running `pty_exec`.
+pub struct PtyInput {
+    stream: UnixStream,
+}
+
+impl PtyInput {
+    /// Bytes typed at the terminal (Ctrl-C is byte 3: the guest's line discipline turns it into
+    /// SIGINT for the foreground job).
+    pub fn send(&mut self, data: &[u8]) -> Result<(), ClientError> {
+        let message = Message::Stdin {
+            data: data.to_vec(),
+        };
+        write_frame(&mut self.stream, &message).map_err(|source| ClientError::Frame {
+            op: "pty_exec input",
+            source,
+        })
+    }
+
+    /// End the session from the host side: the agent hangs the terminal up and kills the command.
+    pub fn hang_up(&self) {
+        let _ = self.stream.shutdown(std::net::Shutdown::Both);
+    }
+
+    /// The terminal is now `rows` x `cols`.
+    pub fn resize(&mut self, rows: u16, cols: u16) -> Result<(), ClientError> {
+        write_frame(&mut self.stream, &Message::Resize { rows, cols }).map_err(|source| {
+            ClientError::Frame {
+                op: "pty_exec resize",
+                source,
+            }
+        })
+    }
+}
+
 fn unexpected(op: &'static str, expected: &'static str, got: &Message) -> ClientError {
     ClientError::Unexpected {
         op,
@@ -644,6 +758,34 @@ mod tests {
         });
         client.shutdown(false).expect("shutdown acknowledged");
         agent.join().expect("agent");
+    }
+
+    #[test]
+    fn a_shared_client_hears_a_version_1_agent_refuse_pty_exec_at_once() {
+        let (client_end, mut agent_end) = UnixStream::pair().expect("pair");
+        let agent = thread::spawn(move || {
+            let hello = read_frame(&mut agent_end).expect("hello");
+            assert!(
+                matches!(hello, Message::Hello { version: 2, .. }),
+                "{hello:?}"
+            );
+            // What a version 1 agent answers, and then it waits for the next session.
+            let message = "unsupported protocol version 2; this agent speaks 1".to_string();
+            write_frame(&mut agent_end, &Message::Error { message }).expect("refusal");
+            agent_end
+        });
+        let started = Instant::now();
+        let err = match Client::new_shared(client_end).pty_exec(&PtyExecRequest::default()) {
+            Err(e) => e,
+            Ok(_) => panic!("a version 1 agent cannot run pty_exec"),
+        };
+        assert!(
+            matches!(&err, ClientError::Agent { message, .. }
+                if message == "unsupported protocol version 2; this agent speaks 1"),
+            "{err}"
+        );
+        assert!(started.elapsed() < Duration::from_secs(5));
+        drop(agent.join().expect("agent"));
     }
 
     #[test]

@@ -11,12 +11,16 @@ pub mod readiness;
 
 pub use frame::{read_frame, write_frame, FrameError, MAX_FRAME_LEN};
 pub use message::{
-    ExecRequest, GetRequest, Message, PutRequest, ResumeRequest, ResumeShare, MAX_FILE_LEN,
+    ExecRequest, GetRequest, Message, PtyExecRequest, PutRequest, ResumeRequest, ResumeShare,
+    MAX_FILE_LEN,
 };
 pub use readiness::{ReadyRecord, Transport};
 
-/// The protocol version this crate speaks.
-pub const PROTOCOL_VERSION: u32 = 1;
+/// The highest protocol version this crate speaks: 2 added `pty_exec`, `stdin` and `resize`.
+pub const PROTOCOL_VERSION: u32 = 2;
+
+/// The lowest protocol version the agent still serves (a client built before version 2).
+pub const MIN_PROTOCOL_VERSION: u32 = 1;
 
 /// The vsock port the agent listens on.
 pub const VSOCK_PORT: u32 = 1024;

@@ -56,6 +56,21 @@ pub enum Message {
         /// Lower-case hex SHA-256 of `data`.
         sha256: String,
     },
+    /// Run a command on a new pseudo-terminal (protocol version 2): interactive shells.
+    PtyExec(PtyExecRequest),
+    /// Bytes typed into a `PtyExec` command's terminal (Ctrl-C is byte 3).
+    Stdin {
+        /// The bytes, base64 on the wire.
+        #[serde(with = "b64")]
+        data: Vec<u8>,
+    },
+    /// The host terminal changed size; the agent resizes the `PtyExec` terminal.
+    Resize {
+        /// Rows.
+        rows: u16,
+        /// Columns.
+        cols: u16,
+    },
     /// Power the guest off (or reboot it); answered with `Ok` before the agent acts.
     Shutdown {
         /// Reboot instead of powering off.
@@ -86,12 +101,44 @@ impl Message {
             Message::Put(_) => "put",
             Message::Get(_) => "get",
             Message::FileData { .. } => "file_data",
+            Message::PtyExec(_) => "pty_exec",
+            Message::Stdin { .. } => "stdin",
+            Message::Resize { .. } => "resize",
             Message::Shutdown { .. } => "shutdown",
             Message::Resume(_) => "resume",
             Message::Ok => "ok",
             Message::Error { .. } => "error",
         }
     }
+
+    /// The lowest protocol version that has this message; a client says it in its hello, so
+    /// requests an older agent knows still work with it.
+    pub fn min_version(&self) -> u32 {
+        match self {
+            Message::PtyExec(_) | Message::Stdin { .. } | Message::Resize { .. } => 2,
+            _ => 1,
+        }
+    }
+}
+
+/// A command to run on a pseudo-terminal: its output (stdout and stderr together, as a terminal
+/// shows them) comes back as `Stdout` chunks, input goes in as `Stdin`, then `Exited`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PtyExecRequest {
+    /// Program and arguments; the program is looked up in `PATH` when it has no `/`.
+    pub argv: Vec<String>,
+    /// Variables added to (or replacing those in) the agent's environment.
+    #[serde(default)]
+    pub env: Vec<(String, String)>,
+    /// Working directory; the agent's (`/`) when absent.
+    #[serde(default)]
+    pub cwd: Option<String>,
+    /// The terminal's initial rows (0: the kernel's default).
+    #[serde(default)]
+    pub rows: u16,
+    /// The terminal's initial columns (0: the kernel's default).
+    #[serde(default)]
+    pub cols: u16,
 }
 
 /// What a restored guest needs to be a fresh one.
@@ -239,6 +286,18 @@ mod tests {
                 mode: 0o600,
                 sha256: "11".into(),
             },
+            Message::PtyExec(PtyExecRequest {
+                argv: vec!["sh".into()],
+                env: vec![("TERM".into(), "xterm".into())],
+                cwd: None,
+                rows: 24,
+                cols: 80,
+            }),
+            Message::Stdin { data: vec![3] },
+            Message::Resize {
+                rows: 50,
+                cols: 132,
+            },
             Message::Shutdown { reboot: false },
             Message::Ok,
             Message::Error {
@@ -270,6 +329,14 @@ mod tests {
         let m: Message =
             serde_json::from_str(r#"{"type":"exec","argv":["true"]}"#).expect("parses");
         assert_eq!(m, Message::Exec(ExecRequest::new(["true"])));
+    }
+
+    #[test]
+    fn only_the_pty_messages_need_version_2() {
+        assert_eq!(Message::Exec(ExecRequest::new(["true"])).min_version(), 1);
+        assert_eq!(Message::Shutdown { reboot: false }.min_version(), 1);
+        assert_eq!(Message::PtyExec(PtyExecRequest::default()).min_version(), 2);
+        assert_eq!(Message::Resize { rows: 1, cols: 1 }.min_version(), 2);
     }
 
     #[test]

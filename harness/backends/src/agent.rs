@@ -82,7 +82,8 @@ impl Write for DeadlineStream {
 impl StreamTimeouts for DeadlineStream {}
 
 /// How the host reaches the agent.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
 pub enum AgentTransport {
     /// A QEMU `-chardev socket` behind the virtio-serial port: one stream, requests in sequence.
     Serial(PathBuf),
@@ -155,6 +156,14 @@ impl AgentLink {
     /// The handle a kill switch uses to unblock requests.
     pub fn abort_handle(&self) -> AgentAbort {
         self.abort.clone()
+    }
+
+    /// Hands the agent over to another client: closes the shared stream, if any (the next
+    /// request reconnects), and returns where the agent is.
+    pub fn release(&mut self) -> AgentTransport {
+        self.shared = None;
+        self.abort.untrack();
+        self.transport.clone()
     }
 
     /// Whether the agent has answered a request (so it is up and can power the guest off).
@@ -301,6 +310,21 @@ impl AgentLink {
         deadline: Instant,
     ) -> Result<(), MachineError> {
         self.request("resume", deadline, |c| c.resume(request))
+    }
+}
+
+impl AgentTransport {
+    /// A client for one request (or one `pty_exec`) on this transport, from another process than
+    /// the harness: `kiln shell` and `kiln exec` reach a paused run's agent with it.
+    pub fn connect(&self, timeout: Duration) -> Result<Client<UnixStream>, ClientError> {
+        match self {
+            AgentTransport::Serial(path) => {
+                Ok(Client::new_shared(connect_unix(path)?).io_timeout(Some(timeout)))
+            }
+            AgentTransport::Vsock { uds, port } => {
+                Ok(Client::new(connect_vsock_uds(uds, *port, timeout)?).io_timeout(Some(timeout)))
+            }
+        }
     }
 }
 

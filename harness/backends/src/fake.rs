@@ -63,6 +63,9 @@ pub struct FakeGuest {
     pub kill_delay: Duration,
     /// Answers exec requests.
     pub exec: ExecHandler,
+    /// Where another process could reach this guest's agent while a run is paused (what
+    /// `release_agent` reports); none by default, as a fake has no agent.
+    pub agent: Option<AgentTransport>,
 }
 
 impl FakeGuest {
@@ -80,6 +83,7 @@ impl FakeGuest {
             boot_panic: false,
             kill_delay: Duration::ZERO,
             exec: Box::new(|_, _| FakeExec::exit(0, "")),
+            agent: None,
         }
     }
 
@@ -186,6 +190,7 @@ impl Backend for FakeBackend {
             killed,
             kill_delay: guest.kill_delay,
             live: Some(self.live.clone()),
+            agent: guest.agent,
         }))
     }
 }
@@ -232,6 +237,7 @@ struct FakeMachine {
     killed: Killed,
     kill_delay: Duration,
     live: Option<Arc<AtomicUsize>>,
+    agent: Option<AgentTransport>,
 }
 
 impl FakeMachine {
@@ -327,6 +333,10 @@ impl Machine for FakeMachine {
         if let Some(live) = self.live.take() {
             live.fetch_sub(1, Ordering::SeqCst);
         }
+    }
+
+    fn release_agent(&mut self) -> Option<AgentTransport> {
+        self.agent.clone()
     }
 
     fn kill_switch(&self) -> KillSwitch {

@@ -405,6 +405,10 @@ impl Machine for KilnMachine {
         self.restore.clone()
     }
 
+    fn release_agent(&mut self) -> Option<AgentTransport> {
+        Some(self.agent.release())
+    }
+
     fn kill_switch(&self) -> KillSwitch {
         let vm = self.vm.clone();
         let abort = self.agent.abort_handle();

@@ -33,7 +33,7 @@ use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-pub use agent::AgentError;
+pub use agent::{AgentError, AgentTransport};
 pub use console::{CancelFlag, Console, ConsoleLine, ConsoleWait};
 use kiln_agent_proto::client::ClientError;
 pub use kiln_agent_proto::client::Output;
@@ -259,6 +259,14 @@ pub trait Machine: Send {
     /// Whether the VM was restored from a snapshot, from which, and the restore's timings
     /// (`None` where snapshots were not asked for).
     fn restore_record(&self) -> Option<snapshot::RestoreRecord> {
+        None
+    }
+
+    /// Lets another client (`kiln shell` while the run is paused) reach the guest agent: drops
+    /// the harness's own connection, since a virtio-serial chardev takes one client at a time, and
+    /// says where the agent is. The next request of the harness connects again. `None`: this
+    /// machine has no agent another process can reach.
+    fn release_agent(&mut self) -> Option<AgentTransport> {
         None
     }
 }

@@ -656,6 +656,10 @@ impl Machine for QemuMachine {
         self.sockets.remove();
     }
 
+    fn release_agent(&mut self) -> Option<AgentTransport> {
+        Some(self.agent.release())
+    }
+
     fn kill_switch(&self) -> KillSwitch {
         let process = self.process.clone();
         let abort: AgentAbort = self.agent.abort_handle();

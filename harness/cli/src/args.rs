@@ -5,6 +5,9 @@ use clap::ValueEnum;
 use kiln_backends::BackendChoice;
 use kiln_runner::KeepPolicy;
 
+/// `--artifacts`' default: bundles go under `./kiln-artifacts`.
+pub const DEFAULT_ARTIFACTS: &str = "kiln-artifacts";
+
 /// `--backend`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum BackendArg {

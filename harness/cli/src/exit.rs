@@ -8,8 +8,8 @@
 //! they mean different things.
 //!
 //! Besides these, some commands pass a status through: `kiln boot` exits with the byte the guest
-//! wrote to the exit port, `kiln nested` with the command's own status, and `kiln img` with
-//! qemu-img's statuses ([`img`]).
+//! wrote to the exit port, `kiln nested`, `kiln shell` and `kiln exec` with the command's own
+//! status, and `kiln img` with qemu-img's statuses ([`img`]).
 
 use std::process::ExitCode;
 
@@ -39,8 +39,8 @@ pub const USAGE: i32 = 2;
 
 /// Something the command needs is not available on this host, so nothing ran: a backend of
 /// `kiln diff run` (e.g. a KVM that cannot boot Linux), qemu-img for `kiln diff img` (or one of a
-/// version kiln has no profile for), or L1 for `kiln nested` (no QEMU, no SVM, no /dev/kvm in
-/// L1, a failed download).
+/// version kiln has no profile for), L1 for `kiln nested` (no QEMU, no SVM, no /dev/kvm in
+/// L1, a failed download), or a paused run for `kiln shell`/`kiln exec`.
 pub const UNAVAILABLE: i32 = 3;
 
 /// `kiln run --expect-environment`: this host, kiln or operator identity is not the one the

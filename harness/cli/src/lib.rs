@@ -47,6 +47,21 @@ enum Command {
         after_help = "Examples:\n  kiln run scenarios/\n  kiln run scenarios/ --filter cow-disk --backend kiln --junit junit.xml"
     )]
     Run(crate::commands::run::RunArgs),
+    /// A terminal in the VM of a paused run (`kiln run --pause-before-teardown`, or `--debug`
+    /// on a failure): job control, window size and Ctrl-C act in the guest.
+    #[command(
+        after_help = "Examples:\n  kiln shell boot-smoke\n  kiln shell boot-smoke -- top\n\n\
+        Exit code: the guest command's (128 + N when signal N ended it); 3 when no run of that \
+        name is paused."
+    )]
+    Shell(crate::commands::shell::ShellArgs),
+    /// Run one command in the VM of a paused run; its stdout, stderr and exit status come back.
+    #[command(
+        after_help = "Examples:\n  kiln exec boot-smoke -- dmesg\n  tar c out | kiln exec -i boot-smoke -- tar x -C /tmp\n\n\
+        Exit code: the command's (128 + N when signal N ended it); 3 when no run of that name \
+        is paused."
+    )]
+    Exec(crate::commands::shell::ExecArgs),
     /// What the artifacts dir holds, and pruning old runs' bundles from it.
     #[command(subcommand)]
     Artifacts(crate::commands::artifacts::ArtifactsCommand),
@@ -221,6 +236,8 @@ pub fn main() -> std::process::ExitCode {
         Command::Boot(args) => boot(args),
         Command::Bench(what) => bench::main(what),
         Command::Run(args) => crate::commands::run::run(args),
+        Command::Shell(args) => crate::commands::shell::shell(args),
+        Command::Exec(args) => crate::commands::shell::exec(args),
         Command::Artifacts(cmd) => crate::commands::artifacts::run(cmd),
         Command::Scenario(ScenarioCommand::Check { paths }) => crate::commands::run::check(&paths),
         Command::Doctor { json, environment } => {

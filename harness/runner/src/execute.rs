@@ -13,7 +13,8 @@ use serde_json::json;
 
 use super::artifacts::*;
 use super::expect::{check_file, check_output};
-use super::{Control, RunOptions};
+use super::paused::PausedRun;
+use super::{Control, Pause, RunOptions};
 use kiln_backends::{
     Backend, ConsoleWait, Machine, MachineError, PlannedDisk, PlannedShare, ReadyError, RunPlan,
 };
@@ -569,13 +570,24 @@ impl Attempt<'_> {
         if self.opts.pause_before_teardown || (self.opts.debug && out.failure.is_some()) {
             if let Some(pause) = &self.opts.pause {
                 if !cancel.load(std::sync::atomic::Ordering::SeqCst) {
-                    pause(&format!(
-                        "{} (run {}): VM still running; work dir {}; bundle {}",
-                        s.id,
-                        plan.run_id,
-                        work.display(),
-                        bundle.staging.display()
-                    ));
+                    let record = self.open_for_shell(machine.as_mut(), plan, bundle);
+                    pause(&Pause {
+                        what: format!(
+                            "{} (run {}): VM still running; work dir {}; bundle {}",
+                            s.id,
+                            plan.run_id,
+                            work.display(),
+                            bundle.staging.display()
+                        ),
+                        scenario: s.id.clone(),
+                        record: record.clone(),
+                    });
+                    if let Some(path) = record {
+                        // Not part of the bundle: it described a VM that is about to go.
+                        if let Err(e) = fs::remove_file(&path) {
+                            tracing::warn!("cannot remove {}: {e}", path.display());
+                        }
+                    }
                 }
             }
         }
@@ -597,6 +609,33 @@ impl Attempt<'_> {
         result.phases.teardown_ms = Some(ms(t.elapsed()));
         tracing::info!("torn down in {:.1} ms", ms(t.elapsed()));
         out
+    }
+
+    /// Lets `kiln shell`/`kiln exec` in while the run is paused: the machine lets go of its
+    /// agent and `paused.json` in the staging bundle says where it is. The record's path, or
+    /// `None` when the machine has no reachable agent or the record could not be written.
+    fn open_for_shell(
+        &self,
+        machine: &mut dyn Machine,
+        plan: &RunPlan,
+        bundle: &Bundle,
+    ) -> Option<PathBuf> {
+        let agent = machine.release_agent()?;
+        let run = PausedRun {
+            scenario: self.scenario.id.clone(),
+            run_id: plan.run_id.clone(),
+            agent,
+        };
+        match super::paused::record(&bundle.staging, &run) {
+            Ok(path) => Some(path),
+            Err(e) => {
+                tracing::warn!(
+                    "cannot write {}: {e}",
+                    bundle.path(super::paused::PAUSED_FILE).display()
+                );
+                None
+            }
+        }
     }
 
     fn steps(

@@ -7,6 +7,7 @@ pub mod artifacts;
 pub mod environment;
 mod execute;
 mod expect;
+pub mod paused;
 pub mod report;
 pub mod retention;
 pub mod select;
@@ -38,7 +39,18 @@ pub type GuestResolver =
 #[error("the guest is not available: {0}")]
 pub struct GuestUnavailable(#[source] pub Arc<dyn std::error::Error + Send + Sync>);
 /// Called before a VM is torn down with `--pause-before-teardown`; returns when to continue.
-pub type PauseHook = Arc<dyn Fn(&str) + Send + Sync>;
+pub type PauseHook = Arc<dyn Fn(&Pause) + Send + Sync>;
+
+/// What a pause tells the person at the terminal.
+#[derive(Debug, Clone)]
+pub struct Pause {
+    /// One line: the scenario, the run, its work dir and staging bundle.
+    pub what: String,
+    /// The scenario's id.
+    pub scenario: String,
+    /// The run's [`paused`] record when its guest agent can be reached meanwhile (`kiln shell`).
+    pub record: Option<PathBuf>,
+}
 
 /// How to run.
 #[derive(Clone)]

@@ -1000,3 +1000,61 @@ fn a_share_over_the_fixtures_limit_fails_and_is_not_copied_past_it() {
     env.opts.fixtures_limit = Some(1 << 20);
     assert!(one(&env.run(&hostile_writer(4096), &scenarios)).passed());
 }
+
+/// Each pause the hook saw, with what `kiln shell` would have found at that moment.
+type SeenPauses = Arc<std::sync::Mutex<Vec<(Pause, Option<paused::PausedRun>)>>>;
+
+#[test]
+fn a_paused_run_records_its_agent_until_the_pause_ends() {
+    let mut env = env();
+    let agent = kiln_backends::AgentTransport::Serial(PathBuf::from("/run/fake/agent.sock"));
+    let seen: SeenPauses = Arc::default();
+    let hook_seen = seen.clone();
+    let artifacts = env.opts.artifacts.clone();
+    env.opts.pause_before_teardown = true;
+    env.opts.pause = Some(Arc::new(move |pause: &Pause| {
+        // What `kiln shell x` finds while the run waits here.
+        let found = paused::find(&artifacts, "x").ok();
+        hook_seen.lock().unwrap().push((pause.clone(), found));
+    }));
+    let scenarios = env.scenarios(&[("x.toml", "id = \"x\"\n")]);
+    let with_agent = agent.clone();
+    let backend = FakeBackend::new(BackendKind::Qemu, move |_| FakeGuest {
+        agent: Some(with_agent.clone()),
+        ..FakeGuest::ready()
+    });
+    let summary = env.run(&backend, &scenarios);
+    let result = one(&summary);
+    assert!(result.passed(), "{:?}", result.failure);
+    let seen = seen.lock().unwrap();
+    let (pause, found) = &seen[0];
+    assert_eq!(pause.scenario, "x");
+    let record = pause.record.as_ref().expect("a record while paused");
+    assert!(record.ends_with(paused::PAUSED_FILE));
+    let found = found.as_ref().expect("kiln shell finds the run");
+    assert_eq!(
+        (found.run_id.as_str(), &found.agent),
+        (result.run_id.as_str(), &agent)
+    );
+    // Gone once the pause ended: neither in the published bundle nor findable.
+    assert!(!bundle(result).join(paused::PAUSED_FILE).exists());
+    assert!(paused::find(&env.opts.artifacts, "x").is_err());
+}
+
+#[test]
+fn a_machine_without_a_reachable_agent_pauses_without_a_record() {
+    let mut env = env();
+    let seen: Arc<std::sync::Mutex<Vec<Pause>>> = Arc::default();
+    let hook_seen = seen.clone();
+    env.opts.pause_before_teardown = true;
+    env.opts.pause = Some(Arc::new(move |pause: &Pause| {
+        hook_seen.lock().unwrap().push(pause.clone())
+    }));
+    let scenarios = env.scenarios(&[("x.toml", "id = \"x\"\n")]);
+    let backend = FakeBackend::new(BackendKind::Qemu, |_| FakeGuest::ready());
+    env.run(&backend, &scenarios);
+    let seen = seen.lock().unwrap();
+    assert_eq!(seen.len(), 1);
+    assert!(seen[0].record.is_none());
+    assert!(seen[0].what.starts_with("x (run "), "{}", seen[0].what);
+}

@@ -38,7 +38,7 @@ pub enum ArtifactsCommand {
 #[derive(Debug, Args)]
 pub struct StatusArgs {
     /// The artifacts dir (`kiln run --artifacts`).
-    #[arg(long, value_name = "DIR", default_value = "kiln-artifacts")]
+    #[arg(long, value_name = "DIR", default_value = crate::args::DEFAULT_ARTIFACTS)]
     pub artifacts: PathBuf,
     /// One JSON object on stdout instead of the table.
     #[arg(long)]
@@ -59,7 +59,7 @@ pub struct PruneArgs {
     #[arg(long)]
     pub dry_run: bool,
     /// The artifacts dir (`kiln run --artifacts`).
-    #[arg(long, value_name = "DIR", default_value = "kiln-artifacts")]
+    #[arg(long, value_name = "DIR", default_value = crate::args::DEFAULT_ARTIFACTS)]
     pub artifacts: PathBuf,
 }
 

@@ -6,3 +6,4 @@ pub mod diff_run;
 pub mod guest;
 pub mod img;
 pub mod run;
+pub mod shell;

@@ -6,7 +6,7 @@
 
 use std::collections::HashMap;
 use std::io::BufRead;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
 use clap::Args;
@@ -42,7 +42,7 @@ pub struct RunArgs {
     #[arg(long, value_name = "hash:I/N|count:I/N")]
     pub partition: Option<Partition>,
     /// Where bundles go: <DIR>/<scenario-id>/<run-id>/.
-    #[arg(long, value_name = "DIR", default_value = "kiln-artifacts")]
+    #[arg(long, value_name = "DIR", default_value = crate::args::DEFAULT_ARTIFACTS)]
     pub artifacts: PathBuf,
     /// Which bundles to keep.
     #[arg(long, value_enum, default_value_t = KeepArg::Always)]
@@ -358,9 +358,23 @@ pub fn options(args: &RunArgs) -> RunOptions {
     opts.retries = args.retries;
     args.bundle.apply(&mut opts);
     let prompt = Arc::new(Mutex::new(()));
-    opts.pause = Some(Arc::new(move |what: &str| {
+    // `kiln shell` looks in the default artifacts dir unless told otherwise.
+    let artifacts_flag = if args.artifacts == Path::new(crate::args::DEFAULT_ARTIFACTS) {
+        String::new()
+    } else {
+        format!(" --artifacts {}", args.artifacts.display())
+    };
+    opts.pause = Some(Arc::new(move |pause: &runner::Pause| {
         let _one_at_a_time = prompt.lock().unwrap_or_else(|p| p.into_inner());
-        eprintln!("kiln: paused: {what}\nkiln: press Enter to tear down");
+        eprintln!("kiln: paused: {}", pause.what);
+        if pause.record.is_some() {
+            let id = &pause.scenario;
+            eprintln!(
+                "kiln: paused; reach the VM with: kiln shell {id}{artifacts_flag}  |  \
+                 kiln exec {id}{artifacts_flag} -- CMD"
+            );
+        }
+        eprintln!("kiln: press Enter to tear down");
         let mut line = String::new();
         let _ = std::io::stdin().lock().read_line(&mut line);
     }));
