@@ -4,6 +4,7 @@
 //! at once).
 
 pub mod artifacts;
+pub mod baseline;
 pub mod environment;
 mod execute;
 mod expect;
