@@ -2,7 +2,7 @@
 //! and fails now is a regression (exit 5, regression-summary.txt in its bundle, `change` in the
 //! JSON); one that failed there too is not (exit 1, no regression file). The scenarios boot the
 //! bare-metal `pvh_info` guest through the kiln backend, so PVM is enough; a baseline path that
-//! is neither kind is a usage error before anything boots.
+//! is neither kind is a usage error before anything boots. Each bundle keeps readiness.json.
 
 #[macro_use]
 mod common;
@@ -100,6 +100,14 @@ fn a_regression_exits_5_and_an_old_failure_exits_1() {
     assert!(!latest(&art, "old-bad")
         .join("regression-summary.txt")
         .exists());
+    // Each bundle keeps its readiness evidence.
+    let readiness = |id: &str| -> serde_json::Value {
+        serde_json::from_slice(&fs::read(latest(&art, id).join("readiness.json")).unwrap()).unwrap()
+    };
+    assert_eq!(readiness("steady")["outcome"], "ready");
+    assert_eq!(readiness("steady")["kind"], "marker");
+    assert_eq!(readiness("steady")["markers"][0]["line"], "PVH done");
+    assert_eq!(readiness("old-bad")["outcome"], "vm-exited");
 
     // `flips` now fails: against the first run's --json output it is a regression.
     scenario(&corpus, &guest, "flips", "never printed");

@@ -252,6 +252,10 @@ impl Machine for FakeMachine {
         &self.console
     }
 
+    fn agent_transport(&self) -> Option<Transport> {
+        Some(Transport::Serial(kiln_agent_proto::SERIAL_PORT_NAME.into()))
+    }
+
     fn exec(&mut self, request: &ExecRequest, deadline: Instant) -> Result<Output, MachineError> {
         self.check_alive()?;
         let view = FakeView {

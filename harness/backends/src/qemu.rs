@@ -598,6 +598,10 @@ impl Machine for QemuMachine {
         &self.console
     }
 
+    fn agent_transport(&self) -> Option<Transport> {
+        Some(Transport::Serial(kiln_agent_proto::SERIAL_PORT_NAME.into()))
+    }
+
     fn exec(&mut self, request: &ExecRequest, deadline: Instant) -> Result<Output, MachineError> {
         let r = self.agent.exec(request, deadline);
         self.check(r)

@@ -8,6 +8,7 @@ pub mod baseline;
 pub mod environment;
 mod execute;
 mod expect;
+pub mod readiness;
 pub mod report;
 pub mod retention;
 pub mod select;
