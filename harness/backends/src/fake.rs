@@ -61,6 +61,8 @@ pub struct FakeGuest {
     pub boot_panic: bool,
     /// How long the kill switch blocks before the machine dies (a VMM stuck in teardown).
     pub kill_delay: Duration,
+    /// The machine's own version, when it differs from the backend's (a fallback).
+    pub version: Option<String>,
     /// Answers exec requests.
     pub exec: ExecHandler,
 }
@@ -79,6 +81,7 @@ impl FakeGuest {
             boot_error: None,
             boot_panic: false,
             kill_delay: Duration::ZERO,
+            version: None,
             exec: Box::new(|_, _| FakeExec::exit(0, "")),
         }
     }
@@ -185,6 +188,7 @@ impl Backend for FakeBackend {
             files: BTreeMap::new(),
             killed,
             kill_delay: guest.kill_delay,
+            version: guest.version,
             live: Some(self.live.clone()),
         }))
     }
@@ -231,6 +235,7 @@ struct FakeMachine {
     files: BTreeMap<String, Vec<u8>>,
     killed: Killed,
     kill_delay: Duration,
+    version: Option<String>,
     live: Option<Arc<AtomicUsize>>,
 }
 
@@ -254,6 +259,10 @@ impl Machine for FakeMachine {
 
     fn agent_transport(&self) -> Option<Transport> {
         Some(Transport::Serial(kiln_agent_proto::SERIAL_PORT_NAME.into()))
+    }
+
+    fn version(&self) -> Option<String> {
+        self.version.clone()
     }
 
     fn exec(&mut self, request: &ExecRequest, deadline: Instant) -> Result<Output, MachineError> {

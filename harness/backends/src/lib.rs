@@ -254,6 +254,12 @@ pub trait Machine: Send {
         None
     }
 
+    /// This VM's backend version when it differs from [`Backend::version`] (QEMU that fell back
+    /// from KVM to TCG).
+    fn version(&self) -> Option<String> {
+        None
+    }
+
     /// Time from VM creation to the kernel's first instruction, when the backend knows it.
     fn kernel_entry(&self) -> Option<Duration> {
         None

@@ -220,7 +220,8 @@ impl Change {
         matches!(self, Change::NewlyFailing | Change::NewFailing)
     }
 
-    /// How a scenario that passed (`now`, `None` when it did not run) changed since `before`.
+    /// The change of a scenario that passed (`Some(true)`) or failed in the baseline (`before`,
+    /// `None` when absent) and now (`now`, `None` when it did not run).
     pub fn of(before: Option<bool>, now: Option<bool>) -> Option<Change> {
         Some(match (before, now?) {
             (Some(true), false) => Change::NewlyFailing,

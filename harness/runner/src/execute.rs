@@ -471,6 +471,9 @@ impl Attempt<'_> {
             }
         };
         tracing::info!(backend = self.backend.name(), "VM started");
+        if let Some(version) = machine.version() {
+            result.provenance.backend_version = version;
+        }
         let active = self.control.register(machine.kill_switch(), deadline);
         result.phases.kernel_entry_ms = machine.kernel_entry().map(ms);
         let ready_deadline = deadline.min(Instant::now() + s.readiness.timeout);

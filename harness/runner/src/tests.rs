@@ -1103,3 +1103,23 @@ fn readiness_json_of_a_marker_wait_lists_the_markers() {
     assert_eq!(doc["markers"].as_array().map(Vec::len), Some(2));
     assert_eq!(doc["records"].as_array().map(Vec::len), Some(0));
 }
+
+#[test]
+fn a_machine_on_another_accelerator_says_so_in_result_json() {
+    let env = env();
+    let scenarios = env.scenarios(&[("s.toml", "id = \"fb\"\n")]);
+    let backend = FakeBackend::new(BackendKind::Qemu, |_| FakeGuest {
+        version: Some("QEMU 10.0.2, accel tcg (KVM unavailable at run time: x)".into()),
+        ..FakeGuest::ready()
+    });
+    let summary = env.run(&backend, &scenarios);
+    let r = one(&summary);
+    assert!(r.passed(), "{:?}", r.failure);
+    let written: serde_json::Value =
+        serde_json::from_slice(&fs::read(bundle(r).join("result.json")).expect("result.json"))
+            .expect("parses");
+    assert_eq!(
+        written["provenance"]["backend_version"],
+        "QEMU 10.0.2, accel tcg (KVM unavailable at run time: x)"
+    );
+}
