@@ -23,7 +23,8 @@ use kiln_vmm::ExitReason;
 pub const SUCCESS: i32 = 0;
 
 /// The command worked and found failures: `kiln run`, a scenario failed (or was not run after
-/// `--fail-fast`); `kiln diff`, a DIVERGENT result.
+/// `--fail-fast`; with `--baseline`, only scenarios that failed in the baseline too);
+/// `kiln diff`, a DIVERGENT result.
 pub const FAILURES: i32 = 1;
 
 /// The command could not do its work: a VMM error, triple fault or KVM internal error under

@@ -61,7 +61,18 @@ pub struct Baseline {
 /// Why a baseline could not be read; each names the path and what was expected.
 #[derive(Debug, thiserror::Error)]
 pub enum BaselineError {
-    /// Nothing is at the path.
+    /// Nothing readable is at the path given.
+    #[error(
+        "{}: {source} (expected an artifacts dir of a kiln run or a `kiln run --json` document)",
+        path.display()
+    )]
+    Missing {
+        /// The path.
+        path: PathBuf,
+        /// The OS error.
+        source: io::Error,
+    },
+    /// A file or directory in it could not be read.
     #[error("{}: {source}", path.display())]
     Read {
         /// The path.
@@ -114,7 +125,7 @@ struct JsonDocument {
 impl Baseline {
     /// Reads an artifacts dir or a `--json` document.
     pub fn load(path: &Path) -> Result<Baseline, BaselineError> {
-        let meta = fs::metadata(path).map_err(|source| BaselineError::Read {
+        let meta = fs::metadata(path).map_err(|source| BaselineError::Missing {
             path: path.to_path_buf(),
             source,
         })?;
@@ -702,7 +713,10 @@ mod tests {
                 text.clone(),
                 "not a `kiln run --json` document (invalid type",
             ),
-            (dir.path().join("nope"), "No such file"),
+            (
+                dir.path().join("nope"),
+                "No such file or directory (os error 2) (expected an artifacts dir",
+            ),
             (
                 bad_record.join("s/latest/result.json"),
                 "not a `kiln run --json` document",
