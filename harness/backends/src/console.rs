@@ -275,11 +275,33 @@ impl Console {
         out
     }
 
+    /// The kept lines for which `keep` holds, oldest first.
+    pub fn lines_where(&self, keep: &dyn Fn(&ConsoleLine) -> bool) -> Vec<ConsoleLine> {
+        self.state()
+            .lines
+            .iter()
+            .filter(|l| keep(l))
+            .cloned()
+            .collect()
+    }
+
     /// Waits for a line at index `from` or later for which `matches` holds.
     pub fn wait_until(
         &self,
         from: usize,
         matches: &dyn Fn(&str) -> bool,
+        deadline: Instant,
+        cancel: &AtomicBool,
+    ) -> ConsoleWait {
+        self.wait_until_line(from, &|l| matches(&l.text), deadline, cancel)
+    }
+
+    /// Waits for a line at index `from` or later for which `matches` holds, given the line with
+    /// its time.
+    pub fn wait_until_line(
+        &self,
+        from: usize,
+        matches: &dyn Fn(&ConsoleLine) -> bool,
         deadline: Instant,
         cancel: &AtomicBool,
     ) -> ConsoleWait {
@@ -289,7 +311,7 @@ impl Console {
             // Lines dropped to stay within the limits are not waited on.
             next = next.max(st.dropped);
             while let Some(line) = st.get(next) {
-                if matches(&line.text) {
+                if matches(line) {
                     return ConsoleWait::Matched {
                         index: next,
                         line: line.clone(),

@@ -61,6 +61,8 @@ pub struct FakeGuest {
     pub boot_panic: bool,
     /// How long the kill switch blocks before the machine dies (a VMM stuck in teardown).
     pub kill_delay: Duration,
+    /// The machine's own version, when it differs from the backend's (a fallback).
+    pub version: Option<String>,
     /// Answers exec requests.
     pub exec: ExecHandler,
     /// Where another process could reach this guest's agent while a run is paused (what
@@ -82,6 +84,7 @@ impl FakeGuest {
             boot_error: None,
             boot_panic: false,
             kill_delay: Duration::ZERO,
+            version: None,
             exec: Box::new(|_, _| FakeExec::exit(0, "")),
             agent: None,
         }
@@ -189,6 +192,7 @@ impl Backend for FakeBackend {
             files: BTreeMap::new(),
             killed,
             kill_delay: guest.kill_delay,
+            version: guest.version,
             live: Some(self.live.clone()),
             agent: guest.agent,
         }))
@@ -236,6 +240,7 @@ struct FakeMachine {
     files: BTreeMap<String, Vec<u8>>,
     killed: Killed,
     kill_delay: Duration,
+    version: Option<String>,
     live: Option<Arc<AtomicUsize>>,
     agent: Option<AgentTransport>,
 }
@@ -256,6 +261,14 @@ impl FakeMachine {
 impl Machine for FakeMachine {
     fn console(&self) -> &Console {
         &self.console
+    }
+
+    fn agent_transport(&self) -> Option<Transport> {
+        Some(Transport::Serial(kiln_agent_proto::SERIAL_PORT_NAME.into()))
+    }
+
+    fn version(&self) -> Option<String> {
+        self.version.clone()
     }
 
     fn exec(&mut self, request: &ExecRequest, deadline: Instant) -> Result<Output, MachineError> {

@@ -324,6 +324,10 @@ impl Machine for KilnMachine {
         &self.console
     }
 
+    fn agent_transport(&self) -> Option<Transport> {
+        Some(Transport::Vsock(kiln_agent_proto::VSOCK_PORT))
+    }
+
     fn wait_ready(
         &mut self,
         spec: &Readiness,

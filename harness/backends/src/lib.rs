@@ -26,6 +26,7 @@ pub mod doctor;
 pub mod fake;
 pub mod kiln;
 pub mod qemu;
+pub mod readiness;
 pub mod snapshot;
 
 use std::path::{Path, PathBuf};
@@ -38,7 +39,7 @@ pub use console::{CancelFlag, Console, ConsoleLine, ConsoleWait};
 use kiln_agent_proto::client::ClientError;
 pub use kiln_agent_proto::client::Output;
 pub use kiln_agent_proto::ExecRequest;
-use kiln_agent_proto::ReadyRecord;
+pub use kiln_agent_proto::Transport;
 
 use kiln_scenario::{BackendKind, DiskFormat, Readiness, ReadinessKind};
 
@@ -251,6 +252,18 @@ pub trait Machine: Send {
     /// A handle that stops the VM from another thread.
     fn kill_switch(&self) -> KillSwitch;
 
+    /// The agent transport the host reaches the guest's agent through (the one steps use),
+    /// when the backend has one.
+    fn agent_transport(&self) -> Option<Transport> {
+        None
+    }
+
+    /// This VM's backend version when it differs from [`Backend::version`] (QEMU that fell back
+    /// from KVM to TCG).
+    fn version(&self) -> Option<String> {
+        None
+    }
+
     /// Time from VM creation to the kernel's first instruction, when the backend knows it.
     fn kernel_entry(&self) -> Option<Duration> {
         None
@@ -291,8 +304,9 @@ pub fn wait_ready_on_console(
     };
     match &spec.kind {
         ReadinessKind::Agent => {
-            let is_record = |l: &str| ReadyRecord::parse(l).is_some();
-            match console.wait_until(0, &is_record, deadline, cancel) {
+            let accepted =
+                |l: &ConsoleLine| matches!(readiness::check(l), readiness::Check::Accepted(_));
+            match console.wait_until_line(0, &accepted, deadline, cancel) {
                 ConsoleWait::Matched { line, .. } => report.record = Some(line.text),
                 other => return Err(fail("the agent's KILN_READY record", other)),
             }

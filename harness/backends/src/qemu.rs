@@ -1,5 +1,6 @@
 //! The QEMU backend: `qemu-system-x86_64` with direct kernel boot, `-accel kvm` where hardware
-//! KVM boots Linux and `-accel tcg` otherwise. Disks are per-run qcow2 overlays made with
+//! KVM boots Linux and `-accel tcg` otherwise; a `-accel kvm` that QEMU cannot initialise at run
+//! time falls back to TCG once for that VM, saying so. Disks are per-run qcow2 overlays made with
 //! `qemu-img create -b BASE -F FMT` (the base is never opened for writing), shares are 9p, the
 //! agent talks over a virtio-serial port on a Unix chardev, the serial console is QEMU's stdout,
 //! and QMP gives a clean `quit` at teardown with SIGKILL as the fallback.
@@ -56,7 +57,8 @@ pub struct QemuBackend {
     qemu: PathBuf,
     qemu_img: PathBuf,
     accel: Accel,
-    version: String,
+    /// QEMU's version number ("10.0.2").
+    number: String,
 }
 
 fn error(message: impl Into<String>) -> BackendError {
@@ -84,6 +86,16 @@ impl QemuBackend {
     pub fn new(hardware_kvm: bool) -> Result<QemuBackend, BackendError> {
         let qemu = find_tool(QEMU_SYSTEM, "qemu-system-x86")?;
         let qemu_img = find_tool(QEMU_IMG, "qemu-utils")?;
+        Self::with_tools(qemu, qemu_img, hardware_kvm)
+    }
+
+    /// The backend with these binaries (asks `qemu --version`); `hardware_kvm` selects
+    /// `-accel kvm`.
+    pub fn with_tools(
+        qemu: PathBuf,
+        qemu_img: PathBuf,
+        hardware_kvm: bool,
+    ) -> Result<QemuBackend, BackendError> {
         let out = Command::new(&qemu)
             .arg("--version")
             .output()
@@ -99,8 +111,12 @@ impl QemuBackend {
             qemu,
             qemu_img,
             accel,
-            version: format!("QEMU {number}, accel {}", accel.as_str()),
+            number,
         })
+    }
+
+    fn version_with(&self, accel: Accel) -> String {
+        format!("QEMU {}, accel {}", self.number, accel.as_str())
     }
 
     /// The accelerator this backend uses.
@@ -455,14 +471,80 @@ impl Backend for QemuBackend {
     }
 
     fn version(&self) -> String {
-        self.version.clone()
+        self.version_with(self.accel)
     }
 
+    /// Starts QEMU; when `-accel kvm` fails because KVM is not there after all (QEMU's own
+    /// "failed to initialize kvm"), once more with TCG, saying so in harness.log and in the
+    /// machine's [`Machine::version`] (result.json's provenance).
     fn boot(&self, plan: &RunPlan, run_dir: &Path) -> Result<Box<dyn Machine>, BackendError> {
-        let sockets = Sockets::in_dir(run_dir)?;
         for disk in &plan.disks {
             self.create_overlay(disk)?;
         }
+        match self.start(plan, run_dir, self.accel) {
+            Ok(machine) => Ok(Box::new(machine)),
+            Err(StartFailure {
+                no_kvm: Some(why), ..
+            }) => {
+                tracing::warn!(
+                    "QEMU could not use KVM ({why}); starting it again with -accel tcg                      (much slower)"
+                );
+                let mut machine = self.start(plan, run_dir, Accel::Tcg).map_err(|f| f.error)?;
+                machine.version = Some(format!(
+                    "{} (KVM unavailable at run time: {why})",
+                    self.version_with(Accel::Tcg)
+                ));
+                Ok(Box::new(machine))
+            }
+            Err(failure) => Err(failure.error),
+        }
+    }
+}
+
+/// Why QEMU did not start.
+struct StartFailure {
+    error: BackendError,
+    /// QEMU's line saying KVM could not be used, when that is why `-accel kvm` failed.
+    no_kvm: Option<String>,
+}
+
+impl From<BackendError> for StartFailure {
+    fn from(error: BackendError) -> Self {
+        StartFailure {
+            error,
+            no_kvm: None,
+        }
+    }
+}
+
+/// QEMU's line saying `-accel kvm` found no usable KVM ("-accel kvm: failed to initialize kvm:
+/// No such file or directory", after "Could not access KVM kernel module: …").
+fn kvm_unavailable(stderr: &[String]) -> Option<String> {
+    stderr
+        .iter()
+        .find(|l| l.contains("failed to initialize kvm"))
+        .or_else(|| {
+            stderr
+                .iter()
+                .find(|l| l.contains("Could not access KVM kernel module"))
+        })
+        .map(|l| {
+            l.trim()
+                .trim_start_matches(QEMU_SYSTEM)
+                .trim_start_matches(": ")
+                .to_string()
+        })
+}
+
+impl QemuBackend {
+    /// Starts one QEMU with `accel` for `plan` (overlays already made).
+    fn start(
+        &self,
+        plan: &RunPlan,
+        run_dir: &Path,
+        accel: Accel,
+    ) -> Result<QemuMachine, StartFailure> {
+        let sockets = Sockets::in_dir(run_dir)?;
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -477,7 +559,7 @@ impl Backend for QemuBackend {
         );
         let mut command = Command::new(&self.qemu);
         command
-            .args(command_line(plan, run_dir, self.accel))
+            .args(command_line(plan, run_dir, accel))
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -512,6 +594,7 @@ impl Backend for QemuBackend {
             sockets,
             readers: Vec::new(),
             stderr_lines: stderr_lines.clone(),
+            version: None,
         };
         let spawned = [
             stdout.map(|s| spawn_console_reader(s, console.clone(), span.clone())),
@@ -530,13 +613,25 @@ impl Backend for QemuBackend {
                     .process
                     .wait_until(Instant::now() + Duration::from_millis(500));
                 machine.kill();
-                return Err(error(match machine.last_stderr() {
-                    Some(line) => format!("{why}: {line}"),
-                    None => why.to_string(),
-                }));
+                let no_kvm = match accel {
+                    Accel::Kvm => kvm_unavailable(
+                        &machine
+                            .stderr_lines
+                            .lock()
+                            .unwrap_or_else(|p| p.into_inner()),
+                    ),
+                    Accel::Tcg => None,
+                };
+                return Err(StartFailure {
+                    error: error(match machine.last_stderr() {
+                        Some(line) => format!("{why}: {line}"),
+                        None => why.to_string(),
+                    }),
+                    no_kvm,
+                });
             }
         }
-        Ok(Box::new(machine))
+        Ok(machine)
     }
 }
 
@@ -549,6 +644,8 @@ struct QemuMachine {
     sockets: Sockets,
     readers: Vec<JoinHandle<()>>,
     stderr_lines: Arc<Mutex<Vec<String>>>,
+    /// Set when this VM runs on another accelerator than the backend's.
+    version: Option<String>,
 }
 
 impl QemuMachine {
@@ -596,6 +693,14 @@ impl QemuMachine {
 impl Machine for QemuMachine {
     fn console(&self) -> &Console {
         &self.console
+    }
+
+    fn agent_transport(&self) -> Option<Transport> {
+        Some(Transport::Serial(kiln_agent_proto::SERIAL_PORT_NAME.into()))
+    }
+
+    fn version(&self) -> Option<String> {
+        self.version.clone()
     }
 
     fn exec(&mut self, request: &ExecRequest, deadline: Instant) -> Result<Output, MachineError> {

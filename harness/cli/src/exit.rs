@@ -14,6 +14,7 @@
 use std::process::ExitCode;
 
 use kiln_diff::scenarios::report::RunDiffReport;
+use kiln_runner::baseline::Comparison;
 use kiln_runner::RunOutcome;
 use kiln_vmm::ExitReason;
 
@@ -22,7 +23,8 @@ use kiln_vmm::ExitReason;
 pub const SUCCESS: i32 = 0;
 
 /// The command worked and found failures: `kiln run`, a scenario failed (or was not run after
-/// `--fail-fast`); `kiln diff`, a DIVERGENT result.
+/// `--fail-fast`; with `--baseline`, only scenarios that failed in the baseline too);
+/// `kiln diff`, a DIVERGENT result.
 pub const FAILURES: i32 = 1;
 
 /// The command could not do its work: a VMM error, triple fault or KVM internal error under
@@ -47,6 +49,10 @@ pub const UNAVAILABLE: i32 = 3;
 /// contract pins; one line per differing field on stderr, and nothing was booted.
 pub const ENVIRONMENT_DRIFT: i32 = 4;
 
+/// `kiln run --baseline`: a scenario fails that did not fail in the baseline (it passed there,
+/// or is new). Failures the baseline already had alone exit with FAILURES.
+pub const REGRESSIONS: i32 = 5;
+
 /// `kiln boot --timeout` ran out before the guest ended (as `timeout(1)`).
 pub const TIMEOUT: i32 = 124;
 
@@ -66,6 +72,16 @@ pub fn of_run(outcome: RunOutcome) -> i32 {
         RunOutcome::Passed => SUCCESS,
         RunOutcome::Failed => FAILURES,
         RunOutcome::Interrupted => INTERRUPTED,
+    }
+}
+
+/// `kiln run --baseline`'s code: as [`of_run`], but REGRESSIONS when a scenario regressed
+/// (Ctrl-C still wins: an interrupted run compares only what it got to).
+pub fn of_run_against(outcome: RunOutcome, comparison: &Comparison) -> i32 {
+    match outcome {
+        RunOutcome::Interrupted => INTERRUPTED,
+        _ if comparison.has_regressions() => REGRESSIONS,
+        outcome => of_run(outcome),
     }
 }
 
@@ -109,9 +125,10 @@ mod tests {
                 ERROR,
                 USAGE,
                 UNAVAILABLE,
-                ENVIRONMENT_DRIFT
+                ENVIRONMENT_DRIFT,
+                REGRESSIONS
             ],
-            [0, 1, 1, 2, 3, 4]
+            [0, 1, 1, 2, 3, 4, 5]
         );
         assert_eq!([TIMEOUT, INTERRUPTED, KILLED], [124, 130, 137]);
         assert_eq!(

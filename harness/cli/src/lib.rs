@@ -44,7 +44,12 @@ enum Command {
     Bench(bench::BenchCommand),
     /// Run scenarios, each in its own throwaway VM.
     #[command(
-        after_help = "Examples:\n  kiln run scenarios/\n  kiln run scenarios/ --filter cow-disk --backend kiln --junit junit.xml"
+        after_help = "Exit codes: 0 every scenario passed; 1 a scenario failed (with --baseline: \
+        only scenarios that failed in the baseline too); 2 usage or configuration error; \
+        4 environment drift; 5 regressions (--baseline: a scenario fails that passed there or \
+        is new); 130 interrupted.\n\n\
+        Examples:\n  kiln run scenarios/\n  kiln run scenarios/ --filter cow-disk --backend kiln --junit junit.xml\n  \
+        kiln run scenarios/ --baseline kiln-artifacts --json > run.json"
     )]
     Run(crate::commands::run::RunArgs),
     /// A terminal in the VM of a paused run (`kiln run --pause-before-teardown`, or `--debug`

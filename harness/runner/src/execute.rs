@@ -14,6 +14,7 @@ use serde_json::json;
 use super::artifacts::*;
 use super::expect::{check_file, check_output};
 use super::paused::PausedRun;
+use super::readiness::{ReadinessEvidence, READINESS_JSON};
 use super::{Control, Pause, RunOptions};
 use kiln_backends::{
     Backend, ConsoleWait, Machine, MachineError, PlannedDisk, PlannedShare, ReadyError, RunPlan,
@@ -492,14 +493,31 @@ impl Attempt<'_> {
             }
         };
         tracing::info!(backend = self.backend.name(), "VM started");
+        if let Some(version) = machine.version() {
+            result.provenance.backend_version = version;
+        }
         let active = self.control.register(machine.kill_switch(), deadline);
         result.phases.kernel_entry_ms = machine.kernel_entry().map(ms);
         result.snapshot = machine
             .restore_record()
             .and_then(|r| serde_json::to_value(r).ok());
         let ready_deadline = deadline.min(Instant::now() + s.readiness.timeout);
-        match machine.wait_ready(&s.readiness, ready_deadline, &cancel) {
+        let waiting = Instant::now();
+        let ready = machine.wait_ready(&s.readiness, ready_deadline, &cancel);
+        let waited = waiting.elapsed();
+        let keep_evidence = |machine: &dyn Machine, message: Option<&str>| {
+            let evidence = ReadinessEvidence::new(&s.readiness, machine, &ready, waited, message);
+            let path = bundle.path(READINESS_JSON);
+            let written = serde_json::to_vec_pretty(&evidence)
+                .map_err(std::io::Error::other)
+                .and_then(|json| write_atomic(&path, &json));
+            if let Err(e) = written {
+                tracing::warn!("cannot write {}: {e}", path.display());
+            }
+        };
+        match ready.clone() {
             Ok(report) => {
+                keep_evidence(machine.as_ref(), None);
                 result.phases.ready_ms = Some(ms(t.elapsed()));
                 out.ready = report
                     .record
@@ -563,6 +581,7 @@ impl Attempt<'_> {
                     ),
                 };
                 tracing::warn!("{msg}");
+                keep_evidence(machine.as_ref(), Some(&msg));
                 out.failure = Some(fail(class, msg, None));
                 out.steps = skipped(s, 0);
             }

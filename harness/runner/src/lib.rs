@@ -4,10 +4,12 @@
 //! at once).
 
 pub mod artifacts;
+pub mod baseline;
 pub mod environment;
 mod execute;
 mod expect;
 pub mod paused;
+pub mod readiness;
 pub mod report;
 pub mod retention;
 pub mod select;

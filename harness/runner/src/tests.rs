@@ -111,6 +111,7 @@ fn fixture_generation_passes_and_leaves_a_complete_bundle() {
         "harness.log",
         "agent.jsonl",
         "result.json",
+        "readiness.json",
     ] {
         assert!(dir.join(name).is_file(), "{name} missing");
     }
@@ -1057,4 +1058,126 @@ fn a_machine_without_a_reachable_agent_pauses_without_a_record() {
     assert_eq!(seen.len(), 1);
     assert!(seen[0].record.is_none());
     assert!(seen[0].what.starts_with("x (run "), "{}", seen[0].what);
+}
+
+fn readiness_json(r: &RunResult) -> serde_json::Value {
+    let text = fs::read(bundle(r).join("readiness.json")).expect("readiness.json in the bundle");
+    serde_json::from_slice(&text).expect("readiness.json parses")
+}
+
+#[test]
+fn readiness_json_keeps_rejected_and_accepted_records_and_the_transport() {
+    let env = env();
+    let scenarios = env.scenarios(&[("s.toml", "id = \"rd\"\n[[steps]]\nrun = [\"true\"]\n")]);
+    let backend = FakeBackend::new(BackendKind::Qemu, |_| FakeGuest {
+        boot_lines: vec![
+            // Printed by a guest that had been up for 10 minutes: not this VM's boot.
+            (
+                Duration::from_millis(1),
+                "KILN_READY v=1 boot=old transport=serial:org.kiln.agent.0 t=600000".into(),
+            ),
+            (Duration::from_millis(2), "KILN_READY v=1 boot=x".into()),
+            (
+                Duration::from_millis(3),
+                "KILN_READY v=1 boot=new transport=serial:org.kiln.agent.0 t=1".into(),
+            ),
+        ],
+        ..FakeGuest::ready()
+    });
+    let summary = env.run(&backend, &scenarios);
+    let r = one(&summary);
+    assert!(r.passed(), "{:?}", r.failure);
+    assert_eq!(r.ready.len(), 1);
+    assert!(r.ready[0].contains("boot=new"), "{:?}", r.ready);
+    let doc = readiness_json(r);
+    assert_eq!(doc["kind"], "agent");
+    assert_eq!(doc["outcome"], "ready");
+    assert_eq!(doc["signal_transport"], "console");
+    assert_eq!(doc["agent_transport"], "serial:org.kiln.agent.0");
+    assert_eq!(doc["agent_transport_offered"], true);
+    let records = doc["records"].as_array().expect("records");
+    let got: Vec<(&str, &str)> = records
+        .iter()
+        .map(|r| {
+            (
+                r["status"].as_str().unwrap_or_default(),
+                r["reason"].as_str().unwrap_or("-"),
+            )
+        })
+        .collect();
+    assert_eq!(
+        got,
+        [
+            ("rejected", "earlier-boot"),
+            ("rejected", "unparsable"),
+            ("accepted", "-")
+        ]
+    );
+    assert_eq!(records[2]["boot"], "new");
+    assert!(records[0]["detail"]
+        .as_str()
+        .is_some_and(|d| d.contains("up 600000 ms")));
+}
+
+#[test]
+fn a_record_from_an_earlier_boot_alone_is_a_readiness_timeout() {
+    let env = env();
+    let scenarios = env.scenarios(&[("s.toml", "id = \"x\"\n[readiness]\ntimeout = 0.3\n")]);
+    let backend = FakeBackend::new(BackendKind::Qemu, |_| FakeGuest {
+        boot_lines: vec![(
+            Duration::from_millis(1),
+            "KILN_READY v=1 boot=old transport=serial:org.kiln.agent.0 t=600000".into(),
+        )],
+        ..FakeGuest::ready()
+    });
+    let summary = env.run(&backend, &scenarios);
+    let r = one(&summary);
+    assert_eq!(r.class(), Some(FailureClass::ReadinessTimeout));
+    let doc = readiness_json(r);
+    assert_eq!(doc["outcome"], "timed-out");
+    assert!(doc["message"]
+        .as_str()
+        .is_some_and(|m| m.contains("readiness timeout of 300ms")));
+    assert_eq!(doc["records"][0]["status"], "rejected");
+    assert_eq!(doc["records"][0]["reason"], "earlier-boot");
+    assert_eq!(doc["records"].as_array().map(Vec::len), Some(1));
+    assert_eq!(doc["agent_transport_offered"], serde_json::Value::Null);
+}
+
+#[test]
+fn readiness_json_of_a_marker_wait_lists_the_markers() {
+    let env = env();
+    let scenarios = env.scenarios(&[(
+        "s.toml",
+        "id = \"mk\"\n[readiness]\nsequence = [{ marker = 'Linux' }, { marker = 'KILN_READY' }]\n",
+    )]);
+    let backend = FakeBackend::new(BackendKind::Qemu, |_| FakeGuest::ready());
+    let summary = env.run(&backend, &scenarios);
+    let r = one(&summary);
+    assert!(r.passed(), "{:?}", r.failure);
+    let doc = readiness_json(r);
+    assert_eq!(doc["kind"], "sequence");
+    assert_eq!(doc["outcome"], "ready");
+    assert_eq!(doc["markers"].as_array().map(Vec::len), Some(2));
+    assert_eq!(doc["records"].as_array().map(Vec::len), Some(0));
+}
+
+#[test]
+fn a_machine_on_another_accelerator_says_so_in_result_json() {
+    let env = env();
+    let scenarios = env.scenarios(&[("s.toml", "id = \"fb\"\n")]);
+    let backend = FakeBackend::new(BackendKind::Qemu, |_| FakeGuest {
+        version: Some("QEMU 10.0.2, accel tcg (KVM unavailable at run time: x)".into()),
+        ..FakeGuest::ready()
+    });
+    let summary = env.run(&backend, &scenarios);
+    let r = one(&summary);
+    assert!(r.passed(), "{:?}", r.failure);
+    let written: serde_json::Value =
+        serde_json::from_slice(&fs::read(bundle(r).join("result.json")).expect("result.json"))
+            .expect("parses");
+    assert_eq!(
+        written["provenance"]["backend_version"],
+        "QEMU 10.0.2, accel tcg (KVM unavailable at run time: x)"
+    );
 }

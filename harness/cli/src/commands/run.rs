@@ -2,7 +2,8 @@
 //! and the output layer (live lines, summary, `--json`, `--junit`). Exit codes (crate::exit):
 //! SUCCESS all passed, FAILURES some failed, USAGE usage or configuration error (nothing
 //! booted), ENVIRONMENT_DRIFT the host is not the one `--expect-environment` pins (nothing
-//! booted), INTERRUPTED Ctrl-C.
+//! booted), REGRESSIONS a scenario fails that did not fail in the `--baseline` (FAILURES then
+//! means every failure was already there), INTERRUPTED Ctrl-C.
 
 use std::collections::HashMap;
 use std::io::BufRead;
@@ -17,6 +18,7 @@ use kiln_guest_build::registry::{self, Reference};
 use crate::args::{BackendArg, KeepArg};
 use crate::commands::artifacts::Budget;
 use crate::exit;
+use kiln_runner::baseline::{Baseline, Comparison};
 use kiln_runner::environment::{Contract, Environment};
 use kiln_runner::report::{self, LiveReporter};
 use kiln_runner::select::{Filter, Partition};
@@ -87,6 +89,12 @@ pub struct RunArgs {
     /// verified on first use) wherever a scenario asks for the default guest.
     #[arg(long, value_name = "oci://HOST/REPO@sha256:HEX")]
     pub guest: Option<String>,
+    /// Compare with an earlier run: its artifacts dir (each <scenario-id>/latest/result.json)
+    /// or its --json output. The summary and --json say per scenario what changed, regressed
+    /// bundles get regression-summary.txt, and regressions exit 5 (failures the baseline already
+    /// had exit 1).
+    #[arg(long, value_name = "DIR|FILE")]
+    pub baseline: Option<PathBuf>,
 }
 
 fn print_errors(errors: &[impl std::fmt::Display]) {
@@ -159,6 +167,15 @@ pub fn run(args: RunArgs) -> i32 {
             return exit::USAGE;
         }
     };
+    // Read before anything runs: the baseline may be the artifacts dir this run updates.
+    let baseline = match args.baseline.as_deref().map(Baseline::load) {
+        None => None,
+        Some(Ok(b)) => Some(b),
+        Some(Err(e)) => {
+            eprintln!("kiln: error: --baseline {e}");
+            return exit::USAGE;
+        }
+    };
     let budget = match check_budget(&args) {
         Ok(budget) => budget,
         Err(error) => {
@@ -217,7 +234,7 @@ pub fn run(args: RunArgs) -> i32 {
     }
     opts.default_guest = Some(resolver);
     let artifacts = opts.artifacts.clone();
-    let code = run_with(&args, scenarios, backend.as_ref(), opts);
+    let code = run_with(&args, scenarios, backend.as_ref(), opts, baseline.as_ref());
     if let Some(budget) = budget {
         match runner::retention::scan(&artifacts) {
             Ok(inventory) => {
@@ -381,12 +398,14 @@ pub fn options(args: &RunArgs) -> RunOptions {
     opts
 }
 
-/// Runs the selected scenarios on `backend` and writes the reports; returns the exit code.
+/// Runs the selected scenarios on `backend` and writes the reports, compared with `baseline`
+/// when there is one; returns the exit code.
 pub fn run_with(
     args: &RunArgs,
     scenarios: Vec<Scenario>,
     backend: &dyn Backend,
     opts: RunOptions,
+    baseline: Option<&Baseline>,
 ) -> i32 {
     let (runnable, skipped): (Vec<Scenario>, Vec<Scenario>) = scenarios
         .into_iter()
@@ -415,15 +434,29 @@ pub fn run_with(
         reporter.on_event(e)
     });
     reporter.finish();
-    let code = exit::of_run(summary.outcome());
+    let comparison = baseline.map(|b| Comparison::new(b, &summary));
+    let code = match &comparison {
+        Some(c) => exit::of_run_against(summary.outcome(), c),
+        None => exit::of_run(summary.outcome()),
+    };
     eprint!("{}", report::summary_text(&summary, backend.name()));
+    if let Some(c) = &comparison {
+        eprint!("{}", c.summary_text(&summary));
+        for error in c.write_regression_summaries(&summary, opts.artifacts_mode) {
+            eprintln!("kiln: error: {error}");
+        }
+    }
     if let Some(path) = &args.junit {
         if let Err(e) = write_junit(path, &summary) {
             eprintln!("kiln: error: --junit {}: {e}", path.display());
         }
     }
     if args.json {
-        println!("{}", report::json_document(&summary, backend.name(), code));
+        let mut doc = report::json_document(&summary, backend.name(), code);
+        if let Some(c) = &comparison {
+            c.annotate(&mut doc);
+        }
+        println!("{doc}");
     }
     code
 }
@@ -600,10 +633,65 @@ kvm = \"pvm\"\n"
             FakeGuest::ready()
                 .with_exec(|req, _| FakeExec::exit(i32::from(req.argv[0] == "false"), ""))
         });
-        let code = run_with(&a, scenarios, &backend, options(&a));
+        let code = run_with(&a, scenarios, &backend, options(&a), None);
         assert_eq!(code, 1);
         let xml = std::fs::read_to_string(&junit).expect("junit written");
         let report = quick_junit::Report::deserialize_from_str(&xml).expect("junit parses");
         assert_eq!((report.tests, report.failures), (2, 1));
+    }
+
+    #[test]
+    fn a_baseline_tells_regressions_from_old_failures() {
+        use std::sync::atomic::{AtomicBool, Ordering};
+        let dir = tempfile::tempdir().expect("tempdir");
+        let corpus = dir.path().join("c");
+        std::fs::create_dir_all(&corpus).expect("mkdir");
+        std::fs::write(dir.path().join("k"), b"k").expect("kernel");
+        for id in ["steady", "flips", "old-bad"] {
+            let text =
+                format!("id = \"{id}\"\n[guest]\nkernel = \"../k\"\n[[steps]]\nrun = [\"{id}\"]\n");
+            std::fs::write(corpus.join(format!("{id}.toml")), text).expect("write");
+        }
+        let art = dir.path().join("art");
+        let a = args(&[
+            corpus.to_str().unwrap_or_default(),
+            "--artifacts",
+            art.to_str().unwrap_or_default(),
+            "--jobs",
+            "1",
+        ]);
+        let flips_fails = Arc::new(AtomicBool::new(false));
+        let flag = flips_fails.clone();
+        let backend = FakeBackend::new(BackendKind::Qemu, move |_| {
+            let flag = flag.clone();
+            FakeGuest::ready().with_exec(move |req, _| {
+                let fails = match req.argv[0].as_str() {
+                    "old-bad" => true,
+                    "flips" => flag.load(Ordering::SeqCst),
+                    _ => false,
+                };
+                FakeExec::exit(i32::from(fails), "")
+            })
+        });
+        let run_once = |baseline: Option<&Baseline>| {
+            let scenarios = select(&a).expect("valid");
+            run_with(&a, scenarios, &backend, options(&a), baseline)
+        };
+        // Without a baseline an old failure is a failure; against itself it is only an old one.
+        assert_eq!(run_once(None), exit::FAILURES);
+        let baseline = Baseline::load(&art).expect("the artifacts dir is a baseline");
+        assert_eq!(run_once(Some(&baseline)), exit::FAILURES);
+        let latest = |id: &str| art.join(id).join("latest");
+        for id in ["steady", "flips", "old-bad"] {
+            assert!(!latest(id).join("regression-summary.txt").exists(), "{id}");
+        }
+        // `flips` now fails where the baseline passed: a regression, with its summary file.
+        flips_fails.store(true, Ordering::SeqCst);
+        assert_eq!(run_once(Some(&baseline)), exit::REGRESSIONS);
+        let summary = std::fs::read_to_string(latest("flips").join("regression-summary.txt"))
+            .expect("regressed bundle has regression-summary.txt");
+        assert!(summary.contains("change: newly-failing"), "{summary}");
+        assert!(!latest("old-bad").join("regression-summary.txt").exists());
+        assert!(!latest("steady").join("regression-summary.txt").exists());
     }
 }
