@@ -51,6 +51,7 @@ fn plan(dir: &Path, kernel: &Path) -> RunPlan {
         shares: Vec::new(),
         console_log: dir.join("console.log"),
         console_log_limit: 1 << 20,
+        snapshot: None,
     }
 }
 

@@ -7,7 +7,8 @@
 //!   snapshot, as after a suspend);
 //! - shares: mounted now, so no FUSE session is ever inside a snapshot;
 //! - boot id: `/proc/sys/kernel/random/boot_id` cannot change, so the readiness record carries
-//!   the id the host chose, and the agent prints a new record with it.
+//!   the id the host chose, and the agent prints a new record with it; its `t=` counts from
+//!   the resume (the restored VM's own start), not from the snapshotted boot.
 
 use std::fs::File;
 use std::io::Write;
@@ -39,6 +40,9 @@ pub struct ReadyInfo {
 
 static READY: OnceLock<ReadyInfo> = OnceLock::new();
 static BOOT_ID: Mutex<Option<String>> = Mutex::new(None);
+/// Guest uptime (ms) when the last resume was applied: a record's `t=` counts from there, so
+/// the host's check that a record is not older than its VM holds for a restored VM too.
+static RESUMED_AT_MS: Mutex<Option<u64>> = Mutex::new(None);
 
 /// Records what later readiness records repeat.
 pub fn set_ready_info(info: ReadyInfo) {
@@ -61,7 +65,12 @@ pub fn ready_lines() -> String {
         version: 1,
         boot: boot_id(),
         transports: info.transports,
-        t_ms: init::ms_since_boot(),
+        t_ms: init::ms_since_boot().saturating_sub(
+            RESUMED_AT_MS
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .unwrap_or(0),
+        ),
     };
     let mut lines = format!("{record}\n");
     for marker in &info.markers {
@@ -97,6 +106,7 @@ pub fn resume(req: &ResumeRequest) -> Result<(), String> {
         }
     }
     *BOOT_ID.lock().unwrap_or_else(|e| e.into_inner()) = Some(req.boot_id.clone());
+    *RESUMED_AT_MS.lock().unwrap_or_else(|e| e.into_inner()) = Some(init::ms_since_boot());
     // The console is where the host looks for the record.
     let lines = ready_lines();
     let mut out = std::io::stdout().lock();

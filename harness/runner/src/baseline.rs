@@ -543,6 +543,7 @@ mod tests {
             provenance: Provenance::default(),
             environment: None,
             bundle: bundle.map(Path::to_path_buf),
+            snapshot: None,
             console_tail: Vec::new(),
         }
     }
