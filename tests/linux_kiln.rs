@@ -236,3 +236,203 @@ fn a_kiln_config_kernel_finds_every_device_from_the_command_line_alone() {
     assert_eq!(lines[4], "kiln-disk-ok", "{text}");
     vm.kill();
 }
+
+/// Boots the default guest once to `KILN_READY`, snapshots it, and restores it twice: each
+/// restored guest answers its agent over a new vsock connection, takes the resume (entropy,
+/// clock, boot id), and then reads other random bytes than its sibling. Prints cold boot and
+/// restore times (ratios only: this runs in the nested L1).
+#[test]
+fn a_linux_guest_restored_from_a_snapshot_resumes_and_differs_from_its_sibling() {
+    or_skip!(common::hardware_kvm());
+    let dir = tempfile::tempdir().unwrap();
+    let uds = dir.path().join("vsock.sock");
+    let cold = Instant::now();
+    let mut vm = boot_default_guest(1, &uds);
+    wait_console(&vm, "KILN_READY", READY_TIMEOUT);
+    let cold_ready = cold.elapsed();
+    let snap = dir.path().join("guest.snap");
+    let info = vm
+        .snapshot(&snap, "linux-test")
+        .unwrap_or_else(|e| panic!("snapshot: {e}"));
+    eprintln!(
+        "snapshot: pause {:?}, write {:?}, {} MiB memory",
+        info.pause,
+        info.write,
+        info.header.memory_len >> 20
+    );
+    let guest = default_guest();
+    let mut randoms = Vec::new();
+    for round in 0..2 {
+        let uds = dir.path().join(format!("vsock{round}.sock"));
+        let config = VmConfig::new(&guest.kernel)
+            .initrd(&guest.initrd)
+            .memory_mib(256)
+            .vcpus(1)
+            .vsock(&uds);
+        let t = Instant::now();
+        let (mut vm, info) = Vm::restore(&snap, "linux-test", config)
+            .unwrap_or_else(|e| panic!("restore {round}: {e}"));
+        let restored = t.elapsed();
+        let stream = vm.vsock_connect(1024, Duration::from_secs(60));
+        let stream = stream.unwrap_or_else(|e| {
+            std::thread::sleep(Duration::from_millis(500));
+            panic!(
+                "restore {round}: CONNECT 1024: {e}; exit {:?}; console:\n{}",
+                vm.exit_reason(),
+                vm.console().text()
+            )
+        });
+        let mut client = Client::new(stream);
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap();
+        let request = kiln_agent_proto::ResumeRequest {
+            entropy: (0..64u8).map(|i| i.wrapping_mul(round + 3)).collect(),
+            unix_secs: now.as_secs(),
+            unix_nanos: now.subsec_nanos(),
+            boot_id: format!("restored-{round}"),
+            shares: Vec::new(),
+        };
+        client.resume(&request).unwrap_or_else(|e| {
+            panic!(
+                "restore {round}: resume: {e}; exit {:?}; console:\n{}",
+                vm.exit_reason(),
+                vm.console().text()
+            )
+        });
+        let answered = t.elapsed();
+        let record = wait_console(&vm, "boot=restored-", Duration::from_secs(30));
+        assert!(
+            record.contains(&format!("boot=restored-{round}")),
+            "{record}"
+        );
+        let mut client = Client::new(vm.vsock_connect(1024, Duration::from_secs(60)).unwrap());
+        let out = client
+            .exec(&ExecRequest::new([
+                "sh",
+                "-c",
+                "head -c 16 /dev/urandom | od -An -tx1; date +%s",
+            ]))
+            .expect("exec in the restored guest");
+        assert!(out.success(), "{out:?}");
+        let text = String::from_utf8_lossy(&out.stdout).to_string();
+        let clock: u64 = text.lines().last().unwrap().trim().parse().unwrap();
+        assert!(
+            clock.abs_diff(now.as_secs()) < 60,
+            "guest clock {clock}: {text}"
+        );
+        randoms.push(text.lines().next().unwrap().to_string());
+        eprintln!(
+            "restore {round}: vCPUs running after {restored:?} ({:?}), agent answered the resume after {answered:?}; cold boot to KILN_READY took {cold_ready:?}",
+            info.timings
+        );
+        vm.kill();
+    }
+    assert_ne!(
+        randoms[0], randoms[1],
+        "two restored guests read the same random bytes"
+    );
+}
+
+/// The process's anonymous memory in KiB (/proc/self/smaps_rollup): what guest pages cost
+/// that are not shared with a file.
+fn anonymous_kib() -> u64 {
+    let text = std::fs::read_to_string("/proc/self/smaps_rollup").expect("smaps_rollup");
+    text.lines()
+        .find_map(|l| l.strip_prefix("Anonymous:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .expect("Anonymous: in smaps_rollup")
+}
+
+/// Benchmark (not a test; `docs/benchmarks.md`, "Snapshots"): 16 guests restored from one
+/// snapshot against 16 booted cold, each up to its agent answering; prints the memory they add
+/// to the process (anonymous pages, from /proc) and the times. Run in the nested L1:
+/// `kiln nested -- target/debug/deps/linux_kiln-* --ignored --nocapture snapshot_benchmark`.
+#[test]
+#[ignore = "benchmark: run by hand in the nested L1 (docs/benchmarks.md)"]
+fn snapshot_benchmark_16_restored_against_16_cold() {
+    or_skip!(common::hardware_kvm());
+    const N: usize = 16;
+    let dir = tempfile::tempdir().unwrap();
+    let guest = default_guest();
+    let config = |uds: &Path| {
+        VmConfig::new(&guest.kernel)
+            .initrd(&guest.initrd)
+            .memory_mib(256)
+            .vcpus(1)
+            .vsock(uds)
+            .cmdline("quiet")
+    };
+    let answer = |vm: &VmHandle| {
+        let mut client = Client::new(vm.vsock_connect(1024, Duration::from_secs(600)).unwrap());
+        let out = client.exec(&ExecRequest::new(["true"])).expect("exec");
+        assert!(out.success());
+    };
+    // The snapshot, from one cold boot.
+    let mut vm = Vm::start(config(&dir.path().join("template.sock"))).unwrap();
+    wait_console(&vm, "KILN_READY", READY_TIMEOUT);
+    let snap = dir.path().join("guest.snap");
+    vm.snapshot(&snap, "bench").unwrap();
+    // First restore hashes the memory once; not part of the figures.
+    let (mut warm, _) = Vm::restore(&snap, "bench", config(&dir.path().join("warm.sock"))).unwrap();
+    warm.kill();
+
+    let base = anonymous_kib();
+    let t = Instant::now();
+    let mut restored = Vec::new();
+    for i in 0..N {
+        let uds = dir.path().join(format!("r{i}.sock"));
+        let (vm, _) = Vm::restore(&snap, "bench", config(&uds)).unwrap();
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap();
+        let mut client = Client::new(vm.vsock_connect(1024, Duration::from_secs(600)).unwrap());
+        client
+            .resume(&kiln_agent_proto::ResumeRequest {
+                entropy: vec![i as u8; 64],
+                unix_secs: now.as_secs(),
+                unix_nanos: now.subsec_nanos(),
+                boot_id: format!("bench-{i}"),
+                shares: Vec::new(),
+            })
+            .unwrap();
+        answer(&vm);
+        restored.push(vm);
+    }
+    let restored_time = t.elapsed();
+    let restored_kib = anonymous_kib().saturating_sub(base);
+    for mut vm in restored {
+        vm.kill();
+    }
+    std::thread::sleep(Duration::from_secs(1));
+
+    let base = anonymous_kib();
+    let t = Instant::now();
+    let mut cold = Vec::new();
+    for i in 0..N {
+        cold.push(Vm::start(config(&dir.path().join(format!("c{i}.sock")))).unwrap());
+    }
+    for vm in &cold {
+        wait_console(vm, "KILN_READY", Duration::from_secs(1800));
+        answer(vm);
+    }
+    let cold_time = t.elapsed();
+    let cold_kib = anonymous_kib().saturating_sub(base);
+    for mut vm in cold {
+        vm.kill();
+    }
+    eprintln!("| {N} VMs, 256 MiB, 1 vCPU | restored | cold | cold / restored |");
+    eprintln!("|---|---|---|---|");
+    eprintln!(
+        "| anonymous memory added | {} MiB | {} MiB | {:.1} |",
+        restored_kib / 1024,
+        cold_kib / 1024,
+        cold_kib as f64 / restored_kib.max(1) as f64
+    );
+    eprintln!(
+        "| all up to the agent answering | {:.1} s | {:.1} s | {:.1} |",
+        restored_time.as_secs_f64(),
+        cold_time.as_secs_f64(),
+        cold_time.as_secs_f64() / restored_time.as_secs_f64()
+    );
+}

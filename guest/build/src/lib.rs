@@ -31,8 +31,8 @@ pub const DEFAULT_ALIAS: &str = "default";
 /// Version of what goes into a guest (`manifest.format`): bumped when the initramfs layout or
 /// the agent's behaviour changes, so [`default_guest`] rebuilds a default cached by an older kiln.
 /// 3: the agent's shutdown no longer waits up to a minute for a host that keeps its vsock
-/// connection open.
-pub const RECIPE_VERSION: u32 = 4;
+/// connection open. 4 and 5: the agent's `resume` (snapshots) and `pty_exec` (`kiln shell`).
+pub const RECIPE_VERSION: u32 = 5;
 
 /// Why a guest could not be built or found. Every message is one line naming what is wrong.
 #[derive(Debug, thiserror::Error)]

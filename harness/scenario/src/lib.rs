@@ -55,7 +55,7 @@ pub struct Scenario {
     /// fails.
     pub fixtures_limit: u64,
     /// Whether the kiln backend may start it from a snapshot of its guest shape (`snapshot =
-    /// false` boots it cold even under `kiln run --snapshot`).
+    /// false` boots it cold every time; `kiln run --no-snapshot` does so for every scenario).
     pub snapshot: bool,
     /// Backends it may run on; empty means any.
     #[serde(skip_serializing_if = "Vec::is_empty")]

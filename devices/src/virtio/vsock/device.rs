@@ -58,6 +58,10 @@ pub struct Vsock {
     /// Written when a budget ran out with work left; watched with the host fds, so the event
     /// loop comes back for the rest after serving everything else.
     kick: EventFd,
+    /// A transport-reset event is out and the driver has not handled it yet (it kicks the
+    /// event queue once it did): until then nothing is delivered to the guest, or a host
+    /// connection made right after a restore would be reset by the late event.
+    reset_pending: bool,
 }
 
 impl Vsock {
@@ -78,6 +82,7 @@ impl Vsock {
             active: None,
             broken: false,
             kick,
+            reset_pending: false,
         })
     }
 
@@ -165,6 +170,9 @@ impl Vsock {
 
     /// Fills the guest's rx buffers with what the muxer has. Returns whether any was used.
     fn process_rx(&mut self, budget: &mut Budget) -> bool {
+        if self.reset_pending {
+            return false;
+        }
         let Some(act) = self.active.as_mut() else {
             return false;
         };
@@ -288,9 +296,11 @@ impl VirtioDevice for Vsock {
     }
 
     fn process_queue(&mut self, index: usize) {
-        if index == RX_QUEUE || index == TX_QUEUE {
-            self.process();
+        if index == EVENT_QUEUE && self.reset_pending {
+            // The driver handled the reset and gave the buffer back.
+            self.reset_pending = false;
         }
+        self.process();
     }
 
     fn host_fds(&self) -> Vec<(RawFd, EventSet)> {
@@ -320,6 +330,7 @@ impl VirtioDevice for Vsock {
     fn reset(&mut self) -> bool {
         self.active = None;
         self.broken = false;
+        self.reset_pending = false;
         self.muxer.reset();
         true
     }
@@ -339,8 +350,9 @@ impl VirtioDevice for Vsock {
     fn restored(&mut self) {
         // Connections from before the snapshot have no host side any more.
         self.muxer.reset();
-        if let Err(e) = self.send_event(EVENT_TRANSPORT_RESET) {
-            tracing::warn!("vsock: cannot send the transport-reset event: {e}");
+        match self.send_event(EVENT_TRANSPORT_RESET) {
+            Ok(()) => self.reset_pending = true,
+            Err(e) => tracing::warn!("vsock: cannot send the transport-reset event: {e}"),
         }
     }
 }

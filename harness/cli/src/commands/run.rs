@@ -55,11 +55,11 @@ pub struct RunArgs {
     /// Pause before every teardown until Enter is pressed.
     #[arg(long)]
     pub pause_before_teardown: bool,
-    /// Experimental: on the kiln backend, start scenarios whose readiness is the agent's record
-    /// from a snapshot of their guest shape, made once at KILN_READY and kept in the cache
-    /// (~/.cache/kiln/snapshots). Off by default: restored Linux guests do not resume yet.
+    /// Boot every VM cold. By default the kiln backend starts scenarios whose readiness is the
+    /// agent's record from a snapshot of their guest shape, made once at KILN_READY and kept
+    /// in the cache (~/.cache/kiln/snapshots).
     #[arg(long)]
-    pub snapshot: bool,
+    pub no_snapshot: bool,
     /// Print one JSON document with every result on stdout.
     #[arg(long)]
     pub json: bool,
@@ -364,12 +364,12 @@ pub fn options(args: &RunArgs) -> RunOptions {
     opts.keep = args.keep_artifacts.into();
     opts.debug = args.debug;
     opts.pause_before_teardown = args.pause_before_teardown;
-    opts.snapshot_cache = if args.snapshot {
+    opts.snapshot_cache = if args.no_snapshot {
+        None
+    } else {
         kiln_guest_build::cache::cache_root()
             .ok()
             .and_then(|guests| guests.parent().map(|p| p.join("snapshots")))
-    } else {
-        None
     };
     opts.fail_fast = args.fail_fast;
     opts.retries = args.retries;

@@ -28,6 +28,8 @@ const MEM_SIZE: usize = 48 << 20;
 const SLOT: u64 = 0x1_1000;
 const RX_BUFS: u64 = 0x10_0000;
 const TX_BUFS: u64 = 0x130_0000;
+/// Event queue buffers.
+const EV_BUFS: u64 = 0x200_0000;
 /// Data room of the rx buffers the test driver posts (what Linux posts).
 const RX_DATA: u32 = 4096;
 /// The guest's advertised receive buffer unless a test says otherwise.
@@ -183,6 +185,7 @@ struct Harness<'a> {
     dev: Vsock,
     rx: GuestQueue<'a>,
     tx: GuestQueue<'a>,
+    ev: GuestQueue<'a>,
     irq: Interrupt,
     uds: PathBuf,
     /// Tx chains the device has returned.
@@ -211,6 +214,7 @@ impl<'a> Harness<'a> {
             dev,
             rx: GuestQueue::new(mem, 0, RX_BUFS),
             tx: GuestQueue::new(mem, 0x8000, TX_BUFS),
+            ev: GuestQueue::new(mem, 0x2_0000, EV_BUFS),
             irq,
             uds,
             tx_used: 0,
@@ -220,8 +224,7 @@ impl<'a> Harness<'a> {
     }
 
     fn activate(&mut self) {
-        let ev = GuestQueue::new(self.mem, 0x1_0000, TX_BUFS);
-        let queues = vec![self.rx.queue(), self.tx.queue(), ev.queue()];
+        let queues = vec![self.rx.queue(), self.tx.queue(), self.ev.queue()];
         self.dev
             .activate(
                 self.mem.clone(),

@@ -187,3 +187,34 @@ fn before_driver_ok_host_connections_do_not_touch_the_rings() {
         "the early CONNECT reaches the guest"
     );
 }
+
+/// After a restore the device sends VIRTIO_VSOCK_EVENT_TRANSPORT_RESET, and holds back what
+/// it would deliver (a host connection request) until the driver handled the event and kicked
+/// the event queue: otherwise the late reset would close a connection made just after.
+#[test]
+fn a_restore_resets_the_transport_before_any_host_connection_reaches_the_guest() {
+    let mem = test_mem();
+    let mut h = Harness::inactive(&mem);
+    h.ev.add_chain(&[(4, true)]);
+    h.activate();
+    h.give_rx(64);
+    h.dev.restored();
+    let events = h.ev.used();
+    assert_eq!(events.len(), 1, "one event");
+    assert_eq!(events[0].1, 4, "a 4-byte virtio_vsock_event");
+    let id: u32 = mem.read_obj(h.ev.buf(events[0].0[0])).unwrap();
+    assert_eq!(u32::from_le(id), 0, "VIRTIO_VSOCK_EVENT_TRANSPORT_RESET");
+
+    let _host = h.host_connect(1024);
+    assert!(
+        h.recv().is_empty(),
+        "delivered before the driver handled the reset"
+    );
+    // The driver handled the event: it gives the buffer back and kicks the event queue.
+    h.ev.add_chain(&[(4, true)]);
+    h.dev.process_queue(super::super::EVENT_QUEUE);
+    h.pump();
+    let pkts = h.recv();
+    assert_eq!(pkts.len(), 1, "{pkts:?}");
+    assert_eq!(pkts[0].hdr.op, op::REQUEST);
+}
