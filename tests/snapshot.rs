@@ -180,3 +180,47 @@ fn a_snapshot_that_cannot_be_written_leaves_nothing_behind() {
     assert!(err.to_string().contains("no-such-dir"), "{err}");
     assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
 }
+
+/// Benchmark (not a test; `docs/benchmarks.md`, "Snapshots"): restore time against guest memory
+/// size, for the counter guest on this host's /dev/kvm. The second restore of each file is
+/// timed (the first also hashes the memory once per process).
+#[test]
+#[ignore = "benchmark: cargo test --test snapshot -- --ignored --nocapture restore_time"]
+fn restore_time_against_memory_size() {
+    let kernel = or_skip!(common::kvm_usable().and_then(|()| common::build_guest("counter")));
+    let dir = tempfile::tempdir().unwrap();
+    eprintln!("| guest memory | snapshot file on disk | restore, median of 5 | first restore (hashes memory) |");
+    eprintln!("|---|---|---|---|");
+    for mib in [64u64, 256, 1024, 2048] {
+        let snap = dir.path().join(format!("{mib}.snap"));
+        let config = || counter_config(&kernel).memory_mib(mib);
+        let mut vm = Vm::start(config()).unwrap();
+        let console = vm.console();
+        wait_lines(|| console.text(), 20, Duration::from_secs(20));
+        vm.snapshot(&snap, SHAPE).unwrap();
+        let on_disk = {
+            use std::os::unix::fs::MetadataExt;
+            std::fs::metadata(&snap).unwrap().blocks() * 512
+        };
+        let mut times = Vec::new();
+        let mut first = Duration::ZERO;
+        for i in 0..6 {
+            let t = Instant::now();
+            let (mut vm, _) = Vm::restore(&snap, SHAPE, config()).unwrap();
+            let took = t.elapsed();
+            vm.kill();
+            if i == 0 {
+                first = took;
+            } else {
+                times.push(took);
+            }
+        }
+        times.sort();
+        eprintln!(
+            "| {mib} MiB | {:.1} MiB | {:.1} ms | {:.0} ms |",
+            on_disk as f64 / (1 << 20) as f64,
+            times[2].as_secs_f64() * 1e3,
+            first.as_secs_f64() * 1e3
+        );
+    }
+}

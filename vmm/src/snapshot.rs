@@ -25,6 +25,7 @@
 use std::collections::HashSet;
 use std::fs::File;
 use std::io::{Read, Seek, SeekFrom, Write};
+use std::os::fd::AsRawFd;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Mutex, OnceLock};
@@ -52,8 +53,9 @@ use crate::vm::{
 
 /// The first bytes of every snapshot file.
 const MAGIC: &[u8] = b"KILNSNAP 1\n";
-/// Version of the layout above; a file of another version is refused.
-pub const FORMAT_VERSION: u32 = 1;
+/// Version of the layout above; a file of another version is refused. 2: the memory hash
+/// covers the non-zero pages only (with their offsets), so checking it reads only those.
+pub const FORMAT_VERSION: u32 = 2;
 /// Size of the header block.
 const HEADER_LEN: u64 = 4096;
 /// Page size for alignment and hole punching.
@@ -132,7 +134,8 @@ pub struct Header {
     pub memory_offset: u64,
     /// Bytes of guest RAM.
     pub memory_len: u64,
-    /// SHA-256 of guest RAM, hex.
+    /// SHA-256 over every non-zero 4 KiB page of guest RAM, in order, each as its offset
+    /// (little-endian u64) then its bytes; hex. Zero pages are holes in the file.
     pub memory_sha256: String,
 }
 
@@ -461,8 +464,9 @@ fn write_file(
             let buf = &mut page[..n];
             vm_memory::Bytes::read_slice(region, buf, vm_memory::MemoryRegionAddress(at))
                 .map_err(|e| io(std::io::Error::other(e.to_string())))?;
-            hasher.update(&*buf);
             if buf.iter().any(|&b| b != 0) {
+                hasher.update((offset - memory_offset).to_le_bytes());
+                hasher.update(&*buf);
                 file.seek(SeekFrom::Start(offset)).map_err(io)?;
                 file.write_all(buf).map_err(io)?;
             }
@@ -605,17 +609,7 @@ fn verify_memory(path: &Path, file: &mut File, header: &Header) -> Result<bool, 
     {
         return Ok(false);
     }
-    file.seek(SeekFrom::Start(header.memory_offset))
-        .map_err(io)?;
-    let mut hasher = Sha256::new();
-    let mut left = header.memory_len;
-    let mut buf = vec![0u8; 1 << 20];
-    while left > 0 {
-        let n = buf.len().min(left as usize);
-        file.read_exact(&mut buf[..n]).map_err(io)?;
-        hasher.update(&buf[..n]);
-        left -= n as u64;
-    }
+    let hasher = hash_memory(file, header).map_err(io)?;
     if hex(&hasher.finalize()) != header.memory_sha256 {
         return Err(SnapshotError::Invalid {
             path: path.to_path_buf(),
@@ -627,6 +621,53 @@ fn verify_memory(path: &Path, file: &mut File, header: &Header) -> Result<bool, 
         .unwrap_or_else(|e| e.into_inner())
         .insert(key);
     Ok(true)
+}
+
+/// Hashes the memory part of the file as [`Header::memory_sha256`] defines it, reading only
+/// the file's data extents (`SEEK_DATA`/`SEEK_HOLE`): holes are zero pages, which the hash skips.
+fn hash_memory(file: &mut File, header: &Header) -> std::io::Result<Sha256> {
+    let start = header.memory_offset;
+    let end = start + header.memory_len;
+    let fd = file.as_raw_fd();
+    let mut hasher = Sha256::new();
+    let mut page = vec![0u8; PAGE];
+    let mut at = start;
+    while at < end {
+        // SAFETY: lseek on an fd this function borrows.
+        let data = unsafe { libc::lseek(fd, at as libc::off_t, libc::SEEK_DATA) };
+        if data < 0 {
+            let e = std::io::Error::last_os_error();
+            if e.raw_os_error() == Some(libc::ENXIO) {
+                break; // only a hole up to the end of the file
+            }
+            return Err(e);
+        }
+        let data = (data as u64).max(at);
+        if data >= end {
+            break;
+        }
+        // SAFETY: as above.
+        let hole = unsafe { libc::lseek(fd, data as libc::off_t, libc::SEEK_HOLE) };
+        let hole = if hole < 0 {
+            end
+        } else {
+            (hole as u64).min(end)
+        };
+        // Whole pages, from the page holding `data`.
+        let mut pos = start + (data - start) / PAGE as u64 * PAGE as u64;
+        file.seek(SeekFrom::Start(pos))?;
+        while pos < hole {
+            let n = (PAGE as u64).min(end - pos) as usize;
+            file.read_exact(&mut page[..n])?;
+            if page[..n].iter().any(|&b| b != 0) {
+                hasher.update((pos - start).to_le_bytes());
+                hasher.update(&page[..n]);
+            }
+            pos += n as u64;
+        }
+        at = pos;
+    }
+    Ok(hasher)
 }
 
 /// Maps guest RAM from the snapshot file, private copy-on-write.
