@@ -278,6 +278,25 @@ date +%s > /mnt/output/clock
         made, 1,
         "the first scenario made the snapshot, the second reused it"
     );
+
+    // A corrupt snapshot in the cache: the run boots cold, says why, and drops the file.
+    let snap_path = snaps[0].path();
+    let mut bytes = fs::read(&snap_path).unwrap();
+    bytes[4096 + 100] ^= 0x20;
+    fs::write(&snap_path, &bytes).unwrap();
+    let corrupt = dir.path().join("corrupt");
+    run(&corrupt, &["--filter", "fresh-a"]);
+    let (_, fell_back) = result(&corrupt, "fresh-a");
+    assert_eq!(fell_back["verdict"], "pass", "{fell_back}");
+    assert_eq!(fell_back["snapshot"]["restored"], false, "{fell_back}");
+    let why = fell_back["snapshot"]["fallback"]
+        .as_str()
+        .unwrap_or_default();
+    assert!(why.contains("does not match its checksum"), "{why}");
+    assert!(
+        !snap_path.exists(),
+        "the corrupt snapshot stays in the cache"
+    );
     assert_ne!(
         randoms[0], randoms[1],
         "two restored guests read the same random bytes"

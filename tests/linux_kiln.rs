@@ -412,17 +412,46 @@ fn snapshot_benchmark_16_restored_against_16_cold() {
     // Cold: one at a time (16 Linux boots at once overload the L1's two emulated CPUs until
     // guests soft-lock), each measured alone while it runs and then killed; the sum is what 16
     // would hold at once.
+    // An L2 boot in this L1 now and then triple-faults early (docs/nested.md): such a boot is
+    // counted and done again.
+    eprintln!(
+        "restored: {N} running at once added {} MiB, all answered after {:.1} s",
+        restored_kib / 1024,
+        restored_time.as_secs_f64()
+    );
     let mut cold_kib = 0;
+    let mut failed_boots = 0;
     let t = Instant::now();
     for i in 0..N {
-        let base = anonymous_kib();
-        let mut vm = Vm::start(config(&dir.path().join(format!("c{i}.sock")))).unwrap();
-        wait_console(&vm, "KILN_READY", READY_TIMEOUT);
-        answer(&vm);
-        cold_kib += anonymous_kib().saturating_sub(base);
-        vm.kill();
+        loop {
+            let base = anonymous_kib();
+            let mut vm = Vm::start(config(&dir.path().join(format!("c{i}.sock")))).unwrap();
+            let up = Instant::now() + READY_TIMEOUT;
+            while !vm.console().text().contains("KILN_READY")
+                && vm.exit_reason().is_none()
+                && Instant::now() < up
+            {
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            if vm.exit_reason().is_some() || !vm.console().text().contains("KILN_READY") {
+                failed_boots += 1;
+                eprintln!(
+                    "cold boot {i} failed ({:?}); booting it again",
+                    vm.exit_reason()
+                );
+                vm.kill();
+                assert!(failed_boots < 4, "too many failed cold boots");
+                let _ = std::fs::remove_file(dir.path().join(format!("c{i}.sock")));
+                continue;
+            }
+            answer(&vm);
+            cold_kib += anonymous_kib().saturating_sub(base);
+            vm.kill();
+            break;
+        }
     }
     let cold_time = t.elapsed();
+    eprintln!("cold boots that failed and were done again: {failed_boots}");
     eprintln!("| {N} VMs, 256 MiB, 1 vCPU | restored | cold | cold / restored |");
     eprintln!("|---|---|---|---|");
     eprintln!(

@@ -224,3 +224,42 @@ fn restore_time_against_memory_size() {
         );
     }
 }
+
+#[test]
+fn a_full_disk_while_writing_a_snapshot_is_an_error_and_leaves_nothing() {
+    let kernel = or_skip!(common::kvm_usable().and_then(|()| common::build_guest("counter")));
+    let dir = tempfile::tempdir().unwrap();
+    let small = dir.path().join("small");
+    std::fs::create_dir(&small).unwrap();
+    let mounted = std::process::Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=16k", "tmpfs"])
+        .arg(&small)
+        .status()
+        .is_ok_and(|s| s.success());
+    if !mounted {
+        skip!("cannot mount a 16 KiB tmpfs here (not root, or no CAP_SYS_ADMIN)");
+    }
+    struct Unmount(std::path::PathBuf);
+    impl Drop for Unmount {
+        fn drop(&mut self) {
+            let _ = std::process::Command::new("umount").arg(&self.0).status();
+        }
+    }
+    let _unmount = Unmount(small.clone());
+    let mut vm = Vm::start(counter_config(&kernel)).unwrap();
+    let console = vm.console();
+    wait_lines(|| console.text(), 5, Duration::from_secs(20));
+    let err = vm.snapshot(&small.join("g.snap"), SHAPE).unwrap_err();
+    let text = err.to_string();
+    assert!(matches!(err, SnapshotError::Io { .. }), "{text}");
+    assert!(text.contains("g.snap") && !text.contains('\n'), "{text}");
+    assert!(
+        text.contains("No space left on device"),
+        "the cause is named: {text}"
+    );
+    assert_eq!(
+        std::fs::read_dir(&small).unwrap().count(),
+        0,
+        "nothing half-written"
+    );
+}
