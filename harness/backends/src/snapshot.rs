@@ -149,7 +149,13 @@ pub fn ensure(
     }
     let _ = fs::remove_file(&path);
     let t = Instant::now();
-    make(plan, &sp.dir, &path, shape)?;
+    // One more try when the boot itself failed: an early guest fault is rare but real (the
+    // nested L1 shows one in a few dozen boots), and every scenario of the shape waits on it.
+    if let Err(first) = make(plan, &sp.dir, &path, shape) {
+        tracing::warn!("snapshot: {first}; trying once more");
+        make(plan, &sp.dir, &path, shape)
+            .map_err(|second| format!("{second} (and before that: {first})"))?;
+    }
     Ok((path, Some(t.elapsed())))
 }
 
