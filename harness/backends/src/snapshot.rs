@@ -326,7 +326,8 @@ mod tests {
             "per-run paths and share mounts are not the shape"
         );
 
-        let changed: Vec<Box<dyn Fn(&mut RunPlan)>> = vec![
+        type Change = Box<dyn Fn(&mut RunPlan)>;
+        let changed: Vec<Change> = vec![
             Box::new(|p| p.memory_mib = 512),
             Box::new(|p| p.vcpus = 1),
             Box::new(|p| p.cmdline.push_str(" b=2")),
