@@ -7,10 +7,12 @@
 #[macro_use]
 mod common;
 
+use common::describe;
+
 use std::fs;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 /// Writes `<corpus>/<id>.toml`: `guest` with readiness on `marker`, and a raw disk `base.img`.
@@ -54,15 +56,6 @@ fn kiln_run(corpus: &Path, artifacts: &Path, tmp: &Path) -> Command {
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
     cmd
-}
-
-fn describe(out: &Output) -> String {
-    format!(
-        "exit {:?}\nstdout:\n{}\nstderr:\n{}",
-        out.status.code(),
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    )
 }
 
 /// Every entry under `dir` (recursively), as paths relative to it.

@@ -9,6 +9,8 @@
 
 mod common;
 
+use common::describe;
+
 use std::fs;
 use std::io::Write;
 use std::net::{TcpListener, TcpStream};
@@ -228,15 +230,6 @@ impl Home {
             .expect("run kiln as nobody");
         Some(out)
     }
-}
-
-fn describe(out: &Output) -> String {
-    format!(
-        "exit {:?}\nstdout:\n{}\nstderr:\n{}",
-        out.status.code(),
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    )
 }
 
 /// The one line of stdout of a command that must succeed.

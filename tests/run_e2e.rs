@@ -7,6 +7,8 @@
 
 mod common;
 
+use common::describe;
+
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
@@ -63,15 +65,6 @@ fn kiln_run(corpus: &Path, artifacts: &Path, extra: &[&str]) -> Command {
 fn output(cmd: &mut Command) -> Output {
     cmd.output()
         .unwrap_or_else(|e| panic!("cannot run kiln: {e}"))
-}
-
-fn describe(out: &Output) -> String {
-    format!(
-        "exit {:?}\nstdout:\n{}\nstderr:\n{}",
-        out.status.code(),
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    )
 }
 
 /// The latest bundle of `id`, checked to hold what every bundle holds.

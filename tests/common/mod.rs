@@ -255,3 +255,13 @@ pub fn corpus(dir: &Path) -> Vec<(String, Option<String>)> {
     out.sort();
     out
 }
+
+/// A finished command for an assertion message: its exit status, stdout and stderr.
+pub fn describe(out: &std::process::Output) -> String {
+    format!(
+        "exit {:?}\nstdout:\n{}\nstderr:\n{}",
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
