@@ -62,6 +62,8 @@ pub const APIC_START: u64 = 0xfee0_0000;
 pub const COM1_PORT: u16 = 0x3f8;
 /// COM1 interrupt line.
 pub const COM1_IRQ: u32 = 4;
+/// CMOS RTC (index 0x70, data 0x71).
+pub const CMOS_PORT: u16 = 0x70;
 /// i8042 controller (data 0x60, command/status 0x64).
 pub const I8042_PORT: u16 = 0x60;
 /// ACPI sleep control register (hardware-reduced FADT): SLP_TYP=5 | SLP_EN powers off.

@@ -8,7 +8,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use kiln_devices::console::{console, ConsoleError, ConsoleLog, ConsoleOutput, ConsoleWriter};
-use kiln_devices::legacy::{AcpiPmPorts, DebugPorts, Phase, PhaseLog, SerialPort, I8042};
+use kiln_devices::legacy::{AcpiPmPorts, Cmos, DebugPorts, Phase, PhaseLog, SerialPort, I8042};
 use kiln_devices::virtio::block::{open_disk, Block, DiskError, DiskMode, DiskSpec};
 use kiln_devices::virtio::fs::{FsError, VirtioFs};
 use kiln_devices::virtio::rng::Rng;
@@ -601,6 +601,11 @@ fn legacy_devices(
         Arc::new(Mutex::new(I8042::new(exit.clone()))),
         u64::from(layout::I8042_PORT),
         5,
+    )?;
+    pio.insert(
+        Arc::new(Mutex::new(Cmos::default())),
+        u64::from(layout::CMOS_PORT),
+        2,
     )?;
     pio.insert(
         Arc::new(Mutex::new(AcpiPmPorts::new(

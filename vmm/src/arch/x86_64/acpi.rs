@@ -309,7 +309,8 @@ fn dsdt(virtio: &[VirtioMmioSlot]) -> Vec<u8> {
     );
     dsdt.append_slice(&to_bytes(&s5));
 
-    let devices: Vec<Vec<u8>> = std::iter::once(com1_device())
+    let devices: Vec<Vec<u8>> = [com1_device(), rtc_device()]
+        .into_iter()
         .chain(
             virtio
                 .iter()
@@ -344,6 +345,22 @@ fn com1_device() -> Vec<u8> {
         "COM1".into(),
         vec![&hid, &uid, &ddn, &crs],
     ))
+}
+
+/// `Device (RTC)`: `_HID PNP0B00` (the PC's CMOS RTC) with its two I/O ports and no
+/// interrupt.
+///
+/// Without it Linux registers a platform `rtc_cmos` device with ISA IRQ 8, which a
+/// hardware-reduced guest cannot map (and which a fourth virtio device's GSI may hold): its
+/// probe failed with -EINVAL and the guest had no `/dev/rtc0`. Found through PNP with no IRQ in
+/// `_CRS`, `rtc_cmos` binds without one (no alarm interrupts: kiln's RTC raises none).
+fn rtc_device() -> Vec<u8> {
+    let port = layout::CMOS_PORT;
+    let io = aml::IO::new(port, port, 1, 2);
+    let crs = aml::ResourceTemplate::new(vec![&io]);
+    let hid = aml::Name::new("_HID".into(), &aml::EISAName::new("PNP0B00"));
+    let crs = aml::Name::new("_CRS".into(), &crs);
+    to_bytes(&aml::Device::new("RTC_".into(), vec![&hid, &crs]))
 }
 
 /// Already-encoded AML, so devices built one by one can go into a single `Scope`.
@@ -816,6 +833,16 @@ mod tests {
             dsdt.contains("Interrupt (ResourceConsumer, Edge, ActiveHigh, Exclusive"),
             "{dsdt}"
         );
+
+        // The CMOS RTC by its ports alone: no interrupt it would never raise.
+        let rtc = dsdt
+            .split("Device (RTC)")
+            .nth(1)
+            .unwrap_or_else(|| panic!("no RTC device:\n{dsdt}"));
+        let rtc = &rtc[..rtc.find("Device (").unwrap_or(rtc.len())];
+        assert!(rtc.contains("EisaId (\"PNP0B00\")"), "{rtc}");
+        assert!(rtc.contains("0x0070,"), "{rtc}");
+        assert!(!rtc.contains("Interrupt"), "{rtc}");
 
         let madt = &dsl["APIC"];
         assert_eq!(madt.matches("[Processor Local APIC]").count(), 3, "{madt}");
