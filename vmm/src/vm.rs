@@ -572,8 +572,9 @@ fn write_boot_structures(
     Ok(())
 }
 
-/// COM1 (reset, or in the state a snapshot saved), i8042, ACPI PM ports and kiln's debug
-/// ports on a new PIO bus; also returns COM1 (snapshots read its state).
+/// COM1 (reset, or in the state a snapshot saved), i8042, the CMOS RTC (always reset: it reads
+/// the host's clock), ACPI PM ports and kiln's debug ports on a new PIO bus; also returns COM1
+/// (snapshots read its state).
 fn legacy_devices(
     vm_fd: &VmFd,
     latch: Arc<ExitLatch>,
