@@ -26,6 +26,10 @@ use crate::RunPlan;
 /// Longest the boot that makes a snapshot may take to reach `KILN_READY`.
 const TEMPLATE_READY_TIMEOUT: Duration = Duration::from_secs(300);
 
+/// A snapshot no run has used for this long is removed when a new one is made: every kiln
+/// version, kernel or base image makes a new shape, and the old files would stay forever.
+pub const UNUSED_SNAPSHOT_LIFETIME: Duration = Duration::from_secs(14 * 24 * 3600);
+
 /// Where a scenario may start from a snapshot (set by the runner when it may).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SnapshotPlan {
@@ -140,6 +144,7 @@ pub fn ensure(
     fs::create_dir_all(&sp.dir).map_err(|e| format!("{}: {e}", sp.dir.display()))?;
     let path = sp.dir.join(format!("{shape}.snap"));
     if usable(&path, shape) {
+        mark_used(&path);
         return Ok((path, None));
     }
     let _lock = Lock::take(&sp.dir.join(format!("{shape}.lock")))?;
@@ -156,7 +161,43 @@ pub fn ensure(
         make(plan, &sp.dir, &path, shape)
             .map_err(|second| format!("{second} (and before that: {first})"))?;
     }
-    Ok((path, Some(t.elapsed())))
+    let made = t.elapsed();
+    prune(&sp.dir, SystemTime::now(), UNUSED_SNAPSHOT_LIFETIME);
+    Ok((path, Some(made)))
+}
+
+/// Records a use of the snapshot at `path` in its mtime, which [`prune`] goes by.
+fn mark_used(path: &Path) {
+    let touched = File::open(path).and_then(|f| f.set_modified(SystemTime::now()));
+    if let Err(e) = touched {
+        tracing::debug!("snapshot: {}: cannot mark it used: {e}", path.display());
+    }
+}
+
+/// Removes the snapshots (and their lock files) in `dir` unused for longer than `lifetime` at
+/// `now`. A restored VM maps its file privately, so removing one in use harms nobody.
+fn prune(dir: &Path, now: SystemTime, lifetime: Duration) {
+    let Ok(entries) = fs::read_dir(dir) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let path = entry.path();
+        let ours = matches!(
+            path.extension().and_then(|e| e.to_str()),
+            Some("snap" | "lock")
+        );
+        let age = entry
+            .metadata()
+            .and_then(|m| m.modified())
+            .ok()
+            .and_then(|m| now.duration_since(m).ok());
+        if ours && age.is_some_and(|age| age > lifetime) {
+            match fs::remove_file(&path) {
+                Ok(()) => tracing::info!("snapshot: removed {} (unused)", path.display()),
+                Err(e) => tracing::debug!("snapshot: cannot remove {}: {e}", path.display()),
+            }
+        }
+    }
 }
 
 fn usable(path: &Path, shape: &str) -> bool {
@@ -358,6 +399,32 @@ mod tests {
         assert_eq!(a.entropy.len(), 64);
         assert_eq!(a.shares.len(), 1);
         assert_eq!(a.shares[0].mountpoint, "/mnt/output");
+    }
+
+    #[test]
+    fn snapshots_unused_for_the_lifetime_are_pruned_and_a_use_keeps_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let month = Duration::from_secs(30 * 24 * 3600);
+        let old = SystemTime::now() - month;
+        for name in ["old.snap", "old.lock", "used.snap", "notes.txt"] {
+            let f = File::create(dir.path().join(name)).unwrap();
+            f.set_modified(old).unwrap();
+        }
+        File::create(dir.path().join("new.snap")).unwrap();
+        mark_used(&dir.path().join("used.snap"));
+        prune(dir.path(), SystemTime::now(), UNUSED_SNAPSHOT_LIFETIME);
+        let mut left: Vec<String> = fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        left.sort();
+        assert_eq!(left, ["new.snap", "notes.txt", "used.snap"]);
+        // A missing directory is nothing to prune.
+        prune(
+            &dir.path().join("absent"),
+            SystemTime::now(),
+            Duration::ZERO,
+        );
     }
 
     #[test]
