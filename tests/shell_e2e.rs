@@ -1,5 +1,7 @@
 //! `kiln shell` and `kiln exec` into a VM that `kiln run --pause-before-teardown` keeps, on the
-//! QEMU backend (TCG here): the pause message says how to get in; `kiln exec` passes a command's
+//! QEMU backend (TCG here, the agent on virtio-serial) and on kiln's own VMM (the agent over
+//! vsock; with a KVM that boots Linux, so in CI's nested stage): the pause message says how to
+//! get in; `kiln exec` passes a command's
 //! output, stdin and exit status through; `kiln shell` gives a real terminal (its size, a resize,
 //! Ctrl-C to the guest's foreground command, the shell's exit status) through a host pty, as a
 //! person at a terminal would use it; after Enter the run tears down and passes, and the run is
@@ -65,13 +67,14 @@ struct PausedRun {
 }
 
 impl PausedRun {
-    fn start(dir: &Path, kernel: &Path, initrd: &Path) -> PausedRun {
+    /// `guest` is the scenario's `[guest]` kernel (and initrd) lines.
+    fn start(dir: &Path, backend: &str, guest: &str) -> PausedRun {
         let scenario = dir.join("shell.toml");
         fs::write(
             &scenario,
             format!(
                 "id = \"shell\"\ntimeout = \"10m\"\n\
-                 [guest]\nkernel = {kernel:?}\ninitrd = {initrd:?}\nmemory = 256\n\
+                 [guest]\n{guest}memory = 256\n\
                  [readiness]\ntimeout = \"4m\"\n\
                  [[steps]]\nname = \"leave a mark\"\nshell = \"echo from-step > /tmp/mark\"\n"
             ),
@@ -83,7 +86,7 @@ impl PausedRun {
             .arg(&scenario)
             .args([
                 "--backend",
-                "qemu",
+                backend,
                 "--pause-before-teardown",
                 "--artifacts",
             ])
@@ -163,7 +166,21 @@ fn text(bytes: &[u8]) -> String {
 fn a_paused_run_is_reachable_with_kiln_exec_and_kiln_shell() {
     let dir = tempfile::tempdir().expect("tempdir");
     let (kernel, initrd) = or_skip!(guest_with_this_agent(dir.path()));
-    let mut run = PausedRun::start(dir.path(), &kernel, &initrd);
+    let guest = format!("kernel = {kernel:?}\ninitrd = {initrd:?}\n");
+    reach_a_paused_run(dir.path(), "qemu", &guest);
+}
+
+/// The same on kiln's VMM: the default guest (whose agent CI builds from this tree), restored
+/// from its snapshot, reached over vsock.
+#[test]
+fn a_paused_run_on_the_kiln_backend_is_reachable_with_kiln_exec_and_kiln_shell() {
+    or_skip!(common::hardware_kvm());
+    let dir = tempfile::tempdir().expect("tempdir");
+    reach_a_paused_run(dir.path(), "kiln", "kernel = \"default\"\n");
+}
+
+fn reach_a_paused_run(dir: &Path, backend: &str, guest: &str) {
+    let mut run = PausedRun::start(dir, backend, guest);
     let seen = run.wait_for("press Enter to tear down");
     assert!(
         seen.iter().any(|l| l.contains(&format!(
