@@ -791,6 +791,15 @@ mod tests {
         Some(text)
     }
 
+    /// The disassembled `Device (name)` of a DSDT, up to the next device.
+    fn device_body<'a>(dsdt: &'a str, name: &str) -> &'a str {
+        let body = dsdt
+            .split(&format!("Device ({name})"))
+            .nth(1)
+            .unwrap_or_else(|| panic!("no {name} device:\n{dsdt}"));
+        &body[..body.find("Device (").unwrap_or(body.len())]
+    }
+
     #[test]
     fn iasl_disassembles_every_table() {
         let dir = tempfile::tempdir().unwrap();
@@ -817,11 +826,7 @@ mod tests {
         assert!(dsdt.contains("Memory32Fixed (ReadWrite"), "{dsdt}");
         // COM1 with its ports and IRQ 4: without it a hardware-reduced Linux guest maps no
         // interrupt for the UART and user-space console output is lost.
-        let com1 = dsdt
-            .split("Device (COM1)")
-            .nth(1)
-            .unwrap_or_else(|| panic!("no COM1 device:\n{dsdt}"));
-        let com1 = &com1[..com1.find("Device (").unwrap_or(com1.len())];
+        let com1 = device_body(dsdt, "COM1");
         assert!(com1.contains("EisaId (\"PNP0501\")"), "{com1}");
         assert!(
             com1.contains("IO (Decode16,\n") || com1.contains("IO (Decode16,"),
@@ -835,11 +840,7 @@ mod tests {
         );
 
         // The CMOS RTC by its ports alone: no interrupt it would never raise.
-        let rtc = dsdt
-            .split("Device (RTC)")
-            .nth(1)
-            .unwrap_or_else(|| panic!("no RTC device:\n{dsdt}"));
-        let rtc = &rtc[..rtc.find("Device (").unwrap_or(rtc.len())];
+        let rtc = device_body(dsdt, "RTC");
         assert!(rtc.contains("EisaId (\"PNP0B00\")"), "{rtc}");
         assert!(rtc.contains("0x0070,"), "{rtc}");
         assert!(!rtc.contains("Interrupt"), "{rtc}");
