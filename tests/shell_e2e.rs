@@ -277,11 +277,12 @@ fn interactive_shell(artifacts: &Path) {
     term.expect("50 132");
     term.send(b"echo sle''eping; sleep 100\n");
     term.expect("sleeping");
-    let interrupted = Instant::now();
+    // Ctrl-C reaches the guest's foreground command: `sleep` ends by SIGINT (status 130), where
+    // running out its 100 s would give 0. No time limit beyond `expect`'s: on a busy CI host a
+    // TCG guest once took over 30 s from the Ctrl-C to the next command's output.
     term.send(&[3]);
     term.send(b"echo after-$?\n");
     term.expect("after-130");
-    assert!(interrupted.elapsed() < Duration::from_secs(30));
     term.resize(30, 100);
     // SAFETY: kill(2) sends SIGWINCH, as the terminal does, to the kiln shell process.
     unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGWINCH) };
